@@ -1,0 +1,225 @@
+"""Checkpoint I/O: the one format every job and the server read and write.
+
+A checkpoint is a directory:
+    model.safetensors     model weights
+    config.json           {"format": "sentdisc", "version": 1, "model": ModelConfig, ...meta}
+    optimizer.safetensors + optimizer.json   optional optimizer/scheduler state
+    train_state.json      optional (iteration, data position, ...)
+
+Nothing is unpickled: tensors live in safetensors, everything else in JSON. OpenAI's released
+sentiment-neuron weights (15 ``.npy`` files) load through ``load_openai``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sentdisc.model import ByteLM, ModelConfig
+
+FORMAT, VERSION = "sentdisc", 1
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+OPTIM_TENSORS, OPTIM_META, TRAIN_STATE = "optimizer.safetensors", "optimizer.json", "train_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or does not match its config."""
+
+
+def save(model: ByteLM, directory: str | os.PathLike, optimizer_state: Optional[dict] = None,
+         train_state: Optional[dict] = None, meta: Optional[dict] = None) -> Path:
+    """Write ``model`` (and optionally an optimizer/scheduler state tree and train state)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # DDP wrapper
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(d / MODEL_FILE))
+    config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(meta or {})}
+    _write_json(d / CONFIG_FILE, config)
+    if optimizer_state is not None:
+        flat: dict[str, torch.Tensor] = {}
+        tree = _flatten_tensors(optimizer_state, "", flat)
+        save_file(flat, str(d / OPTIM_TENSORS))
+        _write_json(d / OPTIM_META, tree)
+    if train_state is not None:
+        _write_json(d / TRAIN_STATE, train_state)
+    return d
+
+
+def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ByteLM:
+    """Checkpoint directory (ours or OpenAI's 15 .npy files) -> ByteLM in eval mode."""
+    d = Path(directory)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint {d} does not exist")
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} is not a directory (expected {MODEL_FILE} + {CONFIG_FILE})")
+    if (d / "0.npy").exists() and not (d / MODEL_FILE).exists():
+        return load_openai(d).to(map_location)
+    config = load_config(d)
+    weights_path = d / MODEL_FILE
+    if not weights_path.exists():
+        raise CheckpointError(f"{weights_path} is missing (checkpoint holds {_listing(d)})")
+    try:
+        tensors = load_file(str(weights_path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights_path} is unreadable or truncated: {e}") from None
+    model = ByteLM(config).to(map_location)
+    _load_matching(model, tensors, str(weights_path))
+    return model.eval()
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing (checkpoint holds {_listing(Path(directory))})")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a sentdisc config with a 'model' object, got {str(raw)[:200]}")
+    try:
+        return ModelConfig.from_dict(raw["model"], source=str(path))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The whole config.json (model config plus whatever metadata the writer added)."""
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def load_optimizer_state(directory: str | os.PathLike) -> Optional[dict]:
+    d = Path(directory)
+    if not (d / OPTIM_META).exists():
+        return None
+    try:
+        tensors = load_file(str(d / OPTIM_TENSORS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{d / OPTIM_TENSORS} is unreadable or truncated: {e}") from None
+    return _unflatten_tensors(json.loads((d / OPTIM_META).read_text()), tensors)
+
+
+def load_train_state(directory: str | os.PathLike) -> Optional[dict]:
+    path = Path(directory) / TRAIN_STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# --- OpenAI's released weights ---------------------------------------------------------------
+
+def load_openai(directory: str | os.PathLike) -> ByteLM:
+    """OpenAI's sentiment-neuron weights: ``0.npy``..``14.npy`` in their encoder's order.
+
+    0 embedding [256,E]; 1 wx [E,4H]; 2-5 wh in four pieces along axis 1; 6 wmx [E,H];
+    7 wmh [H,H]; 8 b [4H]; 9 gx [4H]; 10 gh [4H]; 11 gmx [H]; 12 gmh [H]; 13 out w [H,256];
+    14 out b [256]. Gates i, f, o, u; weight norm on all four matrices.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"OpenAI weights directory {d} does not exist")
+    npys = sorted(p.name for p in d.glob("*.npy"))
+    expected = [f"{i}.npy" for i in range(15)]
+    if sorted(npys) != sorted(expected):
+        raise CheckpointError(f"{d}: expected the 15 files 0.npy..14.npy of OpenAI's encoder, "
+                              f"found {len(npys)}: {npys[:20]}")
+    p = []
+    for name in expected:
+        try:
+            p.append(np.load(d / name, allow_pickle=False).astype(np.float32))
+        except (ValueError, OSError, EOFError) as e:
+            raise CheckpointError(f"{d / name} is not a readable .npy array: {e}") from None
+    if p[0].ndim != 2 or p[0].shape[0] != 256:
+        raise CheckpointError(f"{d / '0.npy'}: embedding must be [256, E], got {list(p[0].shape)}")
+    E = p[0].shape[1]
+    if p[7].ndim != 2:
+        raise CheckpointError(f"{d / '7.npy'}: wmh must be [H, H], got {list(p[7].shape)}")
+    H = p[7].shape[0]
+    wh = np.concatenate(p[2:6], axis=1) if all(a.ndim == 2 for a in p[2:6]) else None
+    shapes = {0: [256, E], 1: [E, 4 * H], 6: [E, H], 7: [H, H], 8: [4 * H], 9: [4 * H],
+              10: [4 * H], 11: [H], 12: [H], 13: [H, 256], 14: [256]}
+    for i, shape in shapes.items():
+        if list(p[i].shape) != shape:
+            raise CheckpointError(f"{d / f'{i}.npy'}: expected shape {shape} (E={E}, H={H}), "
+                                  f"got {list(p[i].shape)}")
+    if wh is None or list(wh.shape) != [H, 4 * H]:
+        raise CheckpointError(f"{d}: 2.npy..5.npy must concatenate along axis 1 to [H, 4H] = "
+                              f"{[H, 4 * H]}, got pieces {[list(a.shape) for a in p[2:6]]}")
+    model = ByteLM(ModelConfig(embed_size=E, rnn_size=H, layers=1, rnn_type="mlstm",
+                               weight_norm="all"))
+    layer = model.layers[0]
+    t = torch.from_numpy
+    with torch.no_grad():
+        model.embed.weight.copy_(t(p[0]))
+        layer.wx.copy_(t(p[1])); layer.wh.copy_(t(wh)); layer.wmx.copy_(t(p[6]))
+        layer.wmh.copy_(t(p[7])); layer.b.copy_(t(p[8])); layer.gx.copy_(t(p[9]))
+        layer.gh.copy_(t(p[10])); layer.gmx.copy_(t(p[11])); layer.gmh.copy_(t(p[12]))
+        model.head.weight.copy_(t(p[13]).T); model.head.bias.copy_(t(p[14]))
+    return model.eval()
+
+
+def convert_openai(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    return save(load_openai(src), dst, meta={"source": f"openai:{Path(src).name}"})
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _load_matching(model: ByteLM, tensors: dict, where: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [f"{k}: file {list(tensors[k].shape)}, config expects {list(v.shape)}"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing}")
+        if unexpected:
+            parts.append(f"unexpected tensors {unexpected}")
+        if wrong:
+            parts.append("shape mismatch " + "; ".join(wrong))
+        raise CheckpointError(f"{where} does not match its config.json: " + ", ".join(parts))
+    model.load_state_dict(tensors)
+
+
+def _flatten_tensors(obj: Any, prefix: str, out: dict) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix or "_"
+        out[key] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), _flatten_tensors(v, f"{prefix}.{k}" if prefix else str(k), out)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)]
+    return obj
+
+
+def _key(k):
+    return {"int": k} if isinstance(k, int) else k
+
+
+def _unflatten_tensors(tree: Any, tensors: dict) -> Any:
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if isinstance(tree, dict) and "__dict__" in tree:
+        return {(k["int"] if isinstance(k, dict) else k): _unflatten_tensors(v, tensors)
+                for k, v in tree["__dict__"]}
+    if isinstance(tree, list):
+        return [_unflatten_tensors(v, tensors) for v in tree]
+    return tree
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _listing(d: Path) -> list:
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []

@@ -1,0 +1,99 @@
+"""Text -> bytes: the one preprocessing used by training, transfer, heatmaps and serving.
+
+Matches OpenAI's released encoder (``utils.preprocess``): HTML-unescape, newlines to spaces,
+strip, then pad with a leading "\\n " and a trailing " " so every sample starts and ends the way
+the model saw during pretraining. The batch path runs on Arrow buffers, so the per-character
+work (replace, trim, pad, UTF-8 encode) happens in C++ rather than a Python loop.
+"""
+from __future__ import annotations
+
+import html
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FRONT_PAD = "\n "
+END_PAD = " "
+
+
+def preprocess(text: str, transliterate: bool = False) -> str:
+    """Clean one text exactly as ``encode_batch`` does, returning the padded string."""
+    if "&" in text:
+        text = html.unescape(text)
+    if transliterate:
+        from unidecode import unidecode
+
+        text = unidecode(text)
+    return FRONT_PAD + text.replace("\n", " ").strip() + END_PAD
+
+
+def encode(text: str, transliterate: bool = False) -> np.ndarray:
+    """One text -> uint8 array of its preprocessed UTF-8 bytes."""
+    return np.frombuffer(preprocess(text, transliterate).encode("utf-8"), dtype=np.uint8)
+
+
+def _as_string_array(texts: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if not isinstance(texts, pa.Array):
+        texts = pa.array(list(texts) if not isinstance(texts, (list, np.ndarray)) else texts,
+                         type=pa.large_string())
+    if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):
+        texts = texts.cast(pa.large_string())  # raises on invalid UTF-8: callers filter first
+    return texts.cast(pa.large_string())
+
+
+def preprocess_batch(texts: Sequence[str] | pa.Array, transliterate: bool = False) -> pa.Array:
+    """Vectorised ``preprocess`` over many texts: returns an Arrow large_string array."""
+    arr = _as_string_array(texts)
+    if len(arr) == 0:
+        return arr
+    # html.unescape has no Arrow kernel; only texts holding '&' can change, so only they pay.
+    has_amp = pc.match_substring(arr, "&").to_numpy(zero_copy_only=False)
+    if has_amp.any() or transliterate:
+        py = arr.to_pylist()
+        if transliterate:
+            from unidecode import unidecode
+        for i in range(len(py)):
+            if py[i] is None:
+                continue
+            if has_amp[i]:
+                py[i] = html.unescape(py[i])
+            if transliterate:
+                py[i] = unidecode(py[i])
+        arr = pa.array(py, type=pa.large_string())
+    arr = pc.replace_substring(arr, "\n", " ")
+    arr = pc.utf8_trim_whitespace(arr)
+    return pc.binary_join_element_wise(FRONT_PAD, arr, END_PAD, "")
+
+
+def encode_batch(texts: Sequence[str] | pa.Array, transliterate: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Many texts -> (flat uint8 bytes, int64 offsets of length N+1), zero-copy from Arrow.
+
+    Text i is ``flat[offsets[i]:offsets[i+1]]``.
+    """
+    arr = preprocess_batch(texts, transliterate).cast(pa.large_binary())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, np.uint8), np.zeros(1, np.int64)
+    arr = pa.concat_arrays([arr])  # normalise slicing offsets
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    start = int(offsets[0])
+    flat = (np.frombuffer(data_buf, dtype=np.uint8)[start:int(offsets[-1])]
+            if data_buf is not None else np.zeros(0, np.uint8))
+    return flat, offsets - start
+
+
+def encode_list(texts: Sequence[str], transliterate: bool = False) -> list[np.ndarray]:
+    """Many texts -> list of per-text uint8 arrays (views into one buffer)."""
+    flat, offsets = encode_batch(texts, transliterate)
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def decode(data: bytes | np.ndarray) -> str:
+    """Bytes the model produced -> text; invalid UTF-8 (possible when sampling) is replaced."""
+    return bytes(np.asarray(data, dtype=np.uint8)).decode("utf-8", errors="replace")
