@@ -66,7 +66,8 @@ def preprocess_batch(texts: Sequence[str] | pa.Array, transliterate: bool = Fals
         arr = pa.array(py, type=pa.large_string())
     arr = pc.replace_substring(arr, "\n", " ")
     arr = pc.utf8_trim_whitespace(arr)
-    return pc.binary_join_element_wise(FRONT_PAD, arr, END_PAD, "")
+    pad = lambda s: pa.scalar(s, pa.large_string())  # noqa: E731  (kernel needs one string type)
+    return pc.binary_join_element_wise(pad(FRONT_PAD), arr, pad(END_PAD), pad(""))
 
 
 def encode_batch(texts: Sequence[str] | pa.Array, transliterate: bool = False

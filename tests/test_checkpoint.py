@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sentdisc import ByteLM, CheckpointError, ModelConfig, featurize, load, load_openai, save
+from sentdisc.checkpoint import (convert_openai, load_optimizer_state, load_train_state,
+                                 read_meta)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return ByteLM(ModelConfig(embed_size=8, rnn_size=16, **kw))
+
+
+def test_round_trip_bit_exact(tmp_path):
+    model = tiny(layers=2, weight_norm="all")
+    opt = torch.optim.Adam(model.parameters())
+    x = torch.randint(0, 256, (2, 9))
+    model(x)[0].sum().backward()
+    opt.step()
+    save(model, tmp_path / "ck", optimizer_state={"optimizer": opt.state_dict(), "step": 3},
+         train_state={"iteration": 7}, meta={"note": "hi"})
+    loaded = load(tmp_path / "ck")
+    assert loaded.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert torch.equal(model(x)[0], loaded(x)[0])
+    state = load_optimizer_state(tmp_path / "ck")
+    opt2 = torch.optim.Adam(loaded.parameters())
+    opt2.load_state_dict(state["optimizer"])
+    assert state["step"] == 3
+    for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"])
+    assert load_train_state(tmp_path / "ck") == {"iteration": 7}
+    assert read_meta(tmp_path / "ck")["note"] == "hi"
+    # Nothing in the directory is a pickle.
+    for f in (tmp_path / "ck").iterdir():
+        assert f.suffix in (".json", ".safetensors"), f
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load(tmp_path / "empty")
+
+
+def test_truncated_weights(tmp_path):
+    d = save(tiny(), tmp_path / "ck")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is unreadable or truncated"):
+        load(d)
+
+
+def test_mismatched_config(tmp_path):
+    d = save(tiny(), tmp_path / "ck")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["rnn_size"] = 32
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape mismatch .*layers.0.wh: file \[16, 64\], config expects \[32, 128\]"):
+        load(d)
+    cfg["model"]["rnn_type"] = "gru"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: ModelConfig.rnn_type"):
+        load(d)
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load(d)
+
+
+def _write_openai(d, E=6, H=10, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(256, E), (E, 4 * H), (H, H), (H, H), (H, H), (H, H), (E, H), (H, H), (4 * H,),
+              (4 * H,), (4 * H,), (H,), (H,), (H, 256), (256,)]
+    params = [rng.normal(size=s).astype(np.float32) * 0.5 for s in shapes]
+    d.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(params):
+        np.save(d / f"{i}.npy", p)
+    return params
+
+
+def _openai_numpy_encoder(params, text_bytes):
+    """OpenAI's encoder (encoder.py, mlstm + l2-normalised weights), in NumPy float64."""
+    p = [a.astype(np.float64) for a in params]
+    wh = np.concatenate(p[2:6], axis=1)
+    norm = lambda w, g: w / np.sqrt((w ** 2).sum(0, keepdims=True)) * g  # noqa: E731
+    wx, wh, wmx, wmh = norm(p[1], p[9]), norm(wh, p[10]), norm(p[6], p[11]), norm(p[7], p[12])
+    H = p[7].shape[0]
+    h, c = np.zeros(H), np.zeros(H)
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    logits = []
+    for b in text_bytes:
+        x = p[0][b]
+        m = (x @ wmx) * (h @ wmh)
+        z = x @ wx + m @ wh + p[8]
+        i, f, o, u = np.split(z, 4)
+        c = sig(f) * c + sig(i) * np.tanh(u)
+        h = sig(o) * np.tanh(c)
+        logits.append(h @ p[13] + p[14])
+    return np.array(logits), c
+
+
+def test_openai_import_matches_numpy_encoder(tmp_path):
+    params = _write_openai(tmp_path / "oa")
+    model = load_openai(tmp_path / "oa")
+    from sentdisc.text import encode
+
+    text = "This product is great!"
+    b = encode(text)
+    ref_logits, ref_c = _openai_numpy_encoder(params, b)
+    logits, _ = model(torch.from_numpy(b.astype(np.int64))[None])
+    np.testing.assert_allclose(logits[0].detach().numpy(), ref_logits, atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(featurize(model, [text])[0], ref_c, atol=1e-5)
+    # load() recognises the layout too, and convert writes our format.
+    assert isinstance(load(tmp_path / "oa"), ByteLM)
+    out = convert_openai(tmp_path / "oa", tmp_path / "converted")
+    np.testing.assert_allclose(featurize(load(out), [text])[0], ref_c, atol=1e-5)
+
+
+def test_openai_bad_files(tmp_path):
+    _write_openai(tmp_path / "oa")
+    (tmp_path / "oa" / "14.npy").unlink()
+    with pytest.raises(CheckpointError, match="expected the 15 files .* found 14"):
+        load_openai(tmp_path / "oa")
+    _write_openai(tmp_path / "oa2")
+    np.save(tmp_path / "oa2" / "8.npy", np.zeros(7, np.float32))
+    with pytest.raises(CheckpointError, match=r"8.npy: expected shape \[40\] .* got \[7\]"):
+        load_openai(tmp_path / "oa2")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_openai(tmp_path / "missing")
+
+
+def test_convert_openai_cli(tmp_path, capsys):
+    from sentdisc.cli import main
+
+    _write_openai(tmp_path / "oa")
+    assert main(["convert-openai", str(tmp_path / "oa"), str(tmp_path / "ck")]) == 0
+    assert (tmp_path / "ck" / "model.safetensors").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["convert-openai", str(tmp_path / "missing"), str(tmp_path / "ck2")])
+    assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err

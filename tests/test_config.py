@@ -1,0 +1,53 @@
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from sentdisc.config import parse
+from sentdisc.model import ModelConfig
+
+
+@dataclass
+class Run:
+    lr: float = 5e-4
+    epochs: int = 1
+    use_gpu: bool = False
+    name: Optional[str] = None
+    grid: list[float] = field(default_factory=lambda: [0.5, 1.0])
+
+
+def test_defaults_yaml_and_cli_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  rnn_size: 128\n  rnn_type: lstm\nlr: 0.01\nuse_gpu: true\n")
+    model, run = parse([ModelConfig, Run], ["--config", str(cfg), "--rnn_size", "64",
+                                            "--grid", "0.1,0.2", "--no-use_gpu"])
+    assert model.rnn_size == 64 and model.rnn_type == "lstm" and model.embed_size == 64
+    assert run.lr == 0.01 and run.use_gpu is False and run.grid == [0.1, 0.2] and run.epochs == 1
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rnn_sise: 3\n")
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, Run], ["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "c.yaml" in err and "rnn_sise" in err
+
+
+def test_bad_values_are_clear(capsys):
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, Run], ["--epochs", "two"])
+    assert "epochs must be int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, Run], ["--rnn_type", "gru"])
+    assert "rnn_type must be one of" in capsys.readouterr().err
+
+
+def test_cli_lists_commands(capsys):
+    from sentdisc.cli import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("pretrain", "transfer", "heatmap", "generate", "data preprocess", "convert-openai"):
+        assert cmd in out
+    assert main(["nope"]) == 2

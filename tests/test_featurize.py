@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from sentdisc import ByteLM, ModelConfig, featurize
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ByteLM(ModelConfig(embed_size=8, rnn_size=24, layers=2, weight_norm="all")).eval()
+
+
+TEXTS = ["great movie", "", "awful, just awful &amp; boring", "é ☃", "mixed\nlines here",
+         "a" * 700, "short", "medium length review text"]
+
+
+@pytest.mark.parametrize("kind", ["cell", "hidden", "mean", "max"])
+@pytest.mark.parametrize("layer", [0, -1])
+def test_batched_equals_one_at_a_time(model, kind, layer):
+    batched = featurize(model, TEXTS, batch_size=3, kind=kind, layer=layer, chunk_size=64)
+    alone = np.concatenate([featurize(model, [t], batch_size=1, kind=kind, layer=layer,
+                                      chunk_size=10_000) for t in TEXTS])
+    assert batched.shape == (len(TEXTS), 24) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_cell_feature_is_state_after_last_byte(model):
+    from sentdisc.text import encode
+
+    text = "the final state"
+    x = torch.from_numpy(encode(text).astype(np.int64))[None]
+    _, state = model(x)
+    feat = featurize(model, [text, "much longer padding partner " * 5])
+    np.testing.assert_allclose(feat[0], state[-1][1][0].detach().numpy(), atol=1e-5)
+    mean = featurize(model, [text], kind="mean")
+    hs = model.trace(x, kind="hidden")[0].numpy()
+    np.testing.assert_allclose(mean[0], hs.mean(0), atol=1e-5)
+
+
+def test_order_kept_and_chunking_invariant(model):
+    rng = np.random.default_rng(0)
+    texts = ["".join(rng.choice(list("abc de!"), size=int(n))) for n in rng.integers(0, 300, 20)]
+    a = featurize(model, texts, batch_size=4, chunk_size=7)
+    b = featurize(model, texts, batch_size=20, chunk_size=1000)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    perm = rng.permutation(len(texts))
+    c = featurize(model, [texts[i] for i in perm], batch_size=4)
+    np.testing.assert_allclose(c, a[perm], atol=1e-5)
+
+
+def test_very_long_text_in_chunks(model):
+    long_text = "lorem ipsum " * 3000  # 36 KB: 141 chunks of 256 with carried state
+    done = []
+    f = featurize(model, [long_text, "x"], progress=lambda d, n: done.append((d, n)))
+    assert np.isfinite(f).all() and done[-1] == (2, 2)
+    g = featurize(model, [long_text], chunk_size=4096)
+    np.testing.assert_allclose(f[:1], g, atol=1e-5)
+
+
+def test_bad_arguments(model):
+    with pytest.raises(ValueError, match="kind"):
+        featurize(model, ["x"], kind="last")
+    with pytest.raises(ValueError, match="layer"):
+        featurize(model, ["x"], layer=5)
+    with pytest.raises(TypeError, match="list of texts"):
+        featurize(model, "a string")
+    assert featurize(model, []).shape == (0, 24)
+
+
+def test_model_mode_restored(model):
+    model.train()
+    featurize(model, ["x"])
+    assert model.training
+    model.eval()
