@@ -73,3 +73,9 @@ def test_model_mode_restored(model):
     featurize(model, ["x"])
     assert model.training
     model.eval()
+
+
+def test_several_kinds_in_one_pass(model):
+    both = featurize(model, TEXTS, kind=["cell", "mean"], batch_size=3)
+    np.testing.assert_allclose(both["cell"], featurize(model, TEXTS, kind="cell"), atol=1e-6)
+    np.testing.assert_allclose(both["mean"], featurize(model, TEXTS, kind="mean"), atol=1e-6)
