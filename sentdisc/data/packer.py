@@ -1,0 +1,171 @@
+"""Records -> "transposed" training windows: B parallel byte streams read T bytes at a time.
+
+As in Radford et al. (2017) and NVIDIA's sentiment-discovery, a batch is not B independent
+samples but B long byte streams, each made of whole records laid end to end. Row b of
+consecutive windows continues the same stream, so the recurrent state carried from one window
+to the next is the state of the text that really preceded it. A stream that runs out takes the
+next whole record from the (in-order) record queue.
+
+Windows are [B, T+1] and overlap by one byte: inputs ``x[:, :-1]``, targets ``x[:, 1:]``, and
+the next window starts with this window's last byte. ``reset[b, t]`` asks the model to zero row
+b's state before reading input ``x[b, t]``:
+
+- ``persist_state=0``: wherever a record starts (each record read from a fresh state);
+- ``persist_state=1``: all rows at the first window of each epoch (state flows across records);
+- ``persist_state=-1``: never.
+
+Batches are pulled from the iterator only when a stream needs bytes, so memory is the current
+Ray batch plus B partial records whatever the corpus size.
+"""
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Window:
+    x: torch.Tensor      # int64 [B, T+1]: inputs x[:, :-1], targets x[:, 1:]
+    reset: torch.Tensor  # bool [B, T]: zero the state before reading x[:, t]
+    n_bytes: int         # bytes predicted in this window (B * T)
+
+
+def _rows(batch) -> tuple[list, list | None]:
+    """A batch (dict of numpy arrays, or a pyarrow Table) -> (bytes values, error values)."""
+    if hasattr(batch, "column_names"):  # pyarrow Table / RecordBatch
+        data = batch.column("bytes").to_pylist()
+        errors = batch.column("error").to_pylist() if "error" in batch.column_names else None
+        return data, errors
+    data = batch["bytes"]
+    errors = batch["error"] if "error" in batch else None
+    return list(data), (list(errors) if errors is not None else None)
+
+
+class BytePacker:
+    """Packs a stream of record batches into [B, T+1] windows with a reset mask."""
+
+    def __init__(self, batch_size: int, seq_length: int, persist_state: int = 0):
+        if batch_size < 1 or seq_length < 1:
+            raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size}, {seq_length}")
+        if persist_state not in (-1, 0, 1):
+            raise ValueError(f"persist_state must be -1, 0 or 1, got {persist_state}")
+        self.B, self.T, self.persist_state = batch_size, seq_length, persist_state
+        self.counts: dict = {"records": 0, "bytes": 0, "dropped_bytes": 0, "windows": 0}
+        self.epoch = 0
+        self._consumed = 0      # rows taken from this epoch's input, bad ones included
+        self._skip = 0          # rows to pass over after load_state_dict (already consumed)
+        self._reset_all = persist_state != -1
+        self._clear_streams()
+
+    def _clear_streams(self):
+        # Per stream: pending bytes (a window starts at buf[0]) and record starts within buf.
+        self._buf = [bytearray() for _ in range(self.B)]
+        self._starts: list[deque] = [deque() for _ in range(self.B)]
+        self._carried = False  # True once buf[0] of each stream was a target already
+
+    def new_epoch(self) -> None:
+        """Start a new pass: partial streams are dropped (counted) and, for persist_state 1,
+        every row is reset at the next window."""
+        self._drop_partial()
+        self.epoch += 1
+        self._consumed = 0
+        self._skip = 0
+        self._reset_all = self.persist_state != -1
+
+    def _drop_partial(self):
+        # A stream's first byte was already a target of the previous window, hence the -1.
+        self.counts["dropped_bytes"] += sum(max(len(b) - int(self._carried), 0) for b in self._buf)
+        self._clear_streams()
+
+    def _records(self, batches: Iterable) -> Iterator[bytes]:
+        """Good records in input order; bad rows counted as skipped_<reason>."""
+        for batch in batches:
+            data, errors = _rows(batch)
+            for i, value in enumerate(data):
+                if self._skip:
+                    self._skip -= 1
+                    self._consumed += 1
+                    continue
+                self._consumed += 1
+                reason = errors[i] if errors is not None else ""
+                if not reason and (value is None or len(value) == 0):
+                    reason = "empty_text"
+                if reason:
+                    key = f"skipped_{reason}"
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                    continue
+                self.counts["records"] += 1
+                self.counts["bytes"] += len(value)
+                yield bytes(value)
+
+    def windows(self, batches: Iterable) -> Iterator[Window]:
+        """Yield windows until the input runs out; the leftover partial streams are dropped."""
+        B, T = self.B, self.T
+        records = self._records(batches)
+        while True:
+            x = np.empty((B, T + 1), np.uint8)
+            reset = np.zeros((B, T), bool)
+            for b in range(B):  # fill every stream first: an incomplete window is not emitted
+                buf, starts = self._buf[b], self._starts[b]
+                while len(buf) < T + 1:
+                    rec = next(records, None)
+                    if rec is None:
+                        self._drop_partial()
+                        self._reset_all = self.persist_state != -1
+                        return
+                    starts.append(len(buf))
+                    buf += rec
+            for b in range(B):
+                buf, starts = self._buf[b], self._starts[b]
+                x[b] = np.frombuffer(buf, np.uint8, count=T + 1)
+                if self.persist_state == 0:
+                    for s in starts:
+                        if s < T:
+                            reset[b, s] = True
+                # Keep the last byte: it is the next window's first input.
+                del buf[:T]
+                while starts and starts[0] < T:
+                    starts.popleft()
+                for i in range(len(starts)):
+                    starts[i] -= T
+            self._carried = True
+            if self._reset_all:
+                reset[:, 0] = True
+                self._reset_all = False
+            self.counts["windows"] += 1
+            yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset), B * T)
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """JSON-able position: rows consumed this epoch plus each stream's pending bytes.
+
+        Resuming feeds the same epoch's input from its start; ``load_state_dict`` makes the
+        packer pass over the consumed rows, so windows continue exactly where they stopped
+        when the input order is deterministic (Ray Data: ``preserve_order=True``).
+        """
+        return {
+            "batch_size": self.B, "seq_length": self.T, "persist_state": self.persist_state,
+            "epoch": self.epoch, "records_consumed": self._consumed,
+            "reset_all": self._reset_all, "counts": dict(self.counts),
+            "streams": [base64.b64encode(bytes(b)).decode("ascii") for b in self._buf],
+            "starts": [list(s) for s in self._starts], "carried": self._carried,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["batch_size"], state["seq_length"]) != (self.B, self.T):
+            raise ValueError(f"packer state is for batch {state['batch_size']} x seq "
+                             f"{state['seq_length']}, this packer is {self.B} x {self.T}")
+        self.epoch = int(state["epoch"])
+        self._consumed = 0
+        self._skip = int(state["records_consumed"])
+        self._reset_all = bool(state["reset_all"])
+        self.counts = dict(state["counts"])
+        self._buf = [bytearray(base64.b64decode(s)) for s in state["streams"]]
+        self._starts = [deque(int(v) for v in s) for s in state["starts"]]
+        self._carried = bool(state.get("carried", True))
