@@ -433,7 +433,7 @@ def render_html(chars: Sequence[str], values, prompt_end: Optional[int] = None,
 # ---------------------------------------------------------------------------------------------
 # File names
 
-_SUFFIX = re.compile(r"[A-Za-z0-9_.+=-]{1,64}")
+_SUFFIX = re.compile(r"[A-Za-z0-9_.+=-]{1,100}")
 
 
 def safe_filename(text: str, suffix: str = ".png", slug_chars: int = 40) -> str:
