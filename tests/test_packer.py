@@ -1,0 +1,206 @@
+"""The transposed byte packer: exact streams, resets, counts, lazy input, resume, Ray shards."""
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from sentdisc.data.packer import BytePacker
+
+
+def make_records(n, seed=0, bad_every=0):
+    """Random records (some longer than a window) and error rows, as Ray batches would hold."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        if bad_every and i % bad_every == bad_every - 1:
+            rows.append((b"", ["bad_json", "missing_key", "invalid_utf8"][(i // bad_every) % 3]))
+        else:
+            length = int(rng.integers(1, 40))
+            rows.append((rng.integers(0, 256, length, dtype=np.uint8).tobytes(), ""))
+    return rows
+
+
+def as_batches(rows, sizes=(3, 7, 1, 11)):
+    out, i, k = [], 0, 0
+    while i < len(rows):
+        chunk = rows[i:i + sizes[k % len(sizes)]]
+        out.append({"bytes": np.array([r[0] for r in chunk], dtype=object),
+                    "error": np.array([r[1] for r in chunk], dtype=object)})
+        i, k = i + len(chunk), k + 1
+    return out
+
+
+def expected_windows(records, B, T, persist_state):
+    """Independent model of the packer in absolute stream coordinates.
+
+    Window k needs bytes [k*T, k*T+T] of every stream; streams 0..B-1 in turn take whole
+    records from the queue until they hold that many. Reset where a record starts (0), at
+    window 0 column 0 (1), never (-1).
+    """
+    streams = [[] for _ in range(B)]       # list of ints
+    starts = [set() for _ in range(B)]
+    queue = list(records)
+    out = []
+    k = 0
+    while True:
+        need = k * T + T + 1
+        for b in range(B):
+            while len(streams[b]) < need and queue:
+                starts[b].add(len(streams[b]))
+                streams[b].extend(queue.pop(0))
+        if any(len(s) < need for s in streams):
+            return out, streams
+        x = np.array([s[k * T:need] for s in streams], dtype=np.int64)
+        reset = np.zeros((B, T), bool)
+        for b in range(B):
+            for t in range(T):
+                if persist_state == 0 and (k * T + t) in starts[b]:
+                    reset[b, t] = True
+        if persist_state == 1 and k == 0:
+            reset[:, 0] = True
+        out.append((x, reset))
+        k += 1
+
+
+@pytest.mark.parametrize("persist_state", [0, 1, -1])
+@pytest.mark.parametrize("B,T", [(1, 5), (3, 4), (4, 16)])
+def test_packer_reproduces_streams_exactly(B, T, persist_state):
+    rows = make_records(120, seed=B * 100 + T, bad_every=9)
+    good = [r[0] for r in rows if not r[1]]
+    packer = BytePacker(B, T, persist_state)
+    got = list(packer.windows(as_batches(rows)))
+    want, streams = expected_windows(good, B, T, persist_state)
+    assert len(got) == len(want) > 0
+    for w, (x, reset) in zip(got, want):
+        assert w.x.shape == (B, T + 1) and w.reset.shape == (B, T)
+        assert np.array_equal(w.x.numpy(), x)
+        assert np.array_equal(w.reset.numpy(), reset)
+        assert w.n_bytes == B * T
+    # consecutive windows overlap by exactly one byte
+    for a, b in zip(got, got[1:]):
+        assert np.array_equal(a.x[:, -1].numpy(), b.x[:, 0].numpy())
+    c = packer.counts
+    assert c["records"] == len(good)
+    assert c["bytes"] == sum(map(len, good))
+    for reason in ("bad_json", "missing_key", "invalid_utf8"):
+        assert c[f"skipped_{reason}"] == sum(r[1] == reason for r in rows) > 0
+    # every byte taken is either trained on, the first input of a stream, or counted as dropped
+    assert c["bytes"] == len(got) * B * T + B + c["dropped_bytes"]
+
+
+def test_each_stream_is_whole_records_in_order():
+    rows = make_records(200, seed=5)
+    good = [r[0] for r in rows]
+    B, T = 4, 8
+    packer = BytePacker(B, T, 0)
+    wins = list(packer.windows(as_batches(rows)))
+    for b in range(B):
+        stream = bytes(wins[0].x[b].numpy().astype(np.uint8)) + b"".join(
+            bytes(w.x[b, 1:].numpy().astype(np.uint8)) for w in wins[1:])
+        # input x[b, t] of window i is byte i*T + t of the stream; resets mark record starts
+        starts = sorted(i * T + t for i, w in enumerate(wins) for t in range(T) if w.reset[b, t])
+        assert starts[0] == 0
+        pieces = [stream[s:e] for s, e in zip(starts, starts[1:])]
+        idx = [good.index(p) for p in pieces]  # ValueError if a piece is not a whole record
+        assert idx == sorted(idx) and len(set(idx)) == len(idx)  # increasing corpus order
+
+
+def test_new_epoch_resets_every_row_and_drops_partial_streams():
+    rows = make_records(60, seed=1)
+    for persist_state, want_first in [(1, True), (-1, False)]:
+        packer = BytePacker(2, 6, persist_state)
+        first = list(packer.windows(as_batches(rows)))
+        packer.new_epoch()
+        second = list(packer.windows(as_batches(rows)))
+        assert packer.epoch == 1
+        assert [np.array_equal(a.x.numpy(), b.x.numpy()) for a, b in zip(first, second)] == [True] * len(first)
+        assert bool(second[0].reset[:, 0].all()) is want_first
+        assert not second[1].reset.any()  # state persists inside the epoch (persist 1 / -1)
+
+
+def test_consumes_batches_lazily():
+    pulled = []
+
+    def batches():
+        for i, batch in enumerate(as_batches(make_records(2000, seed=2), sizes=(10,))):
+            pulled.append(i)
+            yield batch
+
+    packer = BytePacker(2, 8, 0)
+    it = packer.windows(batches())
+    next(it)
+    assert len(pulled) <= 2  # a 2x9 byte window needs at most a couple of 10-record batches
+
+
+def test_resume_continues_exactly():
+    rows = make_records(300, seed=3, bad_every=7)
+    B, T = 3, 10
+    full = [w.x.numpy() for w in BytePacker(B, T, 0).windows(as_batches(rows))]
+    packer = BytePacker(B, T, 0)
+    it = packer.windows(as_batches(rows))
+    head = [next(it).x.numpy() for _ in range(7)]
+    state = json.loads(json.dumps(packer.state_dict()))  # must survive JSON
+    resumed = BytePacker(B, T, 0)
+    resumed.load_state_dict(state)
+    tail = [w.x.numpy() for w in resumed.windows(as_batches(rows))]
+    assert len(head) + len(tail) == len(full)
+    assert all(np.array_equal(a, b) for a, b in zip(head + tail, full))
+    assert resumed.counts["records"] == BytePacker_counts(rows, B, T)["records"]
+    with pytest.raises(ValueError, match="batch 3 x seq 10"):
+        BytePacker(4, 10, 0).load_state_dict(state)
+
+
+def BytePacker_counts(rows, B, T):
+    packer = BytePacker(B, T, 0)
+    for _ in packer.windows(as_batches(rows)):
+        pass
+    return packer.counts
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="persist_state"):
+        BytePacker(2, 4, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        BytePacker(0, 4, 0)
+
+
+def test_two_ray_workers_get_disjoint_shards_packed_exactly(ray_local, tmp_path):
+    """Each of 2 consumers of streaming_split packs exactly the records it received; together
+    they hold the whole corpus once."""
+    from sentdisc.data import DataConfig, read_dataset
+
+    texts = []
+    for shard in range(4):
+        with open(tmp_path / f"part-{shard}.json", "w") as f:
+            for i in range(50):
+                text = f"shard {shard} review {i} " + "x" * (i % 13)
+                texts.append(text)
+                f.write(json.dumps({"reviewText": text}) + "\n")
+    ds = read_dataset(str(tmp_path), DataConfig())
+    splits = ds.streaming_split(2, equal=False)
+    seen = [[], []]
+    windows = [[], []]
+    packers = [BytePacker(2, 16, 0), BytePacker(2, 16, 0)]
+
+    def consume(rank):
+        def batches():
+            for batch in splits[rank].iter_batches(batch_size=8, batch_format="numpy"):
+                seen[rank].extend(bytes(b) for b in batch["bytes"])
+                yield batch
+        windows[rank] = [(w.x.numpy(), w.reset.numpy()) for w in packers[rank].windows(batches())]
+
+    threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    from sentdisc.text import encode
+    corpus = sorted(encode(t).tobytes() for t in texts)
+    assert sorted(seen[0] + seen[1]) == corpus
+    assert not set(seen[0]) & set(seen[1]) and seen[0] and seen[1]
+    for rank in range(2):
+        want, _ = expected_windows(seen[rank], 2, 16, 0)
+        assert len(windows[rank]) == len(want) > 0
+        for (x, reset), (wx, wreset) in zip(windows[rank], want):
+            assert np.array_equal(x, wx) and np.array_equal(reset, wreset)
