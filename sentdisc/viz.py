@@ -194,9 +194,7 @@ def generate_text(model, prompt: str, seq_length: int, temperature: float,
 _SHOWN = {"\n": "\u21b5", "\r": "\u21b5", "\t": "\u2192"}
 
 
-def display_char(ch: str) -> str:
-    """What a cell shows: control, format and separator characters become visible symbols
-    (they would otherwise vanish, break the grid, or be invalid in XML)."""
+def _display_codepoint(ch: str) -> str:
     if ch in _SHOWN:
         return _SHOWN[ch]
     if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
@@ -204,6 +202,13 @@ def display_char(ch: str) -> str:
     if unicodedata.combining(ch):
         return "\u25cc" + ch  # a combining mark drawn on a dotted circle, as fonts expect
     return ch
+
+
+def display_char(ch: str) -> str:
+    """What a cell shows: control, format and separator characters become visible symbols
+    (they would otherwise vanish, break the grid, or be invalid in XML). A cell normally
+    holds one character; a longer string is mapped code point by code point."""
+    return "".join(_display_codepoint(c) for c in str(ch))
 
 
 def _limits(values: np.ndarray, vmax: Optional[float]) -> float:
