@@ -1,0 +1,312 @@
+"""Ray Serve app over real HTTP: a running Serve instance on the tiny checkpoint, requests sent
+with `requests` to 127.0.0.1 (no test client), values compared with the library in process."""
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from sentdisc import featurize, load
+from sentdisc import viz
+
+REPO = Path(__file__).resolve().parents[1]
+APP_NAME = "sentdisc-test"
+LIMITS = dict(max_texts=8, max_text_bytes=2000, max_generate_length=64)
+TEXTS = ["This movie was wonderful, I loved every minute.",
+         "Terrible. A waste of money &amp; time!",
+         "Caf\u00e9 cr\u00e8me was fine \U0001F600",
+         "",
+         "It is what it is.",
+         "Best purchase I have made all year; highly recommended.",
+         "The plot made no sense\nand the acting was wooden.",
+         "ok"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def classifier(model, tmp_path_factory):
+    """A classifier.json fitted (L1 logistic regression) on mean features of a few texts."""
+    from sklearn.linear_model import LogisticRegression
+
+    from sentdisc.classifier import Classifier, fit_result_to_classifier
+
+    feats = featurize(model, TEXTS, kind="mean")
+    labels = np.array([1, 0, 1, 0, 1, 1, 0, 0])
+    full = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats, labels)
+    coef = full.coef_[0]
+    neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
+    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons], labels)
+    clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
+                                   top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
+    assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
+    path = clf.save(tmp_path_factory.mktemp("clf") / "classifier.json")
+    return Classifier.load(path), path
+
+
+@pytest.fixture(scope="module")
+def url(ray_local, tiny_checkpoint, classifier):
+    from ray import serve
+
+    from serve.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(classifier[1]),
+                     "max_batch_size": 16, "batch_wait_timeout_s": 0.05, **LIMITS})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+
+
+def post(url, path, body, **kw):
+    return requests.post(url + path, json=body, timeout=60, **kw)
+
+
+# --- endpoints -----------------------------------------------------------------------------
+
+def test_healthz_openapi_and_docs(url):
+    r = requests.get(url + "/healthz", timeout=30)
+    assert r.status_code == 200
+    h = r.json()
+    assert h["status"] == "ok" and h["rnn_size"] == 32 and h["classifier"] is True
+    assert h["feature_kind"] == "mean"  # taken from the classifier
+    spec = requests.get(url + "/openapi.json", timeout=30).json()
+    for path in ("/featurize", "/sentiment", "/heatmap", "/generate"):
+        assert "post" in spec["paths"][path], path
+    assert spec["components"]["schemas"]["FeaturizeRequest"]["additionalProperties"] is False
+    assert requests.get(url + "/docs", timeout=30).status_code == 200
+
+
+def test_featurize_equals_in_process(url, model):
+    r = post(url, "/featurize", {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = np.array(body["features"], dtype=np.float32)
+    want = featurize(model, TEXTS, kind="mean")
+    assert got.shape == (len(TEXTS), 32) and body["kind"] == "mean" and body["neurons"] is None
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert int(r.headers["X-Batch-Size"]) >= 1
+    r = post(url, "/featurize", {"texts": TEXTS[:2], "neurons": [5, 0, 31]})
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json()["features"]), want[:2][:, [5, 0, 31]], atol=1e-5)
+
+
+def test_sentiment_equals_classifier_on_features(url, model, classifier):
+    clf = classifier[0]
+    r = post(url, "/sentiment", {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    feats = featurize(model, TEXTS, kind="mean")
+    prob = clf.predict_proba(feats)
+    assert body["neuron"] == clf.neuron
+    assert len(body["results"]) == len(TEXTS)
+    for res, p, f in zip(body["results"], prob, feats):
+        assert res["probability"] == pytest.approx(p, abs=1e-5)
+        assert res["label"] == ("positive" if p >= 0.5 else "negative")
+        assert res["neuron_value"] == pytest.approx(f[clf.neuron], abs=1e-5)
+    # the classifier was fitted to separate these texts: both labels occur
+    assert {res["label"] for res in body["results"]} == {"positive", "negative"}
+
+
+def test_heatmap_png_svg_json(url, model, classifier):
+    clf = classifier[0]
+    text = "Great value <b>&</b> fast shipping \u2014 five stars"
+    r = post(url, "/heatmap", {"text": text, "format": "png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    r = post(url, "/heatmap", {"text": text, "format": "svg", "neuron": 3})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert r.text.lstrip().startswith("<svg") and "<b>" not in r.text  # escaped
+    r = post(url, "/heatmap", {"text": text, "format": "json"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    negate = clf.sign < 0
+    chars, values = viz.neuron_values(model, text, clf.neuron, kind="hidden", negate=negate)
+    assert body["neuron"] == clf.neuron and body["negated"] == negate
+    assert body["chars"] == chars
+    np.testing.assert_allclose(body["values"], values, atol=1e-5)
+
+
+def test_generate_seeded_forced_and_in_process(url, model, classifier):
+    req = {"prompt": "I loved it", "length": 20, "temperature": 1.0, "seed": 7, "neuron": 4}
+    a = post(url, "/generate", req)
+    b = post(url, "/generate", req)
+    assert a.status_code == 200, a.text
+    a, b = a.json(), b.json()
+    assert a["text"] == b["text"] and a["text"].startswith("I loved it")
+    want = viz.generate_text(model, "I loved it", 20, 1.0, neuron=4, seed=7)
+    assert a["text"] == want["text"] and a["prompt_end"] == want["prompt_end"]
+    np.testing.assert_allclose(a["trace"], want["values"], atol=1e-5)
+    assert len(a["trace"]) == len(a["chars"]) == len(a["text"])
+    r = post(url, "/generate", {"prompt": "x", "length": 10, "neuron": 4, "overwrite": 0.75,
+                                "seed": 1}).json()
+    # the forced neuron holds its value from the last prompt character on
+    np.testing.assert_allclose(r["trace"][r["prompt_end"] - 1:], 0.75, atol=1e-6)
+    # default neuron: the classifier's sentiment neuron
+    assert post(url, "/generate", {"length": 5}).json()["neuron"] == classifier[0].neuron
+
+
+def test_concurrent_requests_are_batched(url):
+    texts = [[f"review {i}: " + "good " * (i % 5)] for i in range(16)]
+    sequential = [post(url, "/sentiment", {"texts": t}).json()["results"][0] for t in texts[:4]]
+
+    def call(t):
+        r = post(url, "/sentiment", {"texts": t})
+        return r.status_code, int(r.headers["X-Batch-Size"]), r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        out = list(pool.map(call, texts))
+    assert all(code == 200 for code, _, _ in out)
+    sizes = [b for _, b, _ in out]
+    assert max(sizes) > 1, f"no request was batched with another: {sizes}"
+    # batching changes nothing in the answers
+    for want, (_, _, got) in zip(sequential, out[:4]):
+        assert got["results"][0]["probability"] == pytest.approx(want["probability"], abs=1e-6)
+    stats = requests.get(url + "/stats", timeout=30).json()
+    assert stats["max_batch_size_seen"] > 1 and stats["requests"] >= 16
+
+
+def test_page_is_self_contained_and_calls_the_api(url):
+    r = requests.get(url + "/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    assert "/sentiment" in html and "/heatmap" in html and "<textarea" in html
+    assert "http://" not in html and "https://" not in html  # no CDN: nothing external
+
+
+def test_page_in_headless_chromium(url):
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium on this machine")
+    # --dump-dom runs the page's script; the debounced first update fills in the verdict
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          "--virtual-time-budget=8000", "--dump-dom", url + "/"],
+                         capture_output=True, text=True, timeout=90)
+    assert re.search(r'id="verdict"[^>]*>(positive|negative)', out.stdout), out.stdout[-2000:]
+
+
+# --- bad requests --------------------------------------------------------------------------
+
+BIG = "x" * (LIMITS["max_text_bytes"] + 1)
+BAD = [
+    ("malformed json", "/featurize", b'{"texts": ["a"', 422),
+    ("not an object", "/sentiment", b'["a"]', 422),
+    ("empty body", "/sentiment", b"", 422),
+    ("texts not a list", "/featurize", {"texts": "abc"}, 422),
+    ("text not a string", "/sentiment", {"texts": [1]}, 422),
+    ("no texts", "/sentiment", {"texts": []}, 422),
+    ("missing field", "/sentiment", {}, 422),
+    ("unknown field", "/sentiment", {"texts": ["a"], "path": "/etc/passwd"}, 422),
+    ("unknown field generate", "/generate", {"length": 5, "checkpoint": "/tmp"}, 422),
+    ("too many texts", "/sentiment", {"texts": ["a"] * 9}, 413),
+    ("text too long", "/featurize", {"texts": ["a", BIG]}, 413),
+    ("heatmap text too long", "/heatmap", {"text": BIG}, 413),
+    ("prompt too long", "/generate", {"prompt": BIG, "length": 5}, 413),
+    ("length over cap", "/generate", {"length": 65}, 422),
+    ("length as string", "/generate", {"length": "10"}, 422),
+    ("negative length", "/generate", {"length": -1}, 422),
+    ("negative temperature", "/generate", {"length": 5, "temperature": -1.0}, 422),
+    ("neuron out of range", "/heatmap", {"text": "hi", "neuron": 32}, 422),
+    ("negative neuron", "/featurize", {"texts": ["hi"], "neurons": [-1]}, 422),
+    ("neurons out of range", "/featurize", {"texts": ["hi"], "neurons": [0, 99]}, 422),
+    ("bad format", "/heatmap", {"text": "hi", "format": "gif"}, 422),
+    ("blank heatmap text", "/heatmap", {"text": "   ", "format": "json"}, 422),
+    ("lone surrogate", "/sentiment", b'{"texts": ["ok", "\\ud800"]}', 422),
+    ("body over cap", "/sentiment", b'{"texts": ["' + b"a" * 200_000 + b'"]}', 413),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_4xx(url, name, path, body, status):
+    if isinstance(body, bytes):
+        r = requests.post(url + path, data=body, timeout=60,
+                          headers={"Content-Type": "application/json"})
+    else:
+        r = post(url, path, body)
+    assert r.status_code == status, (name, r.status_code, r.text[:500])
+    detail = r.json()["detail"]
+    assert detail and "Traceback" not in r.text
+    if name == "body over cap":  # refused from the header, before the body is parsed
+        assert "request body" in detail, detail
+
+
+def test_wrong_method_and_unknown_path(url):
+    assert requests.get(url + "/featurize", timeout=30).status_code == 405
+    assert requests.get(url + "/etc/passwd", timeout=30).status_code == 404
+
+
+def test_burst_of_malformed_requests_leaves_service_healthy(url):
+    def bad(i):
+        kind = i % 4
+        if kind == 0:
+            return requests.post(url + "/sentiment", data=b"{oops", timeout=60,
+                                 headers={"Content-Type": "application/json"}).status_code
+        if kind == 1:
+            return post(url, "/featurize", {"texts": [i]}).status_code
+        if kind == 2:
+            return post(url, "/heatmap", {"text": "   ", "format": "json"}).status_code
+        return post(url, "/sentiment", {"texts": ["fine", "\ud800"]}).status_code
+
+    good = [TEXTS[0]]
+    with ThreadPoolExecutor(16) as pool:
+        bad_codes = list(pool.map(bad, range(64)))
+        good_futures = [pool.submit(post, url, "/sentiment", {"texts": good}) for _ in range(4)]
+        good_codes = [f.result().status_code for f in good_futures]
+    assert set(bad_codes) == {422}, bad_codes
+    # valid requests that share batches with the malformed burst still succeed
+    assert good_codes == [200] * 4
+    assert requests.get(url + "/healthz", timeout=30).status_code == 200
+    assert post(url, "/sentiment", {"texts": good}).status_code == 200
+
+
+# --- startup errors ------------------------------------------------------------------------
+
+def test_build_app_rejects_bad_arguments(tiny_checkpoint, tmp_path):
+    from serve.app import AppArgsError, build_app
+
+    with pytest.raises(AppArgsError, match="does not exist"):
+        build_app({"checkpoint": str(tmp_path / "nope")})
+    with pytest.raises(AppArgsError, match="max_batch_size"):
+        build_app({"checkpoint": str(tiny_checkpoint), "max_batch_size": 0})
+    with pytest.raises(AppArgsError, match="chekpoint"):
+        build_app({"chekpoint": str(tiny_checkpoint)})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AppArgsError, match="config.json"):
+        build_app({"checkpoint": str(tmp_path / "empty")})
+    bad = tmp_path / "classifier.json"
+    bad.write_text("{not json")
+    with pytest.raises(AppArgsError, match="classifier"):
+        build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(bad)})
+
+
+def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
+    serve_cli = Path(sys.executable).with_name("serve")
+    if not serve_cli.exists():
+        pytest.skip("serve CLI not installed next to this python")
+    missing = tmp_path / "no-such-checkpoint"
+    out = subprocess.run([str(serve_cli), "run", "serve.app:build_app", f"checkpoint={missing}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert f"checkpoint {missing} does not exist" in text
+    assert "Traceback" not in text
