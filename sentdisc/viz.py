@@ -246,6 +246,11 @@ def _colours(values: np.ndarray, lim: float):
     return rgba, np.where(luminance < 0.45, "#ffffff", "#000000")
 
 
+def _esc(s: str) -> str:
+    """Text for XML/HTML content or attributes: &, <, >, " and ' all escaped."""
+    return html.escape(s, quote=True)
+
+
 def _hex(rgba) -> str:
     r, g, b = (int(round(255 * float(v))) for v in rgba[:3])
     return f"#{r:02x}{g:02x}{b:02x}"
@@ -348,22 +353,21 @@ def render_svg(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     rgba, text_colours = _colours(values, lim)
     top = MARGIN + (TITLE_H if title else 0)
     W, H = 2 * MARGIN + width * CELL_W, top + lines * CELL_H + 40
-    esc = lambda s: html.escape(s, quote=True)  # noqa: E731 - &, <, >, " and ' all escaped
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'viewBox="0 0 {W} {H}" font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" '
-           f'font-size="14">',
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+            f'viewBox="0 0 {W} {H}" font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" '
+            f'font-size="14">'),
            f'<rect width="{W}" height="{H}" fill="#ffffff"/>']
     if title:
         out.append(f'<text x="{MARGIN}" y="{MARGIN + 17}" font-family="sans-serif" '
-                   f'font-weight="bold" font-size="14">{esc(title)}</text>')
+                   f'font-weight="bold" font-size="14">{_esc(title)}</text>')
     for i, ch in enumerate(chars):
         x, y = MARGIN + (i % width) * CELL_W, top + (i // width) * CELL_H
         shown = display_char(ch)
-        cell = (f'<g><title>{esc(repr(ch))} {values[i]:.4f}</title>'
+        cell = (f'<g><title>{_esc(repr(ch))} {values[i]:.4f}</title>'
                 f'<rect x="{x}" y="{y}" width="{CELL_W}" height="{CELL_H}" fill="{_hex(rgba[i])}"/>')
         if not shown.isspace():
             cell += (f'<text x="{x + CELL_W / 2:g}" y="{y + 15}" text-anchor="middle" '
-                     f'fill="{text_colours[i]}">{esc(shown)}</text>')
+                     f'fill="{text_colours[i]}">{_esc(shown)}</text>')
         out.append(cell + "</g>")
     if prompt_end is not None:
         line, col = _marker_cell(prompt_end, n, width)
@@ -383,7 +387,7 @@ def render_svg(chars: Sequence[str], values, prompt_end: Optional[int] = None,
                f'<text x="{MARGIN}" y="{y + 22}">{-lim:.3g}</text>'
                f'<text x="{MARGIN + 100}" y="{y + 22}" text-anchor="middle">0</text>'
                f'<text x="{MARGIN + 200}" y="{y + 22}" text-anchor="end">{lim:.3g}</text>'
-               f'<text x="{MARGIN + 212}" y="{y + 9}">{esc(label or "neuron value")}</text></g>')
+               f'<text x="{MARGIN + 212}" y="{y + 9}">{_esc(label or "neuron value")}</text></g>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -396,14 +400,13 @@ def render_html(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     values = _check_inputs(chars, values, prompt_end, DEFAULT_WIDTH)
     lim = _limits(values, vmax)
     rgba, text_colours = _colours(values, lim)
-    esc = lambda s: html.escape(s, quote=True)  # noqa: E731
     spans = []
     for i, ch in enumerate(chars):
         if prompt_end == i:
             spans.append('<span class="sd-prompt-end" title="end of prompt"></span>')
         shown = display_char(ch)
         spans.append(f'<span style="background:{_hex(rgba[i])};color:{text_colours[i]}" '
-                     f'title="{esc(repr(ch))} {values[i]:.4f}">{esc(shown)}</span>')
+                     f'title="{_esc(repr(ch))} {values[i]:.4f}">{_esc(shown)}</span>')
     if prompt_end is not None and prompt_end == len(chars):
         spans.append('<span class="sd-prompt-end" title="end of prompt"></span>')
     from matplotlib import colormaps
@@ -412,12 +415,12 @@ def render_html(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     gradient = ", ".join(_hex(cmap(k / 10)) for k in range(11))
     body = (
         '<div class="sentdisc-heatmap">'
-        + (f"<h3>{esc(title)}</h3>" if title else "")
+        + (f"<h3>{_esc(title)}</h3>" if title else "")
         + '<div class="sd-text">' + "".join(spans) + "</div>"
         + '<div class="sd-legend">'
         + f'<span>{-lim:.3g}</span><span class="sd-bar" style="background:linear-gradient('
         + f'to right, {gradient})"></span><span>{lim:.3g}</span> '
-        + f"<span>{esc(label or 'neuron value')}</span>"
+        + f"<span>{_esc(label or 'neuron value')}</span>"
         + ("<span> | blue bar: end of prompt</span>" if prompt_end is not None else "")
         + "</div></div>")
     style = (
@@ -431,7 +434,7 @@ def render_html(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     if not full_page:
         return style + body
     return ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>'
-            + esc(title or "sentdisc heatmap") + "</title>" + style + "</head><body>"
+            + _esc(title or "sentdisc heatmap") + "</title>" + style + "</head><body>"
             + body + "</body></html>\n")
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sentdisc import ByteLM, ModelConfig, featurize, load
-from sentdisc import viz
+from sentdisc import ByteLM, ModelConfig, featurize, load, viz
 from sentdisc.recipes import visualize
 from sentdisc.text import encode, preprocess
 
@@ -56,7 +55,7 @@ def test_values_equal_trace_after_each_characters_last_byte(model):
     assert chars[6] == "😀" and values[6] == full[2 + 6 + 1 + 3]  # 'Héllo ' is 7 bytes
     # The model input is featurize's: its final cell state (after the end pad) is this trace's.
     assert full[-1] == pytest.approx(featurize(model, [TEXT])[0, 5], abs=1e-5)
-    neg_chars, neg = viz.neuron_values(model, TEXT, 5, negate=True)
+    _, neg = viz.neuron_values(model, TEXT, 5, negate=True)
     np.testing.assert_array_equal(neg, -values)
     _, hidden = viz.neuron_values(model, TEXT, 5, kind="hidden")
     np.testing.assert_allclose(hidden, _trace(model, encode(TEXT).tobytes(), 5, kind="hidden")[ends[2:-1]],
