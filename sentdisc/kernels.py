@@ -1,0 +1,271 @@
+"""Fused whole-sequence mLSTM: the fast path behind ``RecurrentLayer.forward``.
+
+The plain layer loop is exact but pays for autograd bookkeeping and ~20 small elementwise
+ops per byte, as much as the matrix products at batch 64. Here one autograd Function covers
+the whole sequence:
+
+* forward: the x-projections of all T steps are one GEMM written straight into the gate
+  buffer; each step does two recurrent GEMMs and a handful of in-place gate ops into
+  preallocated [T, B, ...] buffers, keeping only what backward needs (gate activations,
+  c, tanh(c), m, h Wmh, h);
+* backward: every factor that does not depend on the recurrence (sigmoid/tanh derivatives,
+  o * (1 - tanh(c)^2), ...) is computed for all T at once, so a reverse step is two GEMMs
+  and five elementwise ops; the weight and input gradients are then a few big GEMMs over
+  all T*B rows.
+
+Inference (no grad: featurization, serving) runs the same step without saving anything,
+and with a featurization mask whose live rows are a prefix (texts sorted by length) it
+only computes the live rows, so padding costs nothing.
+
+Numbers equal the plain loop to float rounding (tests/test_kernels.py). Under autocast
+(bf16) the matrix products run in bf16 while gates and cell state stay in float32.
+``disabled()`` switches the fast path off, e.g. to compare against the plain loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the plain per-timestep loop instead of the fused path inside this block."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def supports(x: torch.Tensor, reset: Optional[torch.Tensor] = None,
+             mask: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``mlstm_sequence`` handles this input (else the plain loop runs)."""
+    if not _enabled or x.dim() != 3 or x.shape[0] == 0 or x.shape[1] == 0:
+        return False
+    device = x.device.type
+    if device not in ("cpu", "cuda"):
+        return False
+    if torch.is_autocast_enabled(device):
+        if x.dtype != torch.float32 or torch.get_autocast_dtype(device) != torch.bfloat16:
+            return False
+    elif x.dtype not in (torch.float32, torch.float64):
+        return False
+    # Masks (featurization) are an inference-only feature of the fast path.
+    return mask is None or not torch.is_grad_enabled()
+
+
+def mlstm_sequence(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: dict,
+                   reset: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+    """One mLSTM layer over x [B,T,E] from state (h, c) [B,H] with effective weights ``w``
+    (wx [E,4H], wh [H,4H], wmx [E,H], wmh [H,H], b [4H]; weight norm already applied).
+
+    reset [B,T]: zero the row's state before step t. mask [B,T] (no grad only): where False
+    the state is held. Returns (hs [B,T,H], None, (h, c)), like the plain loop.
+    """
+    sd = x.dtype  # state / gate dtype
+    device = x.device.type
+    cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else sd
+    h, c = h.to(sd), c.to(sd)
+    keep = None
+    if reset is not None:  # [T,B,1] multipliers, as in the plain loop
+        keep = (~reset.bool()).t().unsqueeze(-1).to(sd)
+    weights = (w["wx"], w["wh"], w["wmx"], w["wmh"], w["b"])
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, h, c) + weights)
+    with torch.autocast(device, enabled=False):
+        if needs_grad:
+            if mask is not None:
+                raise ValueError("mlstm_sequence: mask is only supported without gradients")
+            hs, h, c = _MLSTMSequence.apply(x, h, c, *weights, keep, cd)
+        else:
+            hs, h, c = _infer(x, h, c, weights, keep, mask, cd)
+    return hs, None, (h, c)
+
+
+def _reset_steps(keep: Optional[torch.Tensor], T: int) -> list:
+    """Per step: does any row reset? One host sync on CPU; on GPU assume yes (no sync, so
+    the loop stays capturable in a CUDA graph)."""
+    if keep is None:
+        return [False] * T
+    if keep.device.type != "cpu":
+        return [True] * T
+    return (keep.view(T, -1) == 0).any(1).tolist()
+
+
+def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = False,
+        bias: Optional[torch.Tensor] = None):
+    """out (+)= a @ b (+ bias); b is already in the compute dtype, a is cast to it."""
+    if a.dtype == b.dtype == out.dtype:
+        if add:
+            out.addmm_(a, b)
+        elif bias is not None:
+            torch.addmm(bias, a, b, out=out)
+        else:
+            torch.mm(a, b, out=out)
+        return out
+    r = a.to(b.dtype) @ b
+    if add:
+        out.add_(r)
+    elif bias is not None:
+        torch.add(bias, r, out=out)
+    else:
+        out.copy_(r)
+    return out
+
+
+def _project(x: torch.Tensor, wx, wmx, b, cd, sd):
+    """x [B,T,E] -> time-major X [T*B,E] (compute dtype), X Wx + b [T,B,4H], X Wmx [T,B,H]."""
+    B, T, E = x.shape
+    X = x.transpose(0, 1).reshape(T * B, E).to(cd)
+    G = torch.addmm(b.to(cd), X, wx.to(cd)).to(sd).view(T, B, -1)
+    XM = (X @ wmx.to(cd)).to(sd).view(T, B, -1)
+    return X, G, XM
+
+
+class _MLSTMSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, h0, c0, wx, wh, wmx, wmh, b, keep, cd):
+        B, T, _ = x.shape
+        H, sd = h0.shape[1], x.dtype
+        wh_, wmh_ = wh.to(cd), wmh.to(cd)
+        # G starts as X Wx + b; each step adds m Wh in place, then holds the activations.
+        X, G, XM = _project(x, wx, wmx, b, cd, sd)
+        new = lambda *s: torch.empty(*s, dtype=sd, device=x.device)  # noqa: E731
+        HM, M, TC = new(T, B, H), new(T, B, H), new(T, B, H)
+        Hs, C = new(T + 1, B, H), new(T + 1, B, H)
+        Hs[0], C[0] = h0, c0
+        resets = _reset_steps(keep, T)
+        for t in range(T):
+            hp, cp = Hs[t], C[t]
+            if resets[t]:
+                hp, cp = hp * keep[t], cp * keep[t]
+            _mm(HM[t], hp, wmh_)
+            torch.mul(XM[t], HM[t], out=M[t])
+            g = G[t]
+            _mm(g, M[t], wh_, add=True)
+            g[:, :3 * H].sigmoid_()
+            g[:, 3 * H:].tanh_()
+            torch.mul(g[:, H:2 * H], cp, out=C[t + 1])
+            C[t + 1].addcmul_(g[:, :H], g[:, 3 * H:])
+            torch.tanh(C[t + 1], out=TC[t])
+            torch.mul(g[:, 2 * H:3 * H], TC[t], out=Hs[t + 1])
+        ctx.save_for_backward(wx, wh, wmx, wmh)
+        ctx.buffers = (X, G, XM, HM, M, TC, Hs, C, keep)
+        ctx.cd, ctx.resets = cd, resets
+        hs = Hs[1:].transpose(0, 1).contiguous()
+        return hs, Hs[T].clone(), C[T].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dhs, dhT, dcT):
+        wx, wh, wmx, wmh = ctx.saved_tensors
+        X, G, XM, HM, M, TC, Hs, C, keep = ctx.buffers
+        cd, resets = ctx.cd, ctx.resets
+        T, B, H4 = G.shape
+        H, sd = H4 // 4, G.dtype
+        whT, wmhT = wh.to(cd).t(), wmh.to(cd).t()
+        I, F, O, U = G[..., :H], G[..., H:2 * H], G[..., 2 * H:3 * H], G[..., 3 * H:]
+
+        # Everything the reverse loop needs that does not depend on the recurrence, for all
+        # T at once: dz = P * [dc, dc, dh, dc] and dc += dh * A.
+        P = torch.addcmul(G, G, G, value=-1)  # g (1 - g): sigmoid derivative (u part fixed below)
+        P[..., :H].mul_(U)  # (explicit mul_: `view *= x` would copy the result back again)
+        P[..., H:2 * H].mul_(C[:-1] if keep is None else C[:-1] * keep)
+        P[..., 2 * H:3 * H].mul_(TC)
+        torch.addcmul(I, I * U, U, value=-1, out=P[..., 3 * H:])  # i (1 - u^2)
+        A = torch.addcmul(O, O * TC, TC, value=-1)  # o (1 - tanh(c)^2)
+
+        dZ = torch.empty_like(G)
+        dM, dHM = torch.empty_like(M), torch.empty_like(M)
+        dhs = dhs.transpose(0, 1) if dhs is not None else None  # [T,B,H] view
+        dh = torch.zeros(B, H, dtype=sd, device=G.device)
+        dc = torch.zeros(B, H, dtype=sd, device=G.device)
+        if dhT is not None:
+            dh += dhT
+        if dcT is not None:
+            dc += dcT
+        if dhs is not None:
+            dh += dhs[T - 1]
+        for t in range(T - 1, -1, -1):
+            # dh: gradient of h_t; dc: of c_t, from later steps.
+            dc.addcmul_(dh, A[t])
+            dz = dZ[t]
+            torch.mul(P[t].view(B, 4, H), dc.unsqueeze(1), out=dz.view(B, 4, H))
+            torch.mul(P[t, :, 2 * H:3 * H], dh, out=dz[:, 2 * H:3 * H])
+            dc.mul_(F[t])
+            _mm(dM[t], dz, whT)
+            torch.mul(dM[t], XM[t], out=dHM[t])
+            if resets[t]:
+                dHM[t].mul_(keep[t])
+                dc.mul_(keep[t])
+            _mm(dh, dHM[t], wmhT, bias=dhs[t - 1] if (dhs is not None and t > 0) else None)
+        del P, A
+
+        dZ2, dHM2 = dZ.view(T * B, H4), dHM.view(T * B, H)
+        dXM = dM.mul_(HM).view(T * B, H)  # d(x Wmx) = dm * (h Wmh)
+        lo = lambda t: t.to(cd)  # noqa: E731
+        dwh = (lo(M.view(T * B, H)).t() @ lo(dZ2)).to(wh.dtype)
+        dwmh = (lo(Hs[:-1].reshape(T * B, H)).t() @ lo(dHM2)).to(wmh.dtype)
+        dwx = (X.t() @ lo(dZ2)).to(wx.dtype)
+        dwmx = (X.t() @ lo(dXM)).to(wmx.dtype)
+        db = dZ2.sum(0).to(wx.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = lo(dZ2) @ wx.to(cd).t()
+            dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
+            dx = dx.view(T, B, -1).transpose(0, 1)
+        return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None
+
+
+@torch.no_grad()
+def _infer(x, h0, c0, weights, keep, mask, cd):
+    """The forward step without saving anything; masked rows hold their state."""
+    wx, wh, wmx, wmh, b = weights
+    B, T, _ = x.shape
+    H, sd = h0.shape[1], x.dtype
+    wh_, wmh_ = wh.to(cd), wmh.to(cd)
+    _, XZ, XM = _project(x, wx, wmx, b, cd, sd)
+    new = lambda *s: torch.empty(*s, dtype=sd, device=x.device)  # noqa: E731
+    Hs = new(T + 1, B, H)
+    Hs[0] = h0
+    c = c0.clone()
+    g, hm, tc = new(B, 4 * H), new(B, H), new(B, H)
+    rows, general = [B] * T, None
+    if mask is not None:
+        mask = mask.bool()
+        live = mask.sum(0)
+        prefix = torch.arange(B, device=mask.device)[:, None] < live[None, :]
+        if bool((prefix == mask).all()):  # live rows 0..n-1: compute only those
+            rows = live.tolist()
+        else:
+            general = mask.t().unsqueeze(-1)  # [T,B,1]
+    resets = _reset_steps(keep, T)
+    for t in range(T):
+        n, hp = rows[t], Hs[t]
+        if resets[t]:
+            hp = hp * keep[t]
+            c.mul_(keep[t])
+        if n == 0:
+            Hs[t + 1] = hp
+            continue
+        c_old = c.clone() if general is not None else None
+        _mm(hm[:n], hp[:n], wmh_)
+        hm[:n].mul_(XM[t, :n])
+        gn = _mm(g[:n], hm[:n], wh_, bias=XZ[t, :n])
+        gn[:, :3 * H].sigmoid_()
+        gn[:, 3 * H:].tanh_()
+        cn = c[:n]
+        cn.mul_(gn[:, H:2 * H]).addcmul_(gn[:, :H], gn[:, 3 * H:])
+        torch.tanh(cn, out=tc[:n])
+        torch.mul(gn[:, 2 * H:3 * H], tc[:n], out=Hs[t + 1, :n])
+        if n < B:
+            Hs[t + 1, n:] = hp[n:]
+        if general is not None:
+            Hs[t + 1] = torch.where(general[t], Hs[t + 1], hp)
+            c.copy_(torch.where(general[t], c, c_old))
+    return Hs[1:].transpose(0, 1).contiguous(), Hs[T].clone(), c

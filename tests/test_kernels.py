@@ -1,0 +1,205 @@
+"""The fused mLSTM path (sentdisc.kernels) against the plain per-timestep loop."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sentdisc import kernels
+from sentdisc.featurize import featurize
+from sentdisc.model import ByteLM, ModelConfig
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def make(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(embed_size=8, rnn_size=24, layers=2, weight_norm="all")
+    cfg.update(kw)
+    model = ByteLM(ModelConfig(**cfg)).to(dtype)
+    with torch.no_grad():  # gains and biases away from their defaults so they really matter
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("g") or name.endswith(".b"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def train_pass(model, x, reset, state):
+    """Two carried calls (state passed on with its graph), a loss touching logits and the
+    final states, backward. Returns logits, final states, parameter and input-state grads."""
+    state = [(h.clone().requires_grad_(), c.clone().requires_grad_()) for h, c in state]
+    model.zero_grad()
+    half = x.shape[1] // 2
+    a, s = model(x[:, :half], state, reset[:, :half])
+    b, s = model(x[:, half:], s, reset[:, half:])
+    logits = torch.cat([a, b], 1)
+    target = torch.randint(0, 256, logits.shape[:2], generator=torch.Generator().manual_seed(3))
+    loss = F.cross_entropy(logits.reshape(-1, 256), target.reshape(-1))
+    loss = loss + sum((h.sin().sum() + c.cos().sum()) for h, c in s) / x.shape[0]
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state_grads = [t.grad.clone() for pair in state for t in pair]
+    return logits.detach(), [t.detach() for pair in s for t in pair], grads, state_grads
+
+
+def assert_same(fused, plain, tol):
+    torch.testing.assert_close(fused[0], plain[0], **tol)
+    for a, b in zip(fused[1], plain[1]):
+        torch.testing.assert_close(a, b, **tol)
+    assert fused[2].keys() == plain[2].keys()
+    for name in fused[2]:
+        torch.testing.assert_close(fused[2][name], plain[2][name], **tol, msg=name)
+    for a, b in zip(fused[3], plain[3]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_supports():
+    x = torch.randn(2, 3, 4)
+    assert kernels.supports(x)
+    assert kernels.supports(x.double())
+    assert not kernels.supports(x.half())
+    assert not kernels.supports(x[:, :0])
+    with kernels.disabled():
+        assert not kernels.supports(x)
+    assert kernels.supports(x)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    assert not kernels.supports(x, mask=mask)  # masks are inference only
+    with torch.no_grad():
+        assert kernels.supports(x, mask=mask)
+
+
+def test_fused_path_is_the_one_used():
+    model = make()
+    x = torch.randint(0, 256, (2, 5))
+    out, _ = model.run_layers(x, reset=torch.zeros(2, 5, dtype=torch.bool))
+    assert "MLSTMSequence" in type(out[0][0].grad_fn).__name__
+    with kernels.disabled():
+        out, _ = model.run_layers(x)
+    assert "MLSTMSequence" not in type(out[0][0].grad_fn).__name__
+
+
+@pytest.mark.parametrize("B,T,embed,rnn,layers,weight_norm", [
+    (3, 14, 8, 24, 2, "all"),
+    (5, 9, 6, 16, 1, "recurrent"),
+    (1, 21, 4, 8, 1, "none"),
+    (8, 32, 16, 64, 1, "recurrent"),
+])
+def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm):
+    model = make(embed_size=embed, rnn_size=rnn, layers=layers, weight_norm=weight_norm)
+    gen = torch.Generator().manual_seed(B * T)
+    x = torch.randint(0, 256, (B, T), generator=gen)
+    reset = torch.rand(B, T, generator=gen) < 0.1
+    reset[0, 0] = True
+    state = [(torch.randn(B, rnn, generator=gen), torch.randn(B, rnn, generator=gen))
+             for _ in range(layers)]
+    fused = train_pass(model, x, reset, state)
+    with kernels.disabled():
+        plain = train_pass(model, x, reset, state)
+    assert_same(fused, plain, TOL)
+    assert all(g.abs().sum() > 0 for g in fused[2].values())
+
+
+def test_float64_matches_plain_loop():
+    model = make(dtype=torch.float64)
+    x = torch.randint(0, 256, (4, 10))
+    reset = torch.zeros(4, 10, dtype=torch.bool)
+    reset[1, 3] = True
+    state = [(torch.zeros(4, 24, dtype=torch.float64),) * 2 for _ in range(2)]
+    fused = train_pass(model, x, reset, state)
+    with kernels.disabled():
+        plain = train_pass(model, x, reset, state)
+    assert fused[0].dtype == torch.float64
+    assert_same(fused, plain, dict(atol=1e-12, rtol=1e-10))
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    B, T, E, H = 2, 4, 3, 4
+
+    def rnd(*shape, scale=0.5):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    inputs = (rnd(B, T, E), rnd(B, H), rnd(B, H), rnd(E, 4 * H), rnd(H, 4 * H), rnd(E, H),
+              rnd(H, H), rnd(4 * H))
+    reset = torch.tensor([[False, False, True, False], [False, False, False, False]])
+
+    def fn(x, h, c, wx, wh, wmx, wmh, b):
+        w = dict(wx=wx, wh=wh, wmx=wmx, wmh=wmh, b=b)
+        hs, _, (h, c) = kernels.mlstm_sequence(x, h, c, w, reset=reset)
+        return hs, h, c
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def _layer_pair(model, x, state, **kw):
+    layer = model.layers[0]
+    inp = model.embed(x)
+    with torch.no_grad():
+        hs, _, st = layer(inp, state, **kw)
+        with kernels.disabled():
+            ref_hs, _, ref_st = layer(inp, state, **kw)
+    return (hs, *st), (ref_hs, *ref_st)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "general", "prefix+reset", "all_masked"])
+def test_inference_with_mask_matches_plain_loop(kind):
+    model = make(layers=1)
+    B, T = 6, 12
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (B, T), generator=gen)
+    state = (torch.randn(B, 24, generator=gen), torch.randn(B, 24, generator=gen))
+    lengths = torch.tensor([12, 12, 9, 5, 1, 0])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    reset = None
+    if kind == "general":
+        mask = torch.rand(B, T, generator=gen) < 0.6
+    elif kind == "prefix+reset":
+        reset = torch.rand(B, T, generator=gen) < 0.2
+    elif kind == "all_masked":
+        mask = torch.zeros(B, T, dtype=torch.bool)
+    fused, plain = _layer_pair(model, x, state, mask=mask, reset=reset)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_inference_without_grad_matches_plain_loop():
+    model = make()
+    x = torch.randint(0, 256, (3, 17))
+    reset = torch.zeros(3, 17, dtype=torch.bool)
+    reset[2, 8] = True
+    with torch.inference_mode():
+        logits, state = model(x, reset=reset)
+        with kernels.disabled():
+            ref, ref_state = model(x, reset=reset)
+    torch.testing.assert_close(logits, ref, **TOL)
+    for a, b in zip(state, ref_state):
+        torch.testing.assert_close(a[0], b[0], **TOL)
+        torch.testing.assert_close(a[1], b[1], **TOL)
+
+
+@pytest.mark.parametrize("kind", ["cell", "mean", "max"])
+def test_featurize_matches_plain_loop(kind):
+    model = make()
+    texts = ["great movie!", "", "x", "a much longer review that spans several chunks " * 3,
+             "bad.", "middling, really"]
+    fused = featurize(model, texts, batch_size=4, chunk_size=16, kind=kind)
+    with kernels.disabled():
+        plain = featurize(model, texts, batch_size=4, chunk_size=16, kind=kind)
+    np.testing.assert_allclose(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_float32():
+    """Under autocast the products run in bf16; gates and cell state stay float32."""
+    model = make(rnn_size=32)
+    x = torch.randint(0, 256, (4, 16))
+    reset = torch.zeros(4, 16, dtype=torch.bool)
+    ref, _ = model(x, reset=reset)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.supports(model.embed(x))
+        logits, state = model(x, reset=reset)
+        out, _ = model.run_layers(x)
+    assert "MLSTMSequence" in type(out[0][0].grad_fn).__name__
+    assert state[0][1].dtype == torch.float32
+    torch.testing.assert_close(logits.float(), ref, atol=0.1, rtol=0.05)
+    logits.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
