@@ -125,10 +125,10 @@ class RecurrentLayer(nn.Module):
         """
         w = self.weights() if weights is None else weights
         h, c = state
-        if (reset is None and mask is None and not keep_cells and force is None
-                and self.rnn_type == "mlstm" and _fused_available(x)):
+        if (not keep_cells and force is None and self.rnn_type == "mlstm"
+                and _fused_available(x, reset, mask)):
             from sentdisc import kernels
-            return kernels.mlstm_sequence(x, h, c, w)
+            return kernels.mlstm_sequence(x, h, c, w, reset=reset, mask=mask)
         xz = torch.addmm(w["b"], x.reshape(-1, x.shape[-1]), w["wx"]).view(*x.shape[:2], -1)
         xm = (x @ w["wmx"]) if self.rnn_type == "mlstm" else None
         keeps = (~reset).unsqueeze(-1).to(x.dtype).unbind(1) if reset is not None else None
@@ -158,13 +158,13 @@ class RecurrentLayer(nn.Module):
         return torch.stack(hs, 1), (torch.stack(cs, 1) if keep_cells else None), (h, c)
 
 
-def _fused_available(x: torch.Tensor) -> bool:
+def _fused_available(x: torch.Tensor, reset=None, mask=None) -> bool:
     """Whether sentdisc.kernels provides a fused whole-sequence mLSTM for this input."""
     try:
         from sentdisc import kernels
     except ImportError:
         return False
-    return kernels.supports(x)
+    return kernels.supports(x, reset=reset, mask=mask)
 
 
 class ByteLM(nn.Module):
