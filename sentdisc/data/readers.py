@@ -536,9 +536,11 @@ def read_table(path: str, text_key: str, label_key: Optional[str] = None,
     out = pd.DataFrame({"text": df[text_key]})
     if label_key:
         out["label"] = df[label_key].values
-    bad = out.isna().any(axis=1).to_numpy()
-    if bad.any():
+    bad = out.isna().any(axis=1).to_numpy().copy()
+    bad |= out["text"].astype(str).str.strip().eq("").to_numpy()
+    if bad.any():  # a labeled set is small and precious: name the row rather than drop it
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 1}: empty {text_key!r} or {label_key!r}")
+        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}"
+                        + (f" or {label_key!r}" if label_key else ""))
     out["text"] = out["text"].astype(str)
     return out.reset_index(drop=True)
