@@ -202,7 +202,14 @@ def test_page_in_headless_chromium(url):
     out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                           "--virtual-time-budget=8000", "--dump-dom", url + "/"],
                          capture_output=True, text=True, timeout=90)
-    assert re.search(r'id="verdict"[^>]*>(positive|negative)', out.stdout), out.stdout[-2000:]
+    dom = out.stdout
+    # the page's script called /sentiment (verdict filled in) and /heatmap (SVG shown via a blob)
+    m = re.search(r'id="verdict"[^>]*>(positive|negative) +\(p = ([0-9.]+)', dom)
+    assert m, dom[-2000:]
+    default = re.search(r'<textarea[^>]*>([^<]*)</textarea>', dom).group(1)
+    want = post(url, "/sentiment", {"texts": [default]}).json()["results"][0]
+    assert m.group(1) == want["label"] and float(m.group(2)) == pytest.approx(want["probability"], abs=1e-3)
+    assert re.search(r'id="heat"[^>]*src="blob:', dom), dom[-2000:]
 
 
 # --- bad requests --------------------------------------------------------------------------
@@ -310,3 +317,24 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
     assert out.returncode != 0
     assert f"checkpoint {missing} does not exist" in text
     assert "Traceback" not in text
+
+
+def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import AppArgs, build_app
+
+    raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    cfg = ServeDeploySchema.model_validate(raw)
+    assert cfg.http_options.host == "127.0.0.1"
+    app = cfg.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    AppArgs.model_validate(app.args)  # every key is a known argument
+    deployments = {d.name: d for d in app.deployments}
+    model = deployments["SentimentModel"]
+    assert model.autoscaling_config["max_replicas"] >= model.autoscaling_config["min_replicas"] >= 1
+    assert model.max_ongoing_requests >= app.args["max_batch_size"]
+    assert model.ray_actor_options.num_cpus >= 1
+    # the same args, pointed at a real checkpoint, build an application
+    build_app({**app.args, "checkpoint": str(tiny_checkpoint), "classifier": None})
