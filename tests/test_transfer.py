@@ -1,0 +1,255 @@
+"""Transfer: labels, featurization (in-process vs Ray Data), the Tune sweep, the classifier."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sentdisc.classifier import Classifier, ClassifierError
+from sentdisc.transfer import (TransferConfig, TransferError, c_grid, choose_C, featurize_ray,
+                               featurize_texts, fit_l1, load_labeled, prepare_data,
+                               train_classifier)
+from sentdisc.recipes.transfer import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_csv(path: Path, rows, header=("label", "sentence")) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- the search and the classifier, on synthetic features ------------------------------------
+
+def _synthetic(n, dim, neuron, sign, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    y = (sign * X[:, neuron] + 0.3 * rng.normal(size=n) > 0).astype(np.int64)
+    return X, y
+
+
+@pytest.mark.parametrize("neuron,sign", [(17, 1), (5, -1)])
+def test_top_neuron_is_the_dimension_that_carries_the_label(neuron, sign):
+    Xtr, ytr = _synthetic(600, 40, neuron, sign, 0)
+    Xva, yva = _synthetic(200, 40, neuron, sign, 1)
+    Xte, yte = _synthetic(200, 40, neuron, sign, 2)
+    clf, res = train_classifier(Xtr, ytr, Xva, yva, Xte, yte, num_neurons=3, backend="local")
+    assert clf.neuron == neuron and clf.sign == sign
+    assert clf.neurons[0] == neuron and len(clf.neurons) == 3
+    assert res["all_neurons"]["test_acc"] > 0.85 and res["top_neurons"]["test_acc"] > 0.85
+    # Neurons ordered by |weight|; the chosen C is the best on validation (smaller on ties).
+    w = np.abs(clf.coef[clf.neurons])
+    assert list(w) == sorted(w, reverse=True)
+    best = max(r["val_acc"] for r in res["sweep"])
+    assert res["all_neurons"]["C"] == min(r["C"] for r in res["sweep"] if r["val_acc"] == best)
+    # The numpy classifier reproduces sklearn's refit exactly.
+    model, _ = fit_l1(Xtr, ytr, clf.C)
+    np.testing.assert_allclose(clf.predict_proba(Xte), model.predict_proba(Xte)[:, 1], atol=1e-9)
+    assert (clf.predict(Xte) == model.predict(Xte)).all()
+    top, _ = fit_l1(Xtr[:, clf.neurons], ytr, clf.top_C)
+    np.testing.assert_allclose(clf.predict_proba_top(Xte),
+                               top.predict_proba(Xte[:, clf.neurons])[:, 1], atol=1e-9)
+
+
+def test_classifier_json_roundtrip_and_bad_files(tmp_path):
+    Xtr, ytr = _synthetic(300, 12, 3, 1, 0)
+    clf, _ = train_classifier(Xtr, ytr, Xtr, ytr, num_neurons=2, backend="local",
+                              feature_kind="mean", layer=0, checkpoint="/ckpt")
+    path = clf.save(tmp_path / "classifier.json")
+    raw = json.loads(path.read_text())
+    assert raw["neurons"] == clf.neurons and raw["top"]["C"] == clf.top_C
+    assert raw["feature_kind"] == "mean" and raw["layer"] == 0 and raw["rnn_size"] == 12
+    back = Classifier.load(path)
+    assert (back.neuron, back.sign, back.feature_kind, back.layer, back.C) == (
+        clf.neuron, clf.sign, "mean", 0, clf.C)
+    np.testing.assert_allclose(back.predict_proba(Xtr), clf.predict_proba(Xtr))
+    np.testing.assert_allclose(back.predict_proba_top(Xtr), clf.predict_proba_top(Xtr))
+    with pytest.raises(ClassifierError, match=r"\[N, 12\]"):
+        back.predict_proba(np.zeros((2, 7)))
+    with pytest.raises(ClassifierError, match="does not exist"):
+        Classifier.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ClassifierError, match="not valid JSON"):
+        Classifier.load(tmp_path / "bad.json")
+    del raw["top"]["intercept"]
+    (tmp_path / "partial.json").write_text(json.dumps(raw))
+    with pytest.raises(ClassifierError, match="top.'intercept'"):
+        Classifier.load(tmp_path / "partial.json")
+
+
+def test_c_grid_and_tie_break():
+    grid = c_grid()
+    assert grid == [2.0 ** e for e in range(-8, 2)]
+    sampled = c_grid(num_samples=5, seed=3)
+    assert len(sampled) == 5 and all(2 ** -8 <= c <= 2 for c in sampled)
+    assert sampled == c_grid(num_samples=5, seed=3) != c_grid(num_samples=5, seed=4)
+    rows = [{"C": 1.0, "val_acc": 0.8}, {"C": 0.25, "val_acc": 0.8}, {"C": 0.5, "val_acc": 0.7}]
+    assert choose_C(rows)["C"] == 0.25
+
+
+# --- labeled data --------------------------------------------------------------------------
+
+def test_labels_binarize_drop_and_clear_errors(tmp_path):
+    stars = _write_csv(tmp_path / "amz" / "train.csv",
+                       [[s, f"review {i} with {s} stars"] for i, s in enumerate([1, 2, 3, 4, 5] * 4)])
+    cfg = TransferConfig(train=stars)
+    with pytest.raises(TransferError, match=r"train.csv.*binary 0/1.*\[1, 2, 3, 4, 5\].*--binarize_sent"):
+        load_labeled(stars, cfg, "train")
+    data, mid = load_labeled(stars, TransferConfig(binarize_sent=True), "train")
+    assert mid == 3.0 and len(data) == 16 and data.dropped == {"middle_rating": 4}
+    assert data.labels.tolist() == [0, 0, 1, 1] * 4
+    assert data.texts[2] == "review 3 with 4 stars"
+
+    holes = _write_csv(tmp_path / "holes.csv", [[1, "good"], ["", "no label"], [0, "bad"]])
+    with pytest.raises(TransferError, match=r"holes.csv: 1 of 3 rows have no 'label'.*--drop_unlabeled"):
+        load_labeled(holes, cfg, "train")
+    data, _ = load_labeled(holes, TransferConfig(drop_unlabeled=True), "train")
+    assert data.texts == ["good", "bad"] and data.labels.tolist() == [1, 0]
+    assert data.dropped == {"unlabeled": 1}
+
+    words = _write_csv(tmp_path / "words.csv", [["pos", "good"], ["neg", "bad"]])
+    with pytest.raises(TransferError, match=r"words.csv: labels must be numbers.*\['neg', 'pos'\]"):
+        load_labeled(words, cfg, "train")
+    with pytest.raises(TransferError, match=r"columns: label, sentence"):
+        load_labeled(stars, TransferConfig(text_key="reviewText"), "train")
+    with pytest.raises(TransferError, match=r"train file .*missing.csv does not exist"):
+        load_labeled(str(tmp_path / "missing.csv"), cfg, "train")
+    unlabeled_test = _write_csv(tmp_path / "test.csv", [["some text"]], header=("sentence",))
+    with pytest.raises(TransferError, match=r"no column 'label'.*--no_test_eval"):
+        prepare_data(TransferConfig(train=_write_csv(tmp_path / "ok.csv", [[0, "a"], [1, "b"]] * 5),
+                                    test=unlabeled_test))
+
+
+def test_bad_input_through_the_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--load_model", str(tiny_checkpoint), "--train", str(tmp_path / "nope.csv")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: train file" in err and "nope.csv does not exist" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["--load_model", str(tmp_path / "no_ckpt"), "--train", "x.csv"])
+    assert "checkpoint" in capsys.readouterr().err
+
+
+# --- featurization at scale ------------------------------------------------------------------
+
+def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
+    from sentdisc import featurize, load
+
+    rng = np.random.default_rng(0)
+    texts = ["", "ok", "déjà vu — naïve café", "a &amp; b\nc"] + [
+        "x" * int(n) + " the movie was fine" for n in rng.integers(0, 300, 37)]
+    model = load(tiny_checkpoint)
+    for kind in ("cell", "mean"):
+        local = featurize(model, texts, batch_size=8, kind=kind)
+        seen = []
+        distributed = featurize_ray(texts, str(tiny_checkpoint), kind=kind, batch_size=8,
+                                    replicas=2, progress=lambda d, n: seen.append((d, n)))
+        np.testing.assert_allclose(distributed, local, atol=1e-5, rtol=0)
+        assert seen[-1] == (len(texts), len(texts))
+    # featurize_texts routes by size: threshold 0 -> Ray Data, -1 -> in-process.
+    cfg = TransferConfig(load_model=str(tiny_checkpoint), ray_featurize_threshold=0,
+                         batch_size=16, feature_kind="mean")
+    feats, stats = featurize_texts(texts, cfg, model, "t", log=lambda *_: None)
+    assert stats["backend"] == "ray_data" and stats["texts"] == len(texts)
+    np.testing.assert_allclose(feats, local, atol=1e-5, rtol=0)
+    cfg.ray_featurize_threshold = -1
+    assert featurize_texts(texts, cfg, model, "t", log=lambda *_: None)[1]["backend"] == "in_process"
+
+
+# --- the whole command -----------------------------------------------------------------------
+
+def test_transfer_command_on_sst2(ray_local, tiny_checkpoint, shared_data, tmp_path, capsys):
+    sst = shared_data / "sst2"
+    results_csv = tmp_path / "per_sample.csv"
+    main(["--load_model", str(tiny_checkpoint), "--train", str(sst / "train.csv"),
+          "--valid", str(sst / "val.csv"), "--test", str(sst / "test.csv"),
+          "--text_key", "sentence", "--label_key", "label", "--feature_kind", "mean",
+          "--max_train", "300", "--max_eval", "100", "--num_neurons", "2",
+          "--experiment_dir", str(tmp_path / "exp"), "--experiment_name", "run",
+          "--write_results", str(results_csv)])
+    printed = capsys.readouterr().out
+    assert "train, val, test accuracy for all neuron regression" in printed
+    assert "train, val, test accuracy for 2 neuron regression" in printed
+    assert "regularization coefficient used" in printed
+
+    out = tmp_path / "exp" / "run" / "transfer" / "sst2"  # dataset named after train's folder
+    res = json.loads((out / "results.json").read_text())
+    assert res["sizes"] == {"train": 300, "val": 100, "test": 100}
+    assert res["dataset"] == "sst2" and res["rnn_size"] == 32 and res["val_source"] == "file"
+    a, t = res["all_neurons"], res["top_neurons"]
+    for acc in (a["train_acc"], a["val_acc"], a["test_acc"], t["train_acc"], t["val_acc"],
+                t["test_acc"]):
+        assert 0.3 <= acc <= 1.0
+    assert 0 <= a["nnz"] <= 32 and len(t["neurons"]) == 2
+    assert res["featurize"]["train"]["texts"] == 300 and res["featurize"]["train"]["bytes_per_s"] > 0
+
+    # One Tune trial per C; the chosen C is the best on validation (smallest on ties).
+    tune_rows = _read_csv(out / "tune_results.csv")
+    assert sorted(float(r["C"]) for r in tune_rows) == c_grid()
+    assert len({r["trial_id"] for r in tune_rows}) == 10 and all(r["trial_id"] for r in tune_rows)
+    best = max(float(r["val_acc"]) for r in tune_rows)
+    expected_C = min(float(r["C"]) for r in tune_rows if float(r["val_acc"]) == best)
+    assert a["C"] == expected_C and a["val_acc"] == best
+    assert [float(r["C"]) for r in tune_rows if r["chosen"] == "1"] == [expected_C]
+
+    clf = Classifier.load(out / "classifier.json")
+    assert clf.C == a["C"] and clf.neurons == t["neurons"] and clf.feature_kind == "mean"
+    assert clf.sign == (1 if clf.coef[clf.neuron] >= 0 else -1) and clf.rnn_size == 32
+    assert Path(clf.checkpoint) == Path(tiny_checkpoint).resolve()
+    for name in ("neuron_weights.png", "neuron_histogram.png"):
+        blob = (out / name).read_bytes()
+        assert blob.startswith(PNG_MAGIC) and len(blob) > 5000
+
+    # Per-sample results agree with the reported test accuracies.
+    rows = _read_csv(results_csv)
+    assert len(rows) == 100
+    five = [k for k in rows[0] if k.startswith("neuron_")]
+    assert len(five) == 5 and five[0] == f"neuron_{clf.neuron}"
+    y = np.array([int(r["label"]) for r in rows])
+    p_all = np.array([float(r["prob_all"]) for r in rows])
+    p_top = np.array([float(r["prob_top2"]) for r in rows])
+    assert ((p_all >= 0) & (p_all <= 1)).all()
+    assert ((p_all > 0.5) == y).mean() == pytest.approx(a["test_acc"])
+    assert ((p_top > 0.5) == y).mean() == pytest.approx(t["test_acc"])
+
+
+def test_transfer_command_ratings_split_validation_unlabeled_test(ray_local, tiny_checkpoint,
+                                                                 tmp_path):
+    rng = np.random.default_rng(0)
+    good, bad = ["great fun", "loved it", "a joy"], ["dull", "awful mess", "boring"]
+    rows = []
+    for i in range(120):
+        stars = int(rng.integers(1, 6))
+        words = good if stars > 3 else bad
+        rows.append([stars, f"{words[i % 3]} {'!' * (i % 4)}"])
+    train = _write_csv(tmp_path / "stars" / "train.csv", rows, header=("overall", "reviewText"))
+    test = _write_csv(tmp_path / "stars" / "test.csv", [["fine"], ["meh"], ["wow"]],
+                      header=("reviewText",))
+    res_csv = tmp_path / "out.csv"
+    main(["--load_model", str(tiny_checkpoint), "--train", train, "--test", test,
+          "--text_key", "reviewText", "--label_key", "overall", "--binarize_sent",
+          "--no_test_eval", "--num_samples", "3", "--dataset", "amazon_stars",
+          "--write_results", str(res_csv), "--experiment_dir", str(tmp_path / "exp")])
+    out = tmp_path / "exp" / "default" / "transfer" / "amazon_stars"
+    res = json.loads((out / "results.json").read_text())
+    n_mid = sum(r[0] == 3 for r in rows)
+    assert res["dropped"]["train"] == {"middle_rating": n_mid} and res["rating_midpoint"] == 3.0
+    assert res["val_source"] == "split"
+    assert res["sizes"]["train"] + res["sizes"]["val"] == 120 - n_mid
+    assert res["all_neurons"]["test_acc"] is None and res["top_neurons"]["test_acc"] is None
+    assert len(_read_csv(out / "tune_results.csv")) == 3
+    written = _read_csv(res_csv)
+    assert [r["text"] for r in written] == ["fine", "meh", "wow"] and "label" not in written[0]
