@@ -112,7 +112,7 @@ def test_other_formats(ray_local, tmp_path):
     for name in ("a.csv", "b.tsv", "c.parquet", "d.json"):
         mine = sorted((r for r in rows if r["file"].endswith(name)), key=lambda r: r["line"])
         assert [r["bytes"] for r in mine] == [encode(t).tobytes() for t in texts], name
-        assert [int(r["label"]) for r in mine] == labels
+        assert [r["label"] for r in mine] == labels  # CSV labels come back as numbers too
     csv_lines = [r["line"] for r in rows if r["file"].endswith("a.csv")]
     assert sorted(csv_lines) == [2, 3, 4, 6]  # the quoted newline makes the 3rd record 2 lines
     # plain text: one sample per line; semicolon-delimited CSV through delim
@@ -129,6 +129,15 @@ def test_other_formats(ray_local, tmp_path):
     with pytest.raises(Exception) as info:
         read_dataset(str(folder / "a.csv"), DataConfig(text_key="reviewText", strict=True)).take_all()
     assert "a.csv:2: missing_key: no column 'reviewText' (columns: label, sentence)" in str(as_data_error(info.value))
+
+
+def test_shuffle_keeps_every_record_and_changes_order(ray_local, tmp_path):
+    write_shards(tmp_path / "sh", 2, 60)
+    plain = read_dataset(str(tmp_path / "sh"), DataConfig()).take_all()
+    mixed = read_dataset(str(tmp_path / "sh"), DataConfig(shuffle=True, seed=5)).take_all()
+    assert sorted(r["bytes"] for r in mixed) == sorted(r["bytes"] for r in plain)
+    lines = [r["line"] for r in mixed if r["file"].endswith("reviews-0.json")]
+    assert lines != sorted(lines)  # records shuffled within a file's chunk
 
 
 def test_split_is_deterministic_disjoint_and_complete(ray_local, tmp_path):
