@@ -201,7 +201,7 @@ def train_loop(config: dict) -> None:
     last_saved = iteration if source else -1
     interval = _Interval()
     last_loss: Optional[float] = None
-    start = time.perf_counter()
+    start: Optional[float] = None  # first window's arrival: throughput and ETA exclude startup
     fail_marker = Path(config["run_dir"]) / ".fail_at_iter_done"
 
     def report(final_eval: Optional[dict] = None, save: bool = False, epoch_done: bool = False):
@@ -215,7 +215,7 @@ def train_loop(config: dict) -> None:
         loss = loss_sum / n_pred if n_pred else last_loss
         last_loss = loss
         counts = dict(zip(_COUNT_KEYS, (int(v) for v in stats[3:])))
-        run_s = time.perf_counter() - start
+        run_s = time.perf_counter() - start if start is not None else 0.0
         done_iters = iteration - resumed_from
         metrics = {
             "iteration": iteration, "epoch": epoch,
@@ -269,6 +269,9 @@ def train_loop(config: dict) -> None:
             if _any_rank_out(window is None, device, dist):
                 epoch_over = True
                 break
+            if start is None:
+                start = time.perf_counter()
+                interval.reset()
             x = window.x.to(device, non_blocking=True)
             reset = window.reset.to(device, non_blocking=True)
             with autocast:
