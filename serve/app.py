@@ -83,9 +83,10 @@ def _check_args(args: dict | AppArgs) -> tuple[AppArgs, Any]:
     ckpt = Path(cfg.checkpoint).expanduser().resolve()
     if not ckpt.is_dir():
         raise AppArgsError(f"sentdisc serve: checkpoint {ckpt} does not exist or is not a directory")
-    if not (ckpt / "0.npy").exists():  # OpenAI's .npy dirs are checked when loaded
+    model_cfg = None
+    if not (ckpt / "0.npy").exists():  # OpenAI's .npy dirs are checked when a replica loads them
         try:
-            load_config(ckpt)
+            model_cfg = load_config(ckpt)
         except CheckpointError as e:
             raise AppArgsError(f"sentdisc serve: bad checkpoint: {e}") from None
         if not (ckpt / "model.safetensors").is_file():
@@ -100,19 +101,23 @@ def _check_args(args: dict | AppArgs) -> tuple[AppArgs, Any]:
             clf = _load_classifier(str(clf_path))
         except Exception as e:  # any malformed JSON / schema error: one line, no traceback
             raise AppArgsError(f"sentdisc serve: cannot read classifier {clf_path}: {e}") from None
-        updates["classifier"] = str(clf_path)
-        kind = getattr(clf, "feature_kind", None) or "cell"
-        if cfg.feature_kind is not None and cfg.feature_kind != kind:
+        if model_cfg is not None and clf.rnn_size != model_cfg.rnn_size:
+            raise AppArgsError(f"sentdisc serve: classifier {clf_path} expects rnn_size "
+                               f"{clf.rnn_size} features, checkpoint {ckpt} has {model_cfg.rnn_size}")
+        if cfg.feature_kind is not None and cfg.feature_kind != clf.feature_kind:
             raise AppArgsError(f"sentdisc serve: feature_kind={cfg.feature_kind} but the classifier "
-                               f"was fitted on '{kind}' features")
-        updates["feature_kind"] = kind
-        if cfg.layer is None:
-            updates["layer"] = int(getattr(clf, "layer", -1) if getattr(clf, "layer", None) is not None else -1)
+                               f"was fitted on '{clf.feature_kind}' features")
+        if cfg.layer is not None and cfg.layer != clf.layer:
+            raise AppArgsError(f"sentdisc serve: layer={cfg.layer} but the classifier was fitted "
+                               f"on layer {clf.layer}")
+        # Serve the features the classifier was fitted on.
+        updates.update(classifier=str(clf_path), feature_kind=clf.feature_kind, layer=clf.layer)
     cfg = cfg.model_copy(update=updates)
-    if cfg.feature_kind is None:
-        cfg = cfg.model_copy(update={"feature_kind": "cell"})
-    if cfg.layer is None:
-        cfg = cfg.model_copy(update={"layer": -1})
+    cfg = cfg.model_copy(update={"feature_kind": cfg.feature_kind or "cell",
+                                 "layer": -1 if cfg.layer is None else cfg.layer})
+    if model_cfg is not None and not -model_cfg.layers <= cfg.layer < model_cfg.layers:
+        raise AppArgsError(f"sentdisc serve: layer {cfg.layer} out of range for the "
+                           f"{model_cfg.layers}-layer checkpoint {ckpt}")
     return cfg, clf
 
 
@@ -385,15 +390,18 @@ class SentdiscAPI:
                 "mean_batch_size": sum(k * v for k, v in self.batch_sizes.items()) / max(n, 1),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
 
-    async def featurize(self, req: FeaturizeRequest, response: Response) -> FeaturizeResponse:
+    async def featurize(self, req: FeaturizeRequest, response: Response) -> JSONResponse:
         self.check_texts(req.texts)
         for j, n in enumerate(req.neurons or []):
             await self.check_neuron(n, f"neurons[{j}]")
         out = await self.call("featurize", req.texts, req.neurons)
         self.note_batch(response, out["batch_size"])
         info = await self.info()
-        return FeaturizeResponse(features=out["features"].tolist(), neurons=req.neurons,
-                                 kind=info["feature_kind"], layer=info["layer"])
+        # A JSONResponse skips re-validating up to max_texts x rnn_size floats against the
+        # response model (the schema still documents it); float32 -> float is exact.
+        return JSONResponse({"features": out["features"].tolist(), "neurons": req.neurons,
+                             "kind": info["feature_kind"], "layer": info["layer"]},
+                            headers={"X-Batch-Size": response.headers["X-Batch-Size"]})
 
     async def sentiment(self, req: SentimentRequest, response: Response) -> SentimentResponse:
         self.check_texts(req.texts)

@@ -302,8 +302,21 @@ def test_build_app_rejects_bad_arguments(tiny_checkpoint, tmp_path):
         build_app({"checkpoint": str(tmp_path / "empty")})
     bad = tmp_path / "classifier.json"
     bad.write_text("{not json")
-    with pytest.raises(AppArgsError, match="classifier"):
+    with pytest.raises(AppArgsError, match="not valid JSON"):
         build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(bad)})
+    from sentdisc.classifier import fit_result_to_classifier
+
+    wrong = fit_result_to_classifier(np.ones(16), 0.0, 1.0, [0], [1.0], 0.0, 1.0).save(
+        tmp_path / "wrong_size.json")
+    with pytest.raises(AppArgsError, match="rnn_size 16 features, checkpoint .* has 32"):
+        build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(wrong)})
+    cell = fit_result_to_classifier(np.ones(32), 0.0, 1.0, [0], [1.0], 0.0, 1.0,
+                                    feature_kind="cell").save(tmp_path / "cell.json")
+    with pytest.raises(AppArgsError, match="fitted on 'cell' features"):
+        build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(cell),
+                   "feature_kind": "mean"})
+    with pytest.raises(AppArgsError, match="layer 3 out of range"):
+        build_app({"checkpoint": str(tiny_checkpoint), "layer": 3})
 
 
 def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
