@@ -512,6 +512,11 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     tc = train_cfg
     storage = tc.experiment_dir if "://" in tc.experiment_dir else str(Path(tc.experiment_dir).resolve())
     run_dir = Path(storage) / tc.experiment_name
+    if "runtime_resources" in str(Path.cwd()) and not Path(tc.experiment_dir).is_absolute() \
+            and "://" not in tc.experiment_dir:
+        print(f"[pretrain] note: experiment_dir {tc.experiment_dir!r} is inside this Ray job's "
+              f"temporary working directory ({storage}); pass an absolute --experiment_dir or "
+              f"a storage URI to keep the outputs", flush=True)
     if tc.resume:
         model_cfg = ckpt_io.load_config(tc.resume)  # the weights decide the architecture
         tc = dataclasses.replace(tc, resume=str(Path(tc.resume).resolve()))
@@ -564,9 +569,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     _drain(log, rows, progress)
     ray.kill(log)
 
-    history = merge_rows(prior, [{k: v for k, v in r.items() if k != "param_checksums"} | (
-        {"param_checksums": ";".join(map(repr, r["param_checksums"]))} if "param_checksums" in r else {})
-        for r in rows])
+    history = merge_rows(prior, rows)
     write_history(history, run_dir / "history.csv")
     plot = plot_loss(history, run_dir / "loss.png", title=f"{tc.experiment_name}: bits per byte")
     final_dir = run_dir / "checkpoint_final"
