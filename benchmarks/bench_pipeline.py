@@ -99,7 +99,7 @@ def measure(corpus: str) -> dict:
             "tree_rss": peak["tree"]}
 
 
-def consume_rate(steps: int = 3) -> float:
+def consume_rate(steps: int = 2) -> float:
     """Bytes/s of one training step of mLSTM-512 at batch 64 x seq 128 (best of ``steps``)."""
     import torch
     import torch.nn.functional as F
