@@ -1,0 +1,122 @@
+"""Shared benchmark helpers: thread setup, timing, the machine's GEMM rate, FLOP bounds.
+
+The bound for a recurrent model is its matrix products: per byte, training does about
+6 x (recurrent + head weights) floating-point operations (forward, input and weight
+gradients), inference 2 x. We measure the machine's own matmul rate for the exact shapes a
+step runs, in the same process, so "fraction of the bound" is comparable across machines.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Iterable
+
+import torch
+
+# One matmul shape: (m, k, n, count, transpose_a, transpose_b): count calls of [m,k] @ [k,n].
+Shape = tuple
+
+
+def set_threads(n: int):
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def load_note() -> str:
+    """1-minute load average: the machine is shared, so say how busy it was."""
+    try:
+        return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+    except OSError:
+        return "load n/a"
+
+
+def best_time(fn: Callable[[], None], reps: int = 3, warmup: int = 1, sync=None) -> float:
+    """Best wall time of ``reps`` calls after ``warmup`` calls (the least-disturbed run)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def mlstm_weight_count(embed: int, hidden: int) -> int:
+    """Recurrent weights of one mLSTM layer: Wx, Wh, Wmx, Wmh (+ bias)."""
+    return embed * 4 * hidden + hidden * 4 * hidden + embed * hidden + hidden * hidden + 4 * hidden
+
+
+def head_weight_count(hidden: int, vocab: int = 256) -> int:
+    return hidden * vocab + vocab
+
+
+def training_shapes(B: int, T: int, E: int, H: int, V: int = 256) -> list:
+    """Every matmul of one training step of the fused mLSTM + head (see sentdisc.kernels)."""
+    N = B * T
+    return [
+        # forward: x projections for all steps, two recurrent products per step, the head
+        (N, E, 4 * H, 1, False, False), (N, E, H, 1, False, False),
+        (B, H, H, T, False, False), (B, H, 4 * H, T, False, False),
+        (N, H, V, 1, False, True),
+        # backward per step: dm = dz Wh^T, dh = dhm Wmh^T
+        (B, 4 * H, H, T, False, True), (B, H, H, T, False, True),
+        # weight and input gradients over all T*B rows at once
+        (H, N, 4 * H, 1, True, False), (H, N, H, 1, True, False),
+        (E, N, 4 * H, 1, True, False), (E, N, H, 1, True, False),
+        (N, 4 * H, E, 1, False, True), (N, H, E, 1, False, True),
+        (V, N, H, 1, True, False), (N, V, H, 1, False, False),
+    ]
+
+
+def inference_shapes(B: int, T: int, E: int, H: int) -> list:
+    """Every matmul of one no-grad pass (featurization: no head)."""
+    N = B * T
+    return [(N, E, 4 * H, 1, False, False), (N, E, H, 1, False, False),
+            (B, H, H, T, False, False), (B, H, 4 * H, T, False, False)]
+
+
+def gemm_rate(shapes: Iterable[Shape], dtype=torch.float32, device="cpu", min_time=0.05,
+              reps: int = 3) -> float:
+    """FLOP/s of the given matmul mix on this machine: each distinct shape is timed alone
+    (best of ``reps`` batches of >= ``min_time`` s), weighted by its call count."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+    flops = seconds = 0.0
+    for m, k, n, count, ta, tb in shapes:
+        a = torch.randn(k, m, dtype=dtype, device=device).t() if ta else \
+            torch.randn(m, k, dtype=dtype, device=device)
+        b = torch.randn(n, k, dtype=dtype, device=device).t() if tb else \
+            torch.randn(k, n, dtype=dtype, device=device)
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        torch.mm(a, b, out=out)
+        calls = 1
+        while True:  # enough calls for a measurable batch
+            t = best_time(lambda: [torch.mm(a, b, out=out) for _ in range(calls)], reps=1,
+                          warmup=0, sync=sync)
+            if t >= min_time or calls >= 4096:
+                break
+            calls *= 4
+        per_call = best_time(lambda: [torch.mm(a, b, out=out) for _ in range(calls)],
+                             reps=reps, warmup=0, sync=sync) / calls
+        flops += 2.0 * m * k * n * count
+        seconds += per_call * count
+    return flops / seconds
+
+
+def fmt_rate(bytes_per_s: float) -> str:
+    if bytes_per_s >= 1e6:
+        return f"{bytes_per_s / 1e6:.2f} MB/s"
+    return f"{bytes_per_s / 1e3:.2f} KB/s"
+
+
+def print_table(rows: list, columns: list):
+    """rows: list of dicts; columns: list of (key, header)."""
+    cells = [[str(r.get(k, "")) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(columns)]
+    print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))

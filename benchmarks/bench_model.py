@@ -1,0 +1,207 @@
+"""mLSTM training and featurization speed against the GEMM bound and a plain baseline.
+
+    python benchmarks/bench_model.py            # mLSTM-512, embed 64, batch 64, seq 128, 2 threads
+    python benchmarks/bench_model.py --quick    # a short run
+
+Training rows: bytes/s of a full step (forward, cross entropy, backward, Adam) for
+* plain: a per-timestep loop over the paper's equations, weight norm applied in each
+  forward, autograd through the loop (written here, independent of sentdisc);
+* sentdisc unfused: sentdisc's own loop (input projections hoisted) with kernels.disabled();
+* sentdisc fused: the default path (sentdisc.kernels), reset mask passed as training does.
+Featurization rows: sentdisc.featurize on SST-2 test texts (or generated texts of similar
+lengths), fused and unfused, and one text at a time.
+The bound: the machine's matmul rate for the same shapes, measured here, divided by
+6 x (recurrent + head weights) FLOPs per byte for training, 2 x recurrent for featurization.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (best_time, fmt_rate, gemm_rate, head_weight_count, inference_shapes,  # noqa: E402
+                     load_note, mlstm_weight_count, print_table, set_threads, training_shapes)
+
+from sentdisc import featurize, kernels  # noqa: E402
+from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
+from sentdisc.text import encode_list  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PlainMLSTM(nn.Module):
+    """The baseline: the paper's equations one timestep at a time, nothing hoisted."""
+
+    def __init__(self, embed: int, hidden: int, vocab: int = 256):
+        super().__init__()
+        E, H = embed, hidden
+        self.embed = nn.Embedding(vocab, E)
+        self.wx = nn.Parameter(torch.randn(E, 4 * H) / H ** 0.5)
+        self.wh = nn.Parameter(torch.randn(H, 4 * H) / H ** 0.5)
+        self.wmx = nn.Parameter(torch.randn(E, H) / H ** 0.5)
+        self.wmh = nn.Parameter(torch.randn(H, H) / H ** 0.5)
+        self.b = nn.Parameter(torch.zeros(4 * H))
+        self.gh = nn.Parameter(self.wh.detach().norm(dim=0))
+        self.gmh = nn.Parameter(self.wmh.detach().norm(dim=0))
+        self.head = nn.Linear(H, vocab)
+        self.H = H
+
+    def forward(self, x, reset):
+        wh = self.wh * (self.gh / self.wh.norm(dim=0))  # weight norm, every forward
+        wmh = self.wmh * (self.gmh / self.wmh.norm(dim=0))
+        B = x.shape[0]
+        h = c = torch.zeros(B, self.H)
+        keep = (~reset).float().unsqueeze(-1).unbind(1)
+        outs = []
+        for t, x_t in enumerate(self.embed(x).unbind(1)):
+            h, c = h * keep[t], c * keep[t]
+            m = (x_t @ self.wmx) * (h @ wmh)
+            z = x_t @ self.wx + m @ wh + self.b
+            i, f, o, u = z.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(u)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        return self.head(torch.stack(outs, 1))
+
+
+def train_step_fn(model, batch, reset, ctx=contextlib.nullcontext):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step():
+        with ctx():
+            out = model(x, reset=reset) if isinstance(model, PlainMLSTM) else model(x, None, reset)
+            logits = out[0] if isinstance(out, tuple) else out
+            loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return step
+
+
+def sst2_texts(n_fallback: int = 1821) -> tuple:
+    path = REPO.parent / "shared" / "data" / "sst2" / "test.csv"
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        key = "sentence" if "sentence" in rows[0] else list(rows[0])[-1]
+        return [r[key] for r in rows], f"SST-2 test ({path})"
+    rng = random.Random(0)
+    words = "the a movie film was great bad not really quite funny dull story acting".split()
+    texts = [" ".join(rng.choice(words) for _ in range(max(1, int(rng.gauss(19, 9)))))
+             for _ in range(n_fallback)]
+    return texts, "generated texts (SST-2 test not found)"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rnn_size", type=int, default=512)
+    p.add_argument("--embed_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--seq_length", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
+    p.add_argument("--one_at_a_time", type=int, default=300, help="texts timed one at a time")
+    p.add_argument("--quick", action="store_true", help="short run: fewer rounds, fewer texts")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.one_at_a_time = 1, 60
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    B, T, E, H = args.batch_size, args.seq_length, args.embed_size, args.rnn_size
+    print(f"mLSTM-{H}, embed {E}, batch {B}, seq {T}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {load_note()}")
+
+    # --- the bound ----------------------------------------------------------------------
+    rec, head = mlstm_weight_count(E, H), head_weight_count(H)
+    train_flops_per_byte = 6 * (rec + head)
+    t0 = time.perf_counter()
+    train_gemm = gemm_rate(training_shapes(B, T, E, H))
+    feat_B = 128
+    feat_gemm = gemm_rate(inference_shapes(feat_B, T, E, H))
+    print(f"GEMM rate, training shapes: {train_gemm / 1e9:.1f} GFLOP/s; featurization shapes "
+          f"(batch {feat_B}): {feat_gemm / 1e9:.1f} GFLOP/s  [{time.perf_counter() - t0:.0f} s]")
+    train_bound = train_gemm / train_flops_per_byte
+
+    # --- training -----------------------------------------------------------------------
+    batch = torch.randint(0, 256, (B, T + 1))
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[torch.arange(B), torch.randint(0, T, (B,))] = True  # sample boundaries, as packed
+    cfg = ModelConfig(embed_size=E, rnn_size=H)
+    impls = {
+        "plain (per-step autograd)": train_step_fn(PlainMLSTM(E, H), batch, reset),
+        "sentdisc unfused (kernels.disabled)": train_step_fn(ByteLM(cfg), batch, reset,
+                                                             kernels.disabled),
+        "sentdisc fused (default)": train_step_fn(ByteLM(cfg), batch, reset),
+    }
+    best = {name: float("inf") for name in impls}
+    for fn in impls.values():
+        fn()  # warm up (allocations, Adam state)
+    for _ in range(args.rounds):  # interleaved so load spikes hit every implementation
+        for name, fn in impls.items():
+            best[name] = min(best[name], best_time(fn, reps=1, warmup=0))
+    rows = []
+    plain_rate = B * T / best["plain (per-step autograd)"]
+    for name, sec in best.items():
+        rate = B * T / sec
+        rows.append(dict(impl=name, rate=fmt_rate(rate),
+                         gflops=f"{rate * train_flops_per_byte / 1e9:.1f}",
+                         bound=f"{rate / train_bound:.0%}", ratio=f"{rate / plain_rate:.2f}x",
+                         step=f"{sec:.3f} s"))
+    print(f"\nTraining ({train_flops_per_byte / 1e6:.2f} MFLOP/byte = 6 x {rec + head:,} "
+          f"weights; bound {fmt_rate(train_bound)} at {train_gemm / 1e9:.1f} GFLOP/s; "
+          f"best of {args.rounds}, {load_note()})")
+    print_table(rows, [("impl", "implementation"), ("rate", "bytes/s"), ("gflops", "GFLOP/s"),
+                       ("bound", "of bound"), ("ratio", "vs plain"), ("step", "step time")])
+
+    # --- featurization ------------------------------------------------------------------
+    texts, source = sst2_texts()
+    model = ByteLM(cfg).eval()
+    n_bytes = sum(len(e) for e in encode_list(texts))
+    feat_flops_per_byte = 2 * rec
+    feat_bound = feat_gemm / feat_flops_per_byte
+    subset = texts[:args.one_at_a_time]
+    sub_bytes = sum(len(e) for e in encode_list(subset))
+    fruns = {
+        "featurize fused (default)": (lambda: featurize(model, texts, kind="mean"), n_bytes),
+        "featurize unfused (kernels.disabled)": (
+            lambda: _disabled(lambda: featurize(model, texts, kind="mean")), n_bytes),
+        "one text at a time (fused)": (
+            lambda: [featurize(model, [t], kind="mean") for t in subset], sub_bytes),
+    }
+    fbest = {name: float("inf") for name in fruns}
+    for _ in range(max(1, args.rounds - 1)):
+        for name, (fn, _) in fruns.items():
+            fbest[name] = min(fbest[name], best_time(fn, reps=1, warmup=0))
+    one_rate = sub_bytes / fbest["one text at a time (fused)"]
+    rows = []
+    for name, (_, nb) in fruns.items():
+        rate = nb / fbest[name]
+        rows.append(dict(impl=name, rate=fmt_rate(rate),
+                         gflops=f"{rate * feat_flops_per_byte / 1e9:.1f}",
+                         bound=f"{rate / feat_bound:.0%}", ratio=f"{rate / one_rate:.1f}x",
+                         sec=f"{fbest[name]:.2f} s"))
+    print(f"\nFeaturization, kind=mean, batch 128 ({source}: {len(texts)} texts, {n_bytes:,} "
+          f"bytes; one-at-a-time on the first {len(subset)}); {feat_flops_per_byte / 1e6:.2f} "
+          f"MFLOP/byte = 2 x {rec:,} recurrent weights; bound {fmt_rate(feat_bound)} at "
+          f"{feat_gemm / 1e9:.1f} GFLOP/s; {load_note()}")
+    print_table(rows, [("impl", "implementation"), ("rate", "bytes/s"), ("gflops", "GFLOP/s"),
+                       ("bound", "of bound"), ("ratio", "vs one-at-a-time"), ("sec", "time")])
+
+
+def _disabled(fn):
+    with kernels.disabled():
+        return fn()
+
+
+if __name__ == "__main__":
+    main()
