@@ -1,0 +1,124 @@
+"""Featurization speed for transfer: batched ``sentdisc.featurize`` vs one text at a time.
+
+    python benchmarks/bench_featurize.py                  # SST-2 test, mLSTM-512, 2 threads
+    python benchmarks/bench_featurize.py --quick          # 300 texts, 30 one-at-a-time
+    python benchmarks/bench_featurize.py --ray_replicas 2 # also the Ray Data actor pool
+
+Texts: SST-2 test (../shared/data/sst2/test.csv, or SENTDISC_DATA). Model: mLSTM-512, embed
+64, random weights (speed does not depend on the weights). Baseline, measured in the same run:
+the same ``featurize`` called on one text at a time (what a naive transfer loop does), timed on
+a subset and reported per text / per byte. The two paths are checked to give the same
+features on that subset, so the ratio compares like with like.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import fmt_rate, load_note, print_table, set_threads  # noqa: E402
+
+from sentdisc import featurize  # noqa: E402
+from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
+from sentdisc.text import encode_batch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sst2_test() -> list[str]:
+    root = Path(os.environ.get("SENTDISC_DATA", REPO.parent / "shared" / "data"))
+    path = root / "sst2" / "test.csv"
+    if not path.exists():
+        sys.exit(f"bench_featurize: {path} not found (set SENTDISC_DATA)")
+    return pd.read_csv(path)["sentence"].astype(str).tolist()
+
+
+def n_bytes(texts) -> int:
+    return int(encode_batch(texts)[1][-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rnn_size", type=int, default=512)
+    p.add_argument("--embed_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--kind", default="cell")
+    p.add_argument("--max_texts", type=int, default=0, help="0: the whole test set")
+    p.add_argument("--single_texts", type=int, default=100,
+                   help="texts featurized one at a time for the baseline")
+    p.add_argument("--ray_replicas", type=int, default=0, help="also time the Ray Data pool")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_texts, args.single_texts = args.max_texts or 300, min(args.single_texts, 30)
+
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    texts = sst2_test()
+    if args.max_texts:
+        texts = texts[:args.max_texts]
+    model = ByteLM(ModelConfig(embed_size=args.embed_size, rnn_size=args.rnn_size)).eval()
+    total_bytes = n_bytes(texts)
+    print(f"featurize: {len(texts)} SST-2 test texts, {total_bytes / 1e3:.1f} KB, mLSTM-"
+          f"{args.rnn_size} (embed {args.embed_size}), kind {args.kind}, "
+          f"{args.threads} threads, {load_note()}")
+
+    featurize(model, texts[:16], batch_size=16, kind=args.kind)  # warm-up (allocator, threads)
+    t0 = time.perf_counter()
+    batched = featurize(model, texts, batch_size=args.batch_size, kind=args.kind)
+    t_batched = time.perf_counter() - t0
+
+    # Baseline on an evenly spaced subset (so its length mix matches the whole set).
+    idx = np.linspace(0, len(texts) - 1, min(args.single_texts, len(texts))).astype(int)
+    subset = [texts[i] for i in idx]
+    t0 = time.perf_counter()
+    single = np.stack([featurize(model, [t], batch_size=1, kind=args.kind)[0] for t in subset])
+    t_single = time.perf_counter() - t0
+    err = float(np.abs(single - batched[idx]).max())
+    assert err < 1e-4, f"batched and one-at-a-time features differ by {err}"
+    sub_bytes = n_bytes(subset)
+
+    rows = [
+        {"path": f"batched (batch {args.batch_size})", "texts": len(texts),
+         "seconds": f"{t_batched:.2f}", "texts/s": f"{len(texts) / t_batched:.1f}",
+         "bytes/s": fmt_rate(total_bytes / t_batched)},
+        {"path": "one text at a time (baseline)", "texts": len(subset),
+         "seconds": f"{t_single:.2f}", "texts/s": f"{len(subset) / t_single:.1f}",
+         "bytes/s": fmt_rate(sub_bytes / t_single)},
+    ]
+    if args.ray_replicas:
+        import ray
+
+        from sentdisc.checkpoint import save
+        from sentdisc.transfer import featurize_ray
+
+        ckpt = save(model, Path(os.environ.get("TMPDIR", "/tmp")) / "bench_featurize_ckpt")
+        ray.init(num_cpus=args.ray_replicas, include_dashboard=False, log_to_driver=False)
+        t0 = time.perf_counter()
+        pooled = featurize_ray(texts, str(ckpt), kind=args.kind, batch_size=args.batch_size,
+                               replicas=args.ray_replicas, cpus_per_replica=1)
+        t_ray = time.perf_counter() - t0  # includes actor start-up and model loading
+        assert np.abs(pooled - batched).max() < 1e-4
+        rows.append({"path": f"Ray Data pool ({args.ray_replicas} x 1 thread, incl. start-up)",
+                     "texts": len(texts), "seconds": f"{t_ray:.2f}",
+                     "texts/s": f"{len(texts) / t_ray:.1f}",
+                     "bytes/s": fmt_rate(total_bytes / t_ray)})
+        ray.shutdown()
+    print_table(rows, [("path", "path"), ("texts", "texts"), ("seconds", "seconds"),
+                       ("texts/s", "texts/s"), ("bytes/s", "bytes/s")])
+    speedup = (total_bytes / t_batched) / (sub_bytes / t_single)
+    print(f"batched / one-at-a-time: {speedup:.1f}x bytes/s "
+          f"({(len(texts) / t_batched) / (len(subset) / t_single):.1f}x texts/s); "
+          f"max |difference| {err:.1e}; {load_note()}")
+
+
+if __name__ == "__main__":
+    main()
