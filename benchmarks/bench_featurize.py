@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_rate, load_note, print_table, set_threads  # noqa: E402
 
-from sentdisc import featurize  # noqa: E402
+from sentdisc.featurize import featurize  # noqa: E402
 from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
 from sentdisc.text import encode_batch  # noqa: E402
 

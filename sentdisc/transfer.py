@@ -14,10 +14,11 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``:
    and the neuron_weights / neuron_histogram plots.
 
 Features are not standardised, as in the original: the regression sees raw cell values.
+Importing this module does not import torch (the featurize paths import it when they run), so
+a Tune trial worker pays only for numpy and sklearn.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -33,7 +34,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from sentdisc.classifier import Classifier, ClassifierError, fit_result_to_classifier
-from sentdisc.featurize import KINDS
 
 __all__ = ["TransferConfig", "TransferError", "Classifier", "ClassifierError", "LabeledSet",
            "prepare_data", "featurize_texts", "featurize_ray", "c_grid", "sweep_C", "choose_C",
@@ -87,6 +87,8 @@ class TransferConfig:
     seed: int = field(default=42, metadata={"help": "seed for subsets, splits and solvers"})
 
     def __post_init__(self):
+        from sentdisc.featurize import KINDS
+
         if self.feature_kind not in KINDS:
             raise ValueError(f"feature_kind must be one of {KINDS}, got {self.feature_kind!r}")
         if self.solver not in ("liblinear", "saga"):
@@ -411,21 +413,6 @@ def _tune_trial(config, Xtr, ytr, Xva, yva, seed, max_iter, solver):
     tune.report(evaluate_C(Xtr, ytr, Xva, yva, config["C"], seed, max_iter, solver))
 
 
-@contextlib.contextmanager
-def _pickled_by_value():
-    """Ship this module's trial function by value, so a trial worker does not import the
-    ``sentdisc`` package (and with it torch: seconds per worker on a busy machine) just to
-    fit a logistic regression. Measured: a 10-trial sweep 15-33 s by value vs 30-57 s."""
-    import ray.cloudpickle as cloudpickle
-
-    module = sys.modules[__name__]
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        yield
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
-
-
 def sweep_C(Xtr, ytr, Xva, yva, Cs: Sequence[float], seed: int = 42, max_iter: int = 100,
             solver: str = "liblinear", backend: str = "tune", storage: Optional[Path] = None,
             cpus_per_trial: float = 1.0, name: str = "sweep") -> list[dict]:
@@ -439,7 +426,6 @@ def sweep_C(Xtr, ytr, Xva, yva, Cs: Sequence[float], seed: int = 42, max_iter: i
                       key=lambda r: r["C"])
     if backend != "tune":
         raise ValueError(f"backend must be 'tune' or 'local', got {backend!r}")
-    import ray
     from ray import tune
 
     _ensure_ray()
@@ -454,13 +440,12 @@ def sweep_C(Xtr, ytr, Xva, yva, Cs: Sequence[float], seed: int = 42, max_iter: i
                              Xva=np.ascontiguousarray(Xva), yva=yva, seed=seed,
                              max_iter=max_iter, solver=solver),
         {"cpu": cpus_per_trial})
-    with _pickled_by_value():
-        tuner = tune.Tuner(
-            trainable, param_space={"C": tune.grid_search([float(c) for c in Cs])},
-            # Reusing trial actors saves a Python start + sklearn import per trial.
-            tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
-        grid = tuner.fit()
+    tuner = tune.Tuner(
+        trainable, param_space={"C": tune.grid_search([float(c) for c in Cs])},
+        # Reusing trial actors saves a Python start + sklearn import per trial.
+        tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    grid = tuner.fit()
     rows = []
     for result in grid:
         if result.error is not None:

@@ -4,14 +4,22 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from sentdisc.classifier import Classifier, ClassifierError
-from sentdisc.transfer import (TransferConfig, TransferError, c_grid, choose_C, featurize_ray,
-                               featurize_texts, fit_l1, load_labeled, prepare_data,
-                               train_classifier)
 from sentdisc.recipes.transfer import main
+from sentdisc.transfer import (
+    TransferConfig,
+    TransferError,
+    c_grid,
+    choose_C,
+    featurize_ray,
+    featurize_texts,
+    fit_l1,
+    load_labeled,
+    prepare_data,
+    train_classifier,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -146,7 +154,8 @@ def test_bad_input_through_the_command_exits_cleanly(tiny_checkpoint, tmp_path, 
 # --- featurization at scale ------------------------------------------------------------------
 
 def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
-    from sentdisc import featurize, load
+    from sentdisc.checkpoint import load
+    from sentdisc.featurize import featurize
 
     rng = np.random.default_rng(0)
     texts = ["", "ok", "déjà vu — naïve café", "a &amp; b\nc"] + [
@@ -163,7 +172,7 @@ def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
 
 
 def test_featurize_routes_by_size(tiny_checkpoint):
-    from sentdisc import load
+    from sentdisc.checkpoint import load
 
     cfg = TransferConfig(load_model=str(tiny_checkpoint), ray_featurize_threshold=-1)
     feats, stats = featurize_texts(["good", "bad"], cfg, load(tiny_checkpoint), "t",
