@@ -359,6 +359,18 @@ def _evaluate(model: ByteLM, shard, batch_size: int, seq_length: int, persist_st
     return torch.tensor([loss_sum, float(n_pred)], dtype=torch.float64, device=device)
 
 
+def evaluate_bpb(model: ByteLM, dataset, batch_size: int = 32, seq_length: int = 256,
+                 persist_state: int = 0, max_windows: int = 0) -> float:
+    """Bits per byte of ``model`` on a dataset (anything with ``iter_batches``), no grad.
+
+    The same packing and loss as training's own validation, for use outside a Train run.
+    """
+    totals = _evaluate(model, dataset, batch_size, seq_length, persist_state, max_windows,
+                       model.device, contextlib.nullcontext())
+    loss_sum, n = totals.tolist()
+    return loss_sum / max(n, 1.0) / math.log(2)
+
+
 _COUNT_KEYS = ("records", "dropped_bytes") + tuple(f"skipped_{r}" for r in SKIP_REASONS)
 
 
