@@ -33,10 +33,16 @@ case "$cmd" in
     ;;
   submit)
     job="${1:?usage: local.sh submit pretrain|transfer|visualize [flags...]}"; shift
-    ray job submit --working-dir . -- python "jobs/${job}.py" "$@"
+    # A job runs in a temporary copy of the working dir: give it absolute data and output
+    # folders so results land in ./experiments here (a later --experiment_dir still wins).
+    data="${SENTDISC_DATA:-$(cd .. && pwd)/shared/data}"
+    ray job submit --working-dir . \
+      --runtime-env-json "{\"env_vars\": {\"SENTDISC_DATA\": \"$data\"}}" \
+      -- python "jobs/${job}.py" --experiment_dir "$PWD/experiments" "$@"
     ;;
   serve)
     ckpt="${1:?usage: local.sh serve CHECKPOINT CLASSIFIER}"; clf="${2:?classifier.json}"
+    ckpt=$(realpath "$ckpt"); clf=$(realpath "$clf")   # replicas do not run in this folder
     tmp=$(mktemp --suffix=.yaml)
     python - "$ckpt" "$clf" "$tmp" <<'PY'
 import sys, yaml
