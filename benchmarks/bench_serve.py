@@ -7,8 +7,9 @@ One local Ray + Serve; the same app (serve.app:build_app) is deployed twice in t
 * batched:   @serve.batch with max_batch_size (default 32): concurrent requests share one
              length-sorted, masked featurize call;
 * unbatched: max_batch_size=1, every request is its own featurize call (the baseline).
-Each client thread sends one review per request (SST-2 test sentences when the shared data is
-present, else generated reviews of similar lengths) and waits for the answer. Rows: texts/s,
+Each client thread sends one review per request (Amazon test reviews when the shared data is
+present, else generated reviews of similar lengths; --texts sst2 for short sentences) and waits
+for the answer. Rows: texts/s,
 p50/p99 latency, the mean batch size the server reported (X-Batch-Size); the ratio is
 batched over unbatched throughput at the same concurrency. The model replica has 1 CPU.
 """
@@ -33,18 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_note, print_table  # noqa: E402
 
 
-def reviews(n: int, seed: int = 0) -> list[str]:
-    data = Path(os.environ.get("SENTDISC_DATA", REPO.parent / "shared" / "data")) / "sst2" / "test.csv"
-    if data.is_file():
+def reviews(n: int, source: str = "amazon", seed: int = 0) -> tuple[list[str], str]:
+    """``n`` reviews: Amazon (Blitzer) test reviews, the corpus this model is for, or SST-2
+    sentences, when the shared data is present; else generated reviews of Amazon-like lengths."""
+    root = Path(os.environ.get("SENTDISC_DATA", REPO.parent / "shared" / "data"))
+    path, column = {"amazon": ("amazon_blitzer/test.csv", "text"),
+                    "sst2": ("sst2/test.csv", "sentence")}.get(source, ("", ""))
+    if path and (root / path).is_file():
         import pandas as pd
 
-        texts = [t for t in pd.read_csv(data)["sentence"].astype(str) if t.strip()]
+        texts = [t for t in pd.read_csv(root / path)[column].astype(str) if t.strip()]
         if len(texts) >= n:
-            return random.Random(seed).sample(texts, n)
+            return random.Random(seed).sample(texts, n), f"{source} test reviews"
     rng = random.Random(seed)
     words = ("the movie was great awful boring brilliant plot acting story I loved hated it and "
              "but not very really quite a fun mess of with an ending characters").split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 40))) for _ in range(n)]
+    # log-normal word counts: median ~90 words (~500 bytes), a long tail, like Amazon reviews
+    counts = [min(1500, max(3, int(rng.lognormvariate(4.5, 0.8)))) for _ in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(k)) for k in counts], "generated reviews"
 
 
 def make_model(tmp: Path, embed: int, rnn: int) -> tuple[Path, Path]:
@@ -96,9 +103,11 @@ def main(argv=None):
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max_batch_size", type=int, default=32)
-    p.add_argument("--batch_wait_timeout_s", type=float, default=0.005)
+    p.add_argument("--batch_wait_timeout_s", type=float, default=0.002)
     p.add_argument("--requests", type=int, default=0,
                    help="requests per row (default: max(60, 12 x concurrency))")
+    p.add_argument("--texts", default="amazon", choices=["amazon", "sst2", "synthetic"],
+                   help="amazon / sst2 need the shared data, else generated reviews are used")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -110,10 +119,10 @@ def main(argv=None):
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     ckpt, clf = make_model(tmp, args.embed_size, args.rnn_size)
-    texts = reviews(512)
+    texts, what = reviews(512, args.texts)
     lengths = [len(t.encode()) for t in texts]
-    print(f"mLSTM-{args.rnn_size} (embed {args.embed_size}, random weights), "
-          f"{len(texts)} reviews of {np.mean(lengths):.0f} bytes on average; {load_note()}")
+    print(f"mLSTM-{args.rnn_size} (embed {args.embed_size}, random weights); {len(texts)} {what}, "
+          f"{np.mean(lengths):.0f} bytes on average (median {np.median(lengths):.0f}); {load_note()}")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     with socket.socket() as s:
@@ -148,7 +157,7 @@ def main(argv=None):
                          "p50": f"{r['p50']:.1f}", "p99": f"{r['p99']:.1f}",
                          "batch": f"{r['batch']:.1f}",
                          "ratio": f"{on['texts_s'] / off['texts_s']:.2f}x" if mode == "batched" else ""})
-    print(f"\n/sentiment, one review per request, max_batch_size {args.max_batch_size} vs 1, "
+    print(f"\n/sentiment, one {what[:-1]} per request, max_batch_size {args.max_batch_size} vs 1, "
           f"batch_wait_timeout_s {args.batch_wait_timeout_s}; {load_note()}")
     print_table(rows, [("c", "concurrency"), ("mode", "mode"), ("tps", "texts/s"),
                        ("p50", "p50 ms"), ("p99", "p99 ms"), ("batch", "mean batch"),

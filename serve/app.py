@@ -51,7 +51,9 @@ class AppArgs(BaseModel):
     layer: Optional[int] = Field(None, description="layer to featurize; default: classifier's, else -1")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
     max_batch_size: int = Field(32, ge=1, le=1024, description="requests coalesced per batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description=(
+        "how long an idle model waits for more requests; requests that queue while a batch "
+        "runs join the next batch without waiting"))
     featurize_batch_size: int = Field(128, ge=1, description="texts per featurize forward pass")
     max_texts: int = Field(64, ge=1, description="texts per request (more -> 413)")
     max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 413)")
@@ -175,7 +177,7 @@ class SentimentModel:
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: fn(*args, **kwargs))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _features(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int]]:
         from sentdisc.featurize import featurize
 
