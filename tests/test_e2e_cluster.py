@@ -1,0 +1,155 @@
+"""The path a user walks, on a real `ray start --head` cluster with token auth:
+
+pretrain job -> transfer job on its checkpoint -> `serve deploy` -> HTTP queries -> stop.
+
+The cluster is started with `ray start --head --block` in its own process group and stopped by
+signalling that group, not by `ray stop`, which would also kill the test session's own Ray.
+"""
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+POSITIVE = ["great", "wonderful", "loved it", "excellent", "a joy", "superb", "brilliant"]
+NEGATIVE = ["awful", "terrible", "hated it", "boring", "a mess", "dreadful", "waste of time"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_corpus(d: Path):
+    """Tiny loose-JSON shards (unlabeled) and labeled CSV splits with an obvious signal."""
+    import random
+
+    rng = random.Random(0)
+    d.mkdir(parents=True)
+    (d / "reviews").mkdir()
+    for shard in range(2):
+        with open(d / "reviews" / f"part-{shard}.json", "w") as f:
+            for i in range(60):
+                words = rng.choice(POSITIVE + NEGATIVE)
+                f.write(json.dumps({"reviewText": f"This film was {words}. Review {shard}-{i}.",
+                                    "overall": 5.0}) + "\n")
+    for split, n in (("train", 80), ("val", 30), ("test", 30)):
+        rows = ["label,sentence"]
+        for i in range(n):
+            label = i % 2
+            words = rng.choice(POSITIVE if label else NEGATIVE)
+            rows.append(f'{label},"the movie was {words} number {i}"')
+        (d / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+class Cluster:
+    def __init__(self, tmp: Path):
+        self.gcs, self.dash, self.http = free_port(), free_port(), free_port()
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+                    "PYTHONPATH": str(REPO), "RAY_ADDRESS": f"http://127.0.0.1:{self.dash}"}
+        self.env.pop("RAY_USAGE_STATS_ENABLED", None)
+        self.log = open(tmp / "ray_head.log", "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
+             "--num-cpus=4", "--disable-usage-stats"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.run("ray", "job", "list", check=False, timeout=30).returncode == 0:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {(tmp / 'ray_head.log').read_text()[-2000:]}")
+            time.sleep(2)
+        raise RuntimeError("the head node's job API did not come up in 120 s")
+
+    def run(self, tool, *args, check=True, timeout=600):
+        out = subprocess.run([str(BIN / tool), *args], env=self.env, cwd=REPO, text=True,
+                             capture_output=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{tool} {' '.join(args)} failed ({out.returncode}):\n"
+                                 f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        return out
+
+    def submit(self, *job_args):
+        return self.run("ray", "job", "submit", "--working-dir", str(REPO), "--", "python", *job_args)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
+    data = tmp_path / "data"
+    write_corpus(data)
+    exp = tmp_path / "experiments"
+    cluster = Cluster(tmp_path)
+    try:
+        out = cluster.submit(
+            "jobs/pretrain.py", "--train", str(data / "reviews"), "--rnn_size", "32",
+            "--embed_size", "8", "--batch_size", "8", "--seq_length", "32", "--max_iters", "30",
+            "--save_iters", "15", "--num_workers", "2", "--experiment_dir", str(exp),
+            "--experiment_name", "e2e", "--split", "10,1,1")
+        assert "SUCCEEDED" in out.stdout + out.stderr
+        ckpt = exp / "e2e" / "checkpoint_final"
+        assert (ckpt / "model.safetensors").exists() and (exp / "e2e" / "history.csv").exists()
+
+        out = cluster.submit(
+            "jobs/transfer.py", "--load_model", str(ckpt), "--train", str(data / "train.csv"),
+            "--valid", str(data / "val.csv"), "--test", str(data / "test.csv"),
+            "--text_key", "sentence", "--label_key", "label", "--experiment_dir", str(exp),
+            "--experiment_name", "e2e", "--feature_kind", "mean")
+        assert "SUCCEEDED" in out.stdout + out.stderr
+        clf = exp / "e2e" / "transfer" / "data" / "classifier.json"
+        assert clf.exists(), sorted(p.name for p in (exp / "e2e" / "transfer").rglob("*"))
+
+        config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+        config["http_options"] = {"host": "127.0.0.1", "port": cluster.http}
+        for app in config["applications"]:
+            app.setdefault("args", {}).update(checkpoint=str(ckpt), classifier=str(clf))
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+        cluster.run("serve", "deploy", str(tmp_path / "serve.yaml"), "--address", cluster.env["RAY_ADDRESS"])
+        base = f"http://127.0.0.1:{cluster.http}"
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(2)
+        else:
+            status = cluster.run("serve", "status", "--address", cluster.env["RAY_ADDRESS"], check=False)
+            raise AssertionError(f"serve app never became healthy:\n{status.stdout}")
+
+        texts = ["the movie was superb", "the movie was dreadful"]
+        feats = requests.post(f"{base}/featurize", json={"texts": texts}, timeout=60)
+        assert feats.status_code == 200 and len(feats.json()["features"][0]) == 32
+        sent = requests.post(f"{base}/sentiment", json={"texts": texts}, timeout=60).json()
+        assert [r["label"] in ("positive", "negative") for r in sent["results"]] == [True, True]
+        heat = requests.post(f"{base}/heatmap", json={"text": texts[0], "format": "png"}, timeout=60)
+        assert heat.status_code == 200 and heat.content[:8] == b"\x89PNG\r\n\x1a\n"
+        gen = requests.post(f"{base}/generate", json={"prompt": "the movie", "length": 20,
+                                                      "temperature": 1.0}, timeout=60)
+        assert gen.status_code == 200 and "the movie" in gen.json()["text"]
+        assert requests.get(f"{base}/", timeout=30).status_code == 200
+    finally:
+        cluster.stop()
