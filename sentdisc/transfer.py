@@ -542,6 +542,10 @@ def format_report(results: dict) -> str:
               f"{_pct(t['train_acc'])}, {_pct(t['val_acc'])}, {_pct(t['test_acc'])} "
               f"train, val, test accuracy for {k} neuron regression",
               f"{t['C']:g} regularization coefficient used"]
+    for name, r in (("all neuron", a), (f"{k} neuron", t)):
+        if not r["converged"]:
+            lines.append(f"note: the {name} regression stopped at max_iter before converging "
+                         f"(raise --max_iter, or try --solver saga)")
     return "\n".join(lines)
 
 
