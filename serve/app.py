@@ -168,8 +168,11 @@ class SentimentModel:
         # Per-character heatmaps: the state the features are pooled from.
         self.trace_kind = "cell" if cfg.feature_kind == "cell" else "hidden"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sentdisc-model")
-        self._features.set_max_batch_size(cfg.max_batch_size)
-        self._features.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._enqueue.set_max_batch_size(cfg.max_batch_size)
+        self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._pending: list[tuple[list[str], asyncio.Future]] = []
+        self._wake: Optional[asyncio.Event] = None
+        self._runner: Optional[asyncio.Task] = None
         logger.info(f"sentdisc serve: loaded {cfg.checkpoint} (rnn {H}, {device}), "
                     f"classifier={cfg.classifier}, max_batch_size={cfg.max_batch_size}")
 
@@ -177,18 +180,53 @@ class SentimentModel:
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: fn(*args, **kwargs))
 
+    # Batching. @serve.batch collects the requests that arrive within batch_wait_timeout_s
+    # and hands them over at once. Serve forms its next batch as soon as it has handed one
+    # over, even while that one still waits for the model, so under load every batch would
+    # hold only a wait-timeout's worth of arrivals. Instead the batch handler only queues its
+    # requests and returns futures; one runner task takes everything queued (up to
+    # max_batch_size requests) each time the model is free, so the requests that arrive while
+    # a featurize call runs all join the next one.
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _features(self, requests: list[list[str]]) -> list[tuple[np.ndarray, int]]:
+    async def _enqueue(self, requests: list[list[str]]) -> list[asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        self._pending.extend(zip(requests, futures))
+        if self._runner is None or self._runner.done():
+            self._wake = asyncio.Event()
+            self._runner = loop.create_task(self._run_batches())
+        self._wake.set()
+        return futures
+
+    async def _run_batches(self) -> None:
         from sentdisc.featurize import featurize
 
-        flat = [t for texts in requests for t in texts]
-        feats = await self._run(featurize, self.model, flat, batch_size=self.cfg.featurize_batch_size,
-                                layer=self.cfg.layer, kind=self.cfg.feature_kind)
-        out, start = [], 0
-        for texts in requests:
-            out.append((feats[start:start + len(texts)], len(requests)))
-            start += len(texts)
-        return out
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                group = self._pending[:self.cfg.max_batch_size]
+                del self._pending[:len(group)]
+                flat = [t for texts, _ in group for t in texts]
+                try:
+                    feats = await self._run(featurize, self.model, flat,
+                                            batch_size=self.cfg.featurize_batch_size,
+                                            layer=self.cfg.layer, kind=self.cfg.feature_kind)
+                except Exception as e:  # inputs are checked by the ingress: a server fault
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
+                start = 0
+                for texts, fut in group:
+                    if not fut.done():  # a cancelled request (client went away) is skipped
+                        fut.set_result((feats[start:start + len(texts)], len(group)))
+                    start += len(texts)
+
+    async def _features(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Features of one request's texts and the number of requests in its featurize call."""
+        return await (await self._enqueue(texts))
 
     async def featurize(self, texts: list[str], neurons: Optional[list[int]] = None) -> dict:
         feats, batch = await self._features(texts)
