@@ -7,9 +7,10 @@ Two deployments:
   SentdiscAPI     FastAPI ingress: validates every request (pydantic, size caps) before any
                   model work, maps errors to 4xx, serves the page at / and OpenAPI at /docs.
   SentimentModel  loads the checkpoint and classifier.json once per replica. Featurize and
-                  sentiment requests are coalesced with @serve.batch: concurrent requests share
-                  one length-sorted, masked ``featurize`` call, which is what makes a byte-level
-                  RNN cheap to serve (one GEMM per byte for the whole batch instead of per text).
+                  sentiment requests are coalesced with @serve.batch (plus a runner that merges
+                  whatever queued while the model was busy): concurrent requests share one
+                  length-sorted, masked ``featurize`` call, one GEMM per byte for the whole
+                  batch instead of one per text. X-Batch-Size says how many requests shared it.
 All model work is the library's (sentdisc.featurize, sentdisc.viz, the transfer Classifier);
 nothing here touches model math or preprocessing. No endpoint takes a path from a client.
 """
@@ -19,7 +20,7 @@ import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import click
 import numpy as np
@@ -45,10 +46,10 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(description="checkpoint dir: sentdisc format or OpenAI's 0..14.npy")
-    classifier: Optional[str] = Field(None, description="classifier.json; /sentiment needs it")
-    feature_kind: Optional[Literal["cell", "hidden", "mean", "max"]] = Field(
+    classifier: str | None = Field(None, description="classifier.json; /sentiment needs it")
+    feature_kind: Literal["cell", "hidden", "mean", "max"] | None = Field(
         None, description="features served by /featurize; default: the classifier's, else cell")
-    layer: Optional[int] = Field(None, description="layer to featurize; default: classifier's, else -1")
+    layer: int | None = Field(None, description="layer to featurize; default: classifier's, else -1")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
     max_batch_size: int = Field(32, ge=1, le=1024, description="requests coalesced per batch")
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description=(
@@ -171,8 +172,8 @@ class SentimentModel:
         self._enqueue.set_max_batch_size(cfg.max_batch_size)
         self._enqueue.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._pending: list[tuple[list[str], asyncio.Future]] = []
-        self._wake: Optional[asyncio.Event] = None
-        self._runner: Optional[asyncio.Task] = None
+        self._wake: asyncio.Event | None = None
+        self._runner: asyncio.Task | None = None
         logger.info(f"sentdisc serve: loaded {cfg.checkpoint} (rnn {H}, {device}), "
                     f"classifier={cfg.classifier}, max_batch_size={cfg.max_batch_size}")
 
@@ -228,7 +229,7 @@ class SentimentModel:
         """Features of one request's texts and the number of requests in its featurize call."""
         return await (await self._enqueue(texts))
 
-    async def featurize(self, texts: list[str], neurons: Optional[list[int]] = None) -> dict:
+    async def featurize(self, texts: list[str], neurons: list[int] | None = None) -> dict:
         feats, batch = await self._features(texts)
         if neurons is not None:
             feats = feats[:, neurons]
@@ -255,7 +256,7 @@ class SentimentModel:
                 "negated": negate}
 
     async def generate(self, prompt: str, length: int, temperature: float, neuron: int,
-                       overwrite: Optional[float], seed: Optional[int]) -> dict:
+                       overwrite: float | None, seed: int | None) -> dict:
         from sentdisc import viz
 
         return await self._run(viz.generate_text, self.model, prompt, length, temperature,
@@ -284,12 +285,12 @@ Neuron = Annotated[int, Field(ge=0)]
 
 class FeaturizeRequest(_Request):
     texts: list[str] = Field(min_length=1)
-    neurons: Optional[list[Neuron]] = Field(None, min_length=1, description="default: all")
+    neurons: list[Neuron] | None = Field(None, min_length=1, description="default: all")
 
 
 class FeaturizeResponse(BaseModel):
     features: list[list[float]] = Field(description="[len(texts), len(neurons) or rnn_size]")
-    neurons: Optional[list[int]]
+    neurons: list[int] | None
     kind: str
     layer: int
 
@@ -311,7 +312,7 @@ class SentimentResponse(BaseModel):
 
 class HeatmapRequest(_Request):
     text: str
-    neuron: Optional[Neuron] = Field(None, description="default: the sentiment neuron")
+    neuron: Neuron | None = Field(None, description="default: the sentiment neuron")
     format: Literal["png", "svg", "json"] = "png"
 
 
@@ -328,18 +329,18 @@ class GenerateRequest(_Request):
     prompt: str = ""
     length: int = Field(200, ge=1)
     temperature: float = Field(1.0, ge=0, le=100)
-    neuron: Optional[Neuron] = Field(None, description="default: the sentiment neuron, else 0")
-    overwrite: Optional[float] = Field(None, description="hold the neuron at this value while "
+    neuron: Neuron | None = Field(None, description="default: the sentiment neuron, else 0")
+    overwrite: float | None = Field(None, description="hold the neuron at this value while "
                                        "generating (+1 positive, -1 negative for the sentiment "
                                        "neuron, whatever the sign of its weight)")
-    seed: Optional[int] = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0)
 
 
 class GenerateResponse(BaseModel):
     text: str
     prompt_end: int = Field(description="characters of text that are the (preprocessed) prompt")
     neuron: int
-    overwrite: Optional[float]
+    overwrite: float | None
     chars: list[str]
     trace: list[float] = Field(description="the neuron's value after each character")
 
@@ -357,7 +358,7 @@ class SentdiscAPI:
     def __init__(self, model, args: dict):
         self.model = model
         self.cfg = AppArgs.model_validate(args)
-        self._info: Optional[dict] = None
+        self._info: dict | None = None
         self.batch_sizes: Counter = Counter()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -403,7 +404,7 @@ class SentdiscAPI:
             raise HTTPException(422, detail=f"{field}: neuron {neuron} out of range for a "
                                             f"rnn_size {H} model (0..{H - 1})")
 
-    async def pick_neuron(self, neuron: Optional[int], fallback: Optional[int]) -> int:
+    async def pick_neuron(self, neuron: int | None, fallback: int | None) -> int:
         if neuron is None:
             neuron = (await self.info())["neuron"]
         if neuron is None:
