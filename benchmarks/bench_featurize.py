@@ -1,4 +1,4 @@
-"""Featurization speed for transfer: batched ``sentdisc.featurize`` vs one text at a time.
+"""Featurization speed for transfer: batched ``sentdisc.features.featurize`` vs one text at a time.
 
     python benchmarks/bench_featurize.py                  # SST-2 test, mLSTM-512, 2 threads
     python benchmarks/bench_featurize.py --quick          # 300 texts, 30 one-at-a-time
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_rate, load_note, print_table, set_threads  # noqa: E402
 
-from sentdisc.featurize import featurize  # noqa: E402
+from sentdisc.features import featurize  # noqa: E402
 from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
 from sentdisc.text import encode_batch  # noqa: E402
 

@@ -9,7 +9,7 @@ _EXPORTS = {
     "ByteLM": "sentdisc.model", "ModelConfig": "sentdisc.model",
     "CheckpointError": "sentdisc.checkpoint", "load": "sentdisc.checkpoint",
     "load_openai": "sentdisc.checkpoint", "save": "sentdisc.checkpoint",
-    "featurize": "sentdisc.featurize",
+    "featurize": "sentdisc.features",
     "encode": "sentdisc.text", "encode_batch": "sentdisc.text", "decode": "sentdisc.text",
     "preprocess": "sentdisc.text",
 }

@@ -24,6 +24,7 @@ Numbers equal the plain loop to float rounding (tests/test_kernels.py). Under au
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -97,6 +98,58 @@ def _reset_steps(keep: Optional[torch.Tensor], T: int) -> list:
     return (keep.view(T, -1) == 0).any(1).tolist()
 
 
+class _Lease:
+    """A forward's saved buffers; back in the pool once its backward has run."""
+
+    def __init__(self, tensors):
+        self.tensors, self.released, self.reused = tensors, False, False
+
+
+class _Pool:
+    """Big CPU buffers kept between steps. A fresh 64 MB tensor is ~16k page faults (the OS
+    zeroes every page): ~20% of an mLSTM-512 training step. CUDA's caching allocator does
+    this already, so on GPUs (and inside CUDA graphs) buffers are plain allocations."""
+
+    def __init__(self, per_shape: int = 4):
+        self._free, self._per_shape, self._lock = {}, per_shape, threading.Lock()
+
+    def take(self, shape, dtype, device) -> torch.Tensor:
+        if device.type == "cpu":
+            with self._lock:
+                items = self._free.get((tuple(shape), dtype))
+                if items:
+                    tensor, owner = items.pop()
+                    if owner is not None:
+                        owner.reused = True
+                    return tensor
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, tensors, owner: Optional[_Lease] = None):
+        with self._lock:
+            for t in tensors:
+                if t.device.type == "cpu":
+                    items = self._free.setdefault((tuple(t.shape), t.dtype), [])
+                    if len(items) < self._per_shape:
+                        items.append((t, owner))
+
+    def reclaim(self, owner: _Lease) -> bool:
+        """Take a released lease's buffers back (a second backward, e.g. gradcheck) unless
+        another forward has already overwritten them."""
+        with self._lock:
+            if owner.reused:
+                return False
+            for key, items in self._free.items():
+                self._free[key] = [(t, o) for t, o in items if o is not owner]
+            return True
+
+    def clear(self):
+        with self._lock:
+            self._free.clear()
+
+
+_pool = _Pool()
+
+
 def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = False,
         bias: Optional[torch.Tensor] = None):
     """out (+)= a @ b (+ bias); b is already in the compute dtype, a is cast to it."""
@@ -118,12 +171,48 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = False,
     return out
 
 
-def _project(x: torch.Tensor, wx, wmx, b, cd, sd):
-    """x [B,T,E] -> time-major X [T*B,E] (compute dtype), X Wx + b [T,B,4H], X Wmx [T,B,H]."""
+# On CPU tanh is ~5x slower than sigmoid (not vectorised in ATen), so there we use
+# tanh(z) = 2 sigmoid(2z) - 1: for the u gate the 2 is folded into (copies of) the weights,
+# exactly, being a power of two, and one sigmoid covers all four gates.
+def _sigmoid_tanh(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def _double_u(w: torch.Tensor, H: int) -> torch.Tensor:
+    w = w.clone()
+    w[..., 3 * H:].mul_(2)
+    return w
+
+
+def _activate(g: torch.Tensor, H: int, via_sigmoid: bool):
+    """Gate activations in place: sigmoid for i, f, o; tanh for u."""
+    if via_sigmoid:  # u's pre-activation is already doubled
+        g.sigmoid_()
+        g[:, 3 * H:].mul_(2).sub_(1)
+    else:
+        g[:, :3 * H].sigmoid_()
+        g[:, 3 * H:].tanh_()
+
+
+def _tanh(c: torch.Tensor, out: torch.Tensor, via_sigmoid: bool) -> torch.Tensor:
+    if not via_sigmoid:
+        return torch.tanh(c, out=out)
+    torch.mul(c, 2, out=out).sigmoid_()
+    return out.mul_(2).sub_(1)
+
+
+def _project(x, wx, wmx, b, cd, sd, G=None, XM=None):
+    """x [B,T,E] -> time-major X [T*B,E] (compute dtype), X Wx + b [T,B,4H], X Wmx [T,B,H]
+    (into G and XM when given)."""
     B, T, E = x.shape
     X = x.transpose(0, 1).reshape(T * B, E).to(cd)
-    G = torch.addmm(b.to(cd), X, wx.to(cd)).to(sd).view(T, B, -1)
-    XM = (X @ wmx.to(cd)).to(sd).view(T, B, -1)
+    wx, wmx, b = wx.to(cd), wmx.to(cd), b.to(cd)
+    if G is not None and cd == sd:
+        torch.addmm(b, X, wx, out=G.view(T * B, -1))
+        torch.mm(X, wmx, out=XM.view(T * B, -1))
+        return X, G, XM
+    G = torch.addmm(b, X, wx).to(sd).view(T, B, -1)
+    XM = (X @ wmx).to(sd).view(T, B, -1)
     return X, G, XM
 
 
@@ -131,13 +220,16 @@ class _MLSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h0, c0, wx, wh, wmx, wmh, b, keep, cd):
         B, T, _ = x.shape
-        H, sd = h0.shape[1], x.dtype
-        wh_, wmh_ = wh.to(cd), wmh.to(cd)
+        H, sd, dev = h0.shape[1], x.dtype, x.device
+        fast = _sigmoid_tanh(dev)
+        wx_, wh_, wmh_, b_ = wx, wh.to(cd), wmh.to(cd), b
+        if fast:
+            wx_, wh_, b_ = _double_u(wx, H), _double_u(wh_, H), _double_u(b, H)
+        take = lambda *s: _pool.take(s, sd, dev)  # noqa: E731
         # G starts as X Wx + b; each step adds m Wh in place, then holds the activations.
-        X, G, XM = _project(x, wx, wmx, b, cd, sd)
-        new = lambda *s: torch.empty(*s, dtype=sd, device=x.device)  # noqa: E731
-        HM, M, TC = new(T, B, H), new(T, B, H), new(T, B, H)
-        Hs, C = new(T + 1, B, H), new(T + 1, B, H)
+        G, XM, HM, M, TC = take(T, B, 4 * H), take(T, B, H), take(T, B, H), take(T, B, H), take(T, B, H)
+        Hs, C = take(T + 1, B, H), take(T + 1, B, H)
+        X, G, XM = _project(x, wx_, wmx, b_, cd, sd, G, XM)
         Hs[0], C[0] = h0, c0
         resets = _reset_steps(keep, T)
         for t in range(T):
@@ -148,15 +240,14 @@ class _MLSTMSequence(torch.autograd.Function):
             torch.mul(XM[t], HM[t], out=M[t])
             g = G[t]
             _mm(g, M[t], wh_, add=True)
-            g[:, :3 * H].sigmoid_()
-            g[:, 3 * H:].tanh_()
+            _activate(g, H, fast)
             torch.mul(g[:, H:2 * H], cp, out=C[t + 1])
             C[t + 1].addcmul_(g[:, :H], g[:, 3 * H:])
-            torch.tanh(C[t + 1], out=TC[t])
+            _tanh(C[t + 1], TC[t], fast)
             torch.mul(g[:, 2 * H:3 * H], TC[t], out=Hs[t + 1])
         ctx.save_for_backward(wx, wh, wmx, wmh)
-        ctx.buffers = (X, G, XM, HM, M, TC, Hs, C, keep)
-        ctx.cd, ctx.resets = cd, resets
+        ctx.lease = _Lease((G, XM, HM, M, TC, Hs, C))
+        ctx.X, ctx.keep, ctx.cd, ctx.resets = X, keep, cd, resets
         hs = Hs[1:].transpose(0, 1).contiguous()
         return hs, Hs[T].clone(), C[T].clone()
 
@@ -164,33 +255,48 @@ class _MLSTMSequence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dhs, dhT, dcT):
         wx, wh, wmx, wmh = ctx.saved_tensors
-        X, G, XM, HM, M, TC, Hs, C, keep = ctx.buffers
-        cd, resets = ctx.cd, ctx.resets
+        lease = ctx.lease
+        if lease.released:
+            if not _pool.reclaim(lease):
+                raise RuntimeError(
+                    "sentdisc.kernels: backward ran twice through a fused mLSTM whose buffers "
+                    "another forward has reused since; for retain_graph use, run the model "
+                    "inside sentdisc.kernels.disabled()")
+            lease.released = False
+        G, XM, HM, M, TC, Hs, C = lease.tensors
+        X, keep, cd, resets = ctx.X, ctx.keep, ctx.cd, ctx.resets
         T, B, H4 = G.shape
-        H, sd = H4 // 4, G.dtype
+        H, sd, dev = H4 // 4, G.dtype, G.device
+        take = lambda *s: _pool.take(s, sd, dev)  # noqa: E731
         whT, wmhT = wh.to(cd).t(), wmh.to(cd).t()
         I, F, O, U = G[..., :H], G[..., H:2 * H], G[..., 2 * H:3 * H], G[..., 3 * H:]
 
         # Everything the reverse loop needs that does not depend on the recurrence, for all
         # T at once: dz = P * [dc, dc, dh, dc] and dc += dh * A.
-        P = torch.addcmul(G, G, G, value=-1)  # g (1 - g): sigmoid derivative (u part fixed below)
-        P[..., :H].mul_(U)  # (explicit mul_: `view *= x` would copy the result back again)
-        P[..., H:2 * H].mul_(C[:-1] if keep is None else C[:-1] * keep)
+        P, A = take(T, B, 4 * H), take(T, B, H)
+        torch.addcmul(G, G, G, value=-1, out=P)  # g (1 - g): sigmoid derivative
+        P[..., :H].mul_(U)
+        P[..., H:2 * H].mul_(C[:-1])
+        if keep is not None:
+            P[..., H:2 * H].mul_(keep)
         P[..., 2 * H:3 * H].mul_(TC)
-        torch.addcmul(I, I * U, U, value=-1, out=P[..., 3 * H:])  # i (1 - u^2)
-        A = torch.addcmul(O, O * TC, TC, value=-1)  # o (1 - tanh(c)^2)
+        Pu = P[..., 3 * H:]
+        torch.addcmul(I, torch.mul(I, U, out=Pu), U, value=-1, out=Pu)  # i (1 - u^2)
+        torch.addcmul(O, torch.mul(O, TC, out=A), TC, value=-1, out=A)  # o (1 - tanh(c)^2)
 
-        dZ = torch.empty_like(G)
-        dM, dHM = torch.empty_like(M), torch.empty_like(M)
-        dhs = dhs.transpose(0, 1) if dhs is not None else None  # [T,B,H] view
-        dh = torch.zeros(B, H, dtype=sd, device=G.device)
-        dc = torch.zeros(B, H, dtype=sd, device=G.device)
+        dZ, dM, dHM = take(T, B, 4 * H), take(T, B, H), take(T, B, H)
+        dhsT = None
+        if dhs is not None:  # time-major once, not a strided read per step
+            dhsT = take(T, B, H)
+            dhsT.copy_(dhs.transpose(0, 1))
+        dh = torch.zeros(B, H, dtype=sd, device=dev)
+        dc = torch.zeros(B, H, dtype=sd, device=dev)
         if dhT is not None:
             dh += dhT
         if dcT is not None:
             dc += dcT
-        if dhs is not None:
-            dh += dhs[T - 1]
+        if dhsT is not None:
+            dh += dhsT[T - 1]
         for t in range(T - 1, -1, -1):
             # dh: gradient of h_t; dc: of c_t, from later steps.
             dc.addcmul_(dh, A[t])
@@ -203,8 +309,7 @@ class _MLSTMSequence(torch.autograd.Function):
             if resets[t]:
                 dHM[t].mul_(keep[t])
                 dc.mul_(keep[t])
-            _mm(dh, dHM[t], wmhT, bias=dhs[t - 1] if (dhs is not None and t > 0) else None)
-        del P, A
+            _mm(dh, dHM[t], wmhT, bias=dhsT[t - 1] if (dhsT is not None and t > 0) else None)
 
         dZ2, dHM2 = dZ.view(T * B, H4), dHM.view(T * B, H)
         dXM = dM.mul_(HM).view(T * B, H)  # d(x Wmx) = dm * (h Wmh)
@@ -213,22 +318,26 @@ class _MLSTMSequence(torch.autograd.Function):
         dwmh = (lo(Hs[:-1].reshape(T * B, H)).t() @ lo(dHM2)).to(wmh.dtype)
         dwx = (X.t() @ lo(dZ2)).to(wx.dtype)
         dwmx = (X.t() @ lo(dXM)).to(wmx.dtype)
-        db = dZ2.sum(0).to(wx.dtype)
+        db = dZ2.sum(0).to(wmx.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = lo(dZ2) @ wx.to(cd).t()
             dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
             dx = dx.view(T, B, -1).transpose(0, 1)
+        _pool.give([P, A, dZ, dM, dHM] + ([dhsT] if dhsT is not None else []))
+        _pool.give(lease.tensors, lease)
+        lease.released = True
         return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None
-
-
 @torch.no_grad()
 def _infer(x, h0, c0, weights, keep, mask, cd):
     """The forward step without saving anything; masked rows hold their state."""
     wx, wh, wmx, wmh, b = weights
     B, T, _ = x.shape
     H, sd = h0.shape[1], x.dtype
+    fast = _sigmoid_tanh(x.device)
     wh_, wmh_ = wh.to(cd), wmh.to(cd)
+    if fast:
+        wx, wh_, b = _double_u(wx, H), _double_u(wh_, H), _double_u(b, H)
     _, XZ, XM = _project(x, wx, wmx, b, cd, sd)
     new = lambda *s: torch.empty(*s, dtype=sd, device=x.device)  # noqa: E731
     Hs = new(T + 1, B, H)
@@ -257,11 +366,10 @@ def _infer(x, h0, c0, weights, keep, mask, cd):
         _mm(hm[:n], hp[:n], wmh_)
         hm[:n].mul_(XM[t, :n])
         gn = _mm(g[:n], hm[:n], wh_, bias=XZ[t, :n])
-        gn[:, :3 * H].sigmoid_()
-        gn[:, 3 * H:].tanh_()
+        _activate(gn, H, fast)
         cn = c[:n]
         cn.mul_(gn[:, H:2 * H]).addcmul_(gn[:, :H], gn[:, 3 * H:])
-        torch.tanh(cn, out=tc[:n])
+        _tanh(cn, tc[:n], fast)
         torch.mul(gn[:, 2 * H:3 * H], tc[:n], out=Hs[t + 1, :n])
         if n < B:
             Hs[t + 1, n:] = hp[n:]

@@ -4,7 +4,7 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``:
 
 1. read labeled train / val / test tables (``sentdisc.data.readers.read_table``), binarize
    ratings if asked, and check that labels are 0/1;
-2. featurize every text with a pretrained checkpoint (``sentdisc.featurize``): in-process for
+2. featurize every text with a pretrained checkpoint (``sentdisc.features.featurize``): in-process for
    small sets, on a Ray Data actor pool of model replicas for large ones (same numbers);
 3. sweep the L1 strength C with Ray Tune, one trial per C, each fit on train and scored on
    validation (never test); refit the best C (ties go to the smaller, sparser C);
@@ -87,7 +87,7 @@ class TransferConfig:
     seed: int = field(default=42, metadata={"help": "seed for subsets, splits and solvers"})
 
     def __post_init__(self):
-        from sentdisc.featurize import KINDS
+        from sentdisc.features import KINDS
 
         if self.feature_kind not in KINDS:
             raise ValueError(f"feature_kind must be one of {KINDS}, got {self.feature_kind!r}")
@@ -267,7 +267,7 @@ def _ensure_ray() -> None:
 
 class _FeaturizeReplica:
     """One model replica in a Ray Data actor pool: loads the checkpoint once, then featurizes
-    each batch with the same ``sentdisc.featurize`` the in-process path uses."""
+    each batch with the same ``sentdisc.features.featurize`` the in-process path uses."""
 
     def __init__(self, checkpoint: str, kind: str, layer: int, batch_size: int,
                  chunk_size: int, threads: int):
@@ -280,7 +280,7 @@ class _FeaturizeReplica:
         self.kw = dict(batch_size=batch_size, layer=layer, kind=kind, chunk_size=chunk_size)
 
     def __call__(self, batch: dict) -> dict:
-        from sentdisc.featurize import featurize
+        from sentdisc.features import featurize
 
         feats = featurize(self.model, [str(t) for t in batch["text"]], **self.kw)
         return {"idx": batch["idx"], "features": feats}
@@ -345,7 +345,7 @@ def featurize_texts(texts: Sequence[str], cfg: TransferConfig, model=None, name:
                               cfg.batch_size, cfg.chunk_size, cfg.featurize_replicas,
                               cfg.cpus_per_replica, progress)
     else:
-        from sentdisc.featurize import featurize
+        from sentdisc.features import featurize
         feats = featurize(model, list(texts), batch_size=cfg.batch_size, layer=cfg.layer,
                           kind=cfg.feature_kind, chunk_size=cfg.chunk_size, progress=progress)
     dt = time.perf_counter() - t0

@@ -201,7 +201,7 @@ class SentimentModel:
         return futures
 
     async def _run_batches(self) -> None:
-        from sentdisc.featurize import featurize
+        from sentdisc.features import featurize
 
         while True:
             await self._wake.wait()

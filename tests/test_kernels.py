@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from sentdisc import kernels
-from sentdisc.featurize import featurize
+from sentdisc.features import featurize
 from sentdisc.model import ByteLM, ModelConfig
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -155,7 +155,7 @@ def test_bad_input_through_the_command_exits_cleanly(tiny_checkpoint, tmp_path, 
 
 def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
     from sentdisc.checkpoint import load
-    from sentdisc.featurize import featurize
+    from sentdisc.features import featurize
 
     rng = np.random.default_rng(0)
     texts = ["", "ok", "déjà vu — naïve café", "a &amp; b\nc"] + [
