@@ -210,6 +210,10 @@ def test_read_table(tmp_path):
         read_table(str(tmp_path / "t.tsv"), "text", "label")  # empty text named by row
     with pytest.raises(DataError, match="no such file"):
         read_table(str(tmp_path / "none.csv"), "text")
+    # Unlabeled rows (IMDB's null ratings) pass through for transfer's --drop_unlabeled.
+    (tmp_path / "u.json").write_text('{"reviewText": "a", "overall": null}\n{"reviewText": "b", "overall": 7}\n')
+    df = read_table(str(tmp_path / "u.json"), "reviewText", "overall")
+    assert df["text"].tolist() == ["a", "b"] and pd.isna(df["label"][0]) and df["label"][1] == 7
 
 
 def test_read_table_shared_sst2(shared_data):

@@ -511,8 +511,9 @@ def read_table(path: str, text_key: str, label_key: Optional[str] = None,
                data_format: str = "auto", delim: Optional[str] = None):
     """A small labeled set, read in process -> pandas DataFrame with 'text' (+ 'label').
 
-    For transfer (SST-2, the Blitzer CSVs): CSV/TSV/JSON/loose JSON/Parquet. Rows whose text
-    or label is null are an error naming the row; a missing column lists the columns found.
+    For transfer (SST-2, the Blitzer CSVs): CSV/TSV/JSON/loose JSON/Parquet. A row whose text
+    is null or empty is an error naming the row; a missing column lists the columns found.
+    Missing labels are passed on (null / "") for the caller to drop or reject.
     """
     import pandas as pd
 
@@ -546,11 +547,9 @@ def read_table(path: str, text_key: str, label_key: Optional[str] = None,
     out = pd.DataFrame({"text": df[text_key]})
     if label_key:
         out["label"] = df[label_key].values
-    bad = out.isna().any(axis=1).to_numpy().copy()
-    bad |= out["text"].astype(str).str.strip().eq("").to_numpy()
+    bad = out["text"].isna().to_numpy() | out["text"].astype(str).str.strip().eq("").to_numpy()
     if bad.any():  # a labeled set is small and precious: name the row rather than drop it
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}"
-                        + (f" or {label_key!r}" if label_key else ""))
+        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}")
     out["text"] = out["text"].astype(str)
     return out.reset_index(drop=True)
