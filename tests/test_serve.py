@@ -15,6 +15,8 @@ import requests
 from sentdisc import featurize, load, viz
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # serve/ is an app directory beside the package, not installed
+    sys.path.insert(0, str(REPO))
 APP_NAME = "sentdisc-test"
 LIMITS = dict(max_texts=8, max_text_bytes=2000, max_generate_length=64)
 TEXTS = ["This movie was wonderful, I loved every minute.",
