@@ -96,7 +96,7 @@ def transfer_row(model, tasks: dict, args, out: Path, tag: str) -> dict:
                 feats["train"][kind], splits["train"][1], feats["val"][kind], splits["val"][1],
                 feats["test"][kind], splits["test"][1], num_neurons=1, Cs=c_grid(),
                 seed=args.seed, backend="tune", storage=out / "tune" / tag / task / kind,
-                feature_kind=kind, log=lambda *a: None)
+                feature_kind=kind, log=lambda *a: None, standardize=True)
             row[f"{task}/{kind}/all"] = res["all_neurons"]["test_acc"]
             row[f"{task}/{kind}/top1"] = res["top_neurons"]["test_acc"]
             row[f"{task}/{kind}/val_all"] = res["all_neurons"]["val_acc"]

@@ -13,7 +13,10 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``:
 5. write results.json, classifier.json (``sentdisc.classifier.Classifier``), tune_results.csv
    and the neuron_weights / neuron_histogram plots.
 
-Features are not standardised, as in the original: the regression sees raw cell values.
+With ``standardize`` (the default) each feature is scaled to zero mean and unit variance on
+train before the sweep, and the scaling is folded back into the saved weights, so the classifier
+applies to raw features. Without it the regression sees raw values, as in the original tool;
+pooled hidden states are small in magnitude and then need Cs far beyond the paper's grid.
 Importing this module does not import torch (the featurize paths import it when they run), so
 a Tune trial worker pays only for numpy and sklearn.
 """
@@ -85,6 +88,9 @@ class TransferConfig:
     max_iter: int = field(default=100, metadata={"help": "logistic regression iterations"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per Tune trial"})
     seed: int = field(default=42, metadata={"help": "seed for subsets, splits and solvers"})
+    standardize: bool = field(default=True, metadata={
+        "help": "scale features to unit variance on train before the L1 fit (folded back into "
+                "the saved weights); --no-standardize fits raw values as the original"})
 
     def __post_init__(self):
         from sentdisc.features import KINDS
@@ -479,12 +485,22 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
                      solver: str = "liblinear", backend: str = "tune",
                      storage: Optional[Path] = None, cpus_per_trial: float = 1.0,
                      feature_kind: str = "cell", layer: int = -1, checkpoint: str = "",
-                     log=print) -> tuple[Classifier, dict]:
+                     log=print, standardize: bool = False) -> tuple[Classifier, dict]:
     """Sweep C on all neurons, refit the best, pick the top neurons, sweep and refit on them.
 
+    standardize: fit on train-standardized features (neurons then compete on equal terms
+    under L1, and the top neurons are ranked by standardized weight); the returned Classifier
+    has the scaling folded in and takes raw features.
     Returns the Classifier and a results dict (accuracies, Cs, sweeps, top neurons).
     """
     Cs = list(Cs) if Cs is not None else c_grid()
+    mu = sigma = None
+    if standardize:
+        mu = Xtr.mean(0, dtype=np.float64)
+        sigma = Xtr.std(0, dtype=np.float64)
+        sigma[sigma < 1e-8] = 1.0  # a constant feature stays as it is (its weight goes to 0)
+        scale = lambda X: None if X is None else ((X - mu) / sigma).astype(np.float32)  # noqa: E731
+        Xtr, Xva, Xte = scale(Xtr), scale(Xva), scale(Xte)
     sets = {"train": (Xtr, ytr), "val": (Xva, yva), "test": (Xte, yte)}
 
     t0 = time.perf_counter()
@@ -512,8 +528,14 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
                "C": top_best["C"], "coef": [float(v) for v in top_model.coef_.reshape(-1)],
                "intercept": float(top_model.intercept_[0]), "converged": top_conv,
                **_scores(top_model, top_sets), "seconds": round(time.perf_counter() - t0, 3)}
-    clf = fit_result_to_classifier(coef, intercept, best["C"], neurons, top_model.coef_,
-                                   top_model.intercept_[0], top_best["C"], feature_kind, layer,
+    top_coef, top_intercept = top_model.coef_.reshape(-1), float(top_model.intercept_[0])
+    if standardize:  # w.(x - mu)/sigma + b == (w/sigma).x + (b - sum(w mu/sigma))
+        intercept -= float(np.sum(coef * mu / sigma))
+        coef = coef / sigma
+        top_intercept -= float(np.sum(top_coef * mu[neurons] / sigma[neurons]))
+        top_coef = top_coef / sigma[neurons]
+    clf = fit_result_to_classifier(coef, intercept, best["C"], neurons, top_coef,
+                                   top_intercept, top_best["C"], feature_kind, layer,
                                    checkpoint)
     results = {"all_neurons": all_res, "top_neurons": top_res, "sweep": sweep,
                "top_sweep": top_sweep, "C_grid": Cs}
@@ -667,7 +689,7 @@ def run_transfer(cfg: TransferConfig, log=print) -> dict:
         feats["train"], labels["train"], feats["val"], labels["val"], feats["test"],
         labels["test"], cfg.num_neurons, Cs, cfg.seed, cfg.max_iter, cfg.solver, "tune",
         out / "tune_runs", cfg.cpus_per_trial, cfg.feature_kind, cfg.layer,
-        str(Path(cfg.load_model).resolve()), log)
+        str(Path(cfg.load_model).resolve()), log, cfg.standardize)
     for r in res["sweep"]:
         log(f"  C={r['C']:<10.4g} val {100 * r['val_acc']:.2f}  train {100 * r['train_acc']:.2f}"
             f"  non-zero {r['nnz']}{'' if r['converged'] else '  (not converged)'}")

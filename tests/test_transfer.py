@@ -268,3 +268,21 @@ def test_transfer_command_ratings_split_validation_unlabeled_test(ray_local, tin
     assert len(_read_csv(out / "tune_results.csv")) == 3
     written = _read_csv(res_csv)
     assert [r["text"] for r in written] == ["fine", "meh", "wow"] and "label" not in written[0]
+
+
+def test_standardized_fit_is_folded_into_raw_feature_weights():
+    """Small-magnitude features (like pooled hidden states) on a scale L1 can't reach raw."""
+    Xtr, ytr = _synthetic(600, 30, 11, -1, 0)
+    Xva, yva = _synthetic(200, 30, 11, -1, 1)
+    scale = np.linspace(1e-4, 1e-3, 30).astype(np.float32)  # tiny, uneven magnitudes
+    raw_clf, raw = train_classifier(Xtr * scale, ytr, Xva * scale, yva, num_neurons=1, backend="local")
+    clf, res = train_classifier(Xtr * scale, ytr, Xva * scale, yva, num_neurons=1,
+                                backend="local", standardize=True)
+    assert clf.neuron == 11 and clf.sign == -1
+    assert res["all_neurons"]["val_acc"] > 0.85 > raw["all_neurons"]["val_acc"]
+    # The saved weights take raw features and reproduce sklearn on standardized ones.
+    mu, sd = (Xtr * scale).mean(0), (Xtr * scale).std(0)
+    model, _ = fit_l1((Xtr * scale - mu) / sd, ytr, clf.C)
+    np.testing.assert_allclose(clf.predict_proba(Xva * scale),
+                               model.predict_proba((Xva * scale - mu) / sd)[:, 1], atol=1e-6)
+    assert res["all_neurons"]["val_acc"] == pytest.approx((clf.predict(Xva * scale) == yva).mean())
