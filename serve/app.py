@@ -62,10 +62,8 @@ class AppArgs(BaseModel):
 
 
 def _load_classifier(path: str):
-    try:  # the transfer helper owns the classifier (plain JSON); serving only applies it
-        from sentdisc.classifier import Classifier
-    except ImportError:
-        from sentdisc.transfer import Classifier
+    from sentdisc.classifier import Classifier  # plain JSON, written by `sentdisc transfer`
+
     return Classifier.load(path)
 
 
@@ -201,7 +199,7 @@ class SentimentModel:
         return futures
 
     async def _run_batches(self) -> None:
-        from sentdisc.features import featurize
+        from sentdisc import featurize
 
         while True:
             await self._wake.wait()
