@@ -24,6 +24,7 @@ Numbers equal the plain loop to float rounding (tests/test_kernels.py). Under au
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Optional
 
@@ -106,31 +107,36 @@ class _Lease:
 
 
 class _Pool:
-    """Big CPU buffers kept between steps. A fresh 64 MB tensor is ~16k page faults (the OS
-    zeroes every page): ~20% of an mLSTM-512 training step. CUDA's caching allocator does
+    """Big CPU buffers kept between calls. A fresh 64 MB tensor is ~16k page faults (the OS
+    zeroes every page): ~20% of an mLSTM-512 training step. Buffers are flat and handed out
+    as views, so a batch of another length reuses them too. CUDA's caching allocator does
     this already, so on GPUs (and inside CUDA graphs) buffers are plain allocations."""
 
-    def __init__(self, per_shape: int = 4):
-        self._free, self._per_shape, self._lock = {}, per_shape, threading.Lock()
+    def __init__(self, max_buffers: int = 32):
+        self._free, self._max, self._lock = [], max_buffers, threading.Lock()
 
     def take(self, shape, dtype, device) -> torch.Tensor:
+        n = math.prod(shape)
         if device.type == "cpu":
             with self._lock:
-                items = self._free.get((tuple(shape), dtype))
-                if items:
-                    tensor, owner = items.pop()
+                # the smallest free buffer that fits, unless it would waste over half of it
+                fits = [i for i, (buf, _) in enumerate(self._free)
+                        if buf.dtype == dtype and n <= buf.numel() <= 2 * n]
+                if fits:
+                    i = min(fits, key=lambda i: self._free[i][0].numel())
+                    buf, owner = self._free.pop(i)
                     if owner is not None:
                         owner.reused = True
-                    return tensor
-        return torch.empty(shape, dtype=dtype, device=device)
+                    return buf[:n].view(shape)
+        return torch.empty(n, dtype=dtype, device=device).view(shape)
 
     def give(self, tensors, owner: Optional[_Lease] = None):
         with self._lock:
             for t in tensors:
-                if t.device.type == "cpu":
-                    items = self._free.setdefault((tuple(t.shape), t.dtype), [])
-                    if len(items) < self._per_shape:
-                        items.append((t, owner))
+                base = t if t._base is None else t._base
+                if base.device.type == "cpu" and base.dim() == 1:
+                    self._free.append((base, owner))
+            del self._free[:-self._max]  # keep the most recent
 
     def reclaim(self, owner: _Lease) -> bool:
         """Take a released lease's buffers back (a second backward, e.g. gradcheck) unless
@@ -138,8 +144,7 @@ class _Pool:
         with self._lock:
             if owner.reused:
                 return False
-            for key, items in self._free.items():
-                self._free[key] = [(t, o) for t, o in items if o is not owner]
+            self._free = [(t, o) for t, o in self._free if o is not owner]
             return True
 
     def clear(self):
@@ -174,8 +179,11 @@ def _mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool = False,
 # On CPU tanh is ~5x slower than sigmoid (not vectorised in ATen), so there we use
 # tanh(z) = 2 sigmoid(2z) - 1: for the u gate the 2 is folded into (copies of) the weights,
 # exactly, being a power of two, and one sigmoid covers all four gates.
-def _sigmoid_tanh(device: torch.device) -> bool:
-    return device.type == "cpu"
+SIGMOID_TANH_MIN = 8192  # elements per step below which per-op overhead makes it a loss
+
+
+def _sigmoid_tanh(device: torch.device, step_elems: int) -> bool:
+    return device.type == "cpu" and step_elems >= SIGMOID_TANH_MIN
 
 
 def _double_u(w: torch.Tensor, H: int) -> torch.Tensor:
@@ -184,34 +192,51 @@ def _double_u(w: torch.Tensor, H: int) -> torch.Tensor:
     return w
 
 
-def _activate(g: torch.Tensor, H: int, via_sigmoid: bool):
-    """Gate activations in place: sigmoid for i, f, o; tanh for u."""
+def _activate(g: torch.Tensor, u: torch.Tensor, H: int, via_sigmoid: bool):
+    """Gate activations in place: sigmoid for i, f, o; tanh for u (a view of g)."""
     if via_sigmoid:  # u's pre-activation is already doubled
         g.sigmoid_()
-        g[:, 3 * H:].mul_(2).sub_(1)
+        u.mul_(2).sub_(1)
     else:
         g[:, :3 * H].sigmoid_()
         g[:, 3 * H:].tanh_()
 
 
-def _tanh(c: torch.Tensor, out: torch.Tensor, via_sigmoid: bool) -> torch.Tensor:
-    if not via_sigmoid:
-        return torch.tanh(c, out=out)
-    torch.mul(c, 2, out=out).sigmoid_()
-    return out.mul_(2).sub_(1)
+def _cell_output(c, s, o, out, via_sigmoid: bool):
+    """out = o * tanh(c). With via_sigmoid, s = sigmoid(-2c) so tanh(c) = 1 - 2s and the
+    product is one addcmul; otherwise s = tanh(c). Either way s is what backward gets."""
+    if via_sigmoid:
+        torch.mul(c, -2, out=s).sigmoid_()
+        return torch.addcmul(o, o, s, value=-2, out=out)
+    torch.tanh(c, out=s)
+    return torch.mul(o, s, out=out)
+
+
+def _time_major(x: torch.Tensor, cd, extra: int = 0) -> torch.Tensor:
+    """x [B,T,E] -> [T*B, E + extra] in the compute dtype: column E is 1 (the bias rides in
+    the matmul, no separate pass over the output), the rest of the extra columns 0."""
+    B, T, E = x.shape
+    X = torch.empty(T, B, E + extra, dtype=cd, device=x.device)
+    X[..., :E] = x.transpose(0, 1)
+    if extra:
+        X[..., E:] = 0
+        X[..., E] = 1
+    return X.view(T * B, E + extra)
 
 
 def _project(x, wx, wmx, b, cd, sd, G=None, XM=None):
     """x [B,T,E] -> time-major X [T*B,E] (compute dtype), X Wx + b [T,B,4H], X Wmx [T,B,H]
     (into G and XM when given)."""
     B, T, E = x.shape
-    X = x.transpose(0, 1).reshape(T * B, E).to(cd)
-    wx, wmx, b = wx.to(cd), wmx.to(cd), b.to(cd)
+    X1 = _time_major(x, cd, 1)
+    X = X1[:, :E]
+    W1 = torch.cat([wx.to(cd), b.to(cd)[None]])
+    wmx = wmx.to(cd)
     if G is not None and cd == sd:
-        torch.addmm(b, X, wx, out=G.view(T * B, -1))
+        torch.mm(X1, W1, out=G.view(T * B, -1))
         torch.mm(X, wmx, out=XM.view(T * B, -1))
         return X, G, XM
-    G = torch.addmm(b, X, wx).to(sd).view(T, B, -1)
+    G = (X1 @ W1).to(sd).view(T, B, -1)
     XM = (X @ wmx).to(sd).view(T, B, -1)
     return X, G, XM
 
@@ -221,7 +246,7 @@ class _MLSTMSequence(torch.autograd.Function):
     def forward(ctx, x, h0, c0, wx, wh, wmx, wmh, b, keep, cd):
         B, T, _ = x.shape
         H, sd, dev = h0.shape[1], x.dtype, x.device
-        fast = _sigmoid_tanh(dev)
+        fast = _sigmoid_tanh(dev, B * H)
         wx_, wh_, wmh_, b_ = wx, wh.to(cd), wmh.to(cd), b
         if fast:
             wx_, wh_, b_ = _double_u(wx, H), _double_u(wh_, H), _double_u(b, H)
@@ -232,22 +257,24 @@ class _MLSTMSequence(torch.autograd.Function):
         X, G, XM = _project(x, wx_, wmx, b_, cd, sd, G, XM)
         Hs[0], C[0] = h0, c0
         resets = _reset_steps(keep, T)
+        # Per-step views made once (unbind is one call; indexing in the loop costs ~us each).
+        Hs_, C_, TC_, HM_, M_, XM_, G_ = (b.unbind(0) for b in (Hs, C, TC, HM, M, XM, G))
+        I_, F_, O_, U_ = (G[..., k * H:(k + 1) * H].unbind(0) for k in range(4))
+        keep_ = keep.unbind(0) if keep is not None else None
         for t in range(T):
-            hp, cp = Hs[t], C[t]
+            hp, cp = Hs_[t], C_[t]
             if resets[t]:
-                hp, cp = hp * keep[t], cp * keep[t]
-            _mm(HM[t], hp, wmh_)
-            torch.mul(XM[t], HM[t], out=M[t])
-            g = G[t]
-            _mm(g, M[t], wh_, add=True)
-            _activate(g, H, fast)
-            torch.mul(g[:, H:2 * H], cp, out=C[t + 1])
-            C[t + 1].addcmul_(g[:, :H], g[:, 3 * H:])
-            _tanh(C[t + 1], TC[t], fast)
-            torch.mul(g[:, 2 * H:3 * H], TC[t], out=Hs[t + 1])
+                hp, cp = hp * keep_[t], cp * keep_[t]
+            _mm(HM_[t], hp, wmh_)
+            torch.mul(XM_[t], HM_[t], out=M_[t])
+            _mm(G_[t], M_[t], wh_, add=True)
+            _activate(G_[t], U_[t], H, fast)
+            torch.mul(F_[t], cp, out=C_[t + 1])
+            C_[t + 1].addcmul_(I_[t], U_[t])
+            _cell_output(C_[t + 1], TC_[t], O_[t], Hs_[t + 1], fast)
         ctx.save_for_backward(wx, wh, wmx, wmh)
         ctx.lease = _Lease((G, XM, HM, M, TC, Hs, C))
-        ctx.X, ctx.keep, ctx.cd, ctx.resets = X, keep, cd, resets
+        ctx.X, ctx.keep, ctx.cd, ctx.resets, ctx.fast = X, keep, cd, resets, fast
         hs = Hs[1:].transpose(0, 1).contiguous()
         return hs, Hs[T].clone(), C[T].clone()
 
@@ -270,6 +297,8 @@ class _MLSTMSequence(torch.autograd.Function):
         take = lambda *s: _pool.take(s, sd, dev)  # noqa: E731
         whT, wmhT = wh.to(cd).t(), wmh.to(cd).t()
         I, F, O, U = G[..., :H], G[..., H:2 * H], G[..., 2 * H:3 * H], G[..., 3 * H:]
+        if ctx.fast:  # TC holds sigmoid(-2c): tanh(c) = 1 - 2 TC
+            TC = torch.mul(TC, -2, out=take(T, B, H)).add_(1)
 
         # Everything the reverse loop needs that does not depend on the recurrence, for all
         # T at once: dz = P * [dc, dc, dh, dc] and dc += dh * A.
@@ -297,19 +326,25 @@ class _MLSTMSequence(torch.autograd.Function):
             dc += dcT
         if dhsT is not None:
             dh += dhsT[T - 1]
+        A_, F_, XM_, P4_, dZ_, dM_, dHM_ = (b.unbind(0) for b in (
+            A, F, XM, P.view(T, B, 4, H), dZ, dM, dHM))
+        Po_, dZ4_, dZo_ = P[..., 2 * H:3 * H].unbind(0), dZ.view(T, B, 4, H).unbind(0), \
+            dZ[..., 2 * H:3 * H].unbind(0)
+        dhs_ = dhsT.unbind(0) if dhsT is not None else None
+        keep_ = keep.unbind(0) if keep is not None else None
+        dc1 = dc.unsqueeze(1)
         for t in range(T - 1, -1, -1):
             # dh: gradient of h_t; dc: of c_t, from later steps.
-            dc.addcmul_(dh, A[t])
-            dz = dZ[t]
-            torch.mul(P[t].view(B, 4, H), dc.unsqueeze(1), out=dz.view(B, 4, H))
-            torch.mul(P[t, :, 2 * H:3 * H], dh, out=dz[:, 2 * H:3 * H])
-            dc.mul_(F[t])
-            _mm(dM[t], dz, whT)
-            torch.mul(dM[t], XM[t], out=dHM[t])
+            dc.addcmul_(dh, A_[t])
+            torch.mul(P4_[t], dc1, out=dZ4_[t])  # i, f, u parts (o is overwritten next)
+            torch.mul(Po_[t], dh, out=dZo_[t])
+            dc.mul_(F_[t])
+            _mm(dM_[t], dZ_[t], whT)
+            torch.mul(dM_[t], XM_[t], out=dHM_[t])
             if resets[t]:
-                dHM[t].mul_(keep[t])
-                dc.mul_(keep[t])
-            _mm(dh, dHM[t], wmhT, bias=dhsT[t - 1] if (dhsT is not None and t > 0) else None)
+                dHM_[t].mul_(keep_[t])
+                dc.mul_(keep_[t])
+            _mm(dh, dHM_[t], wmhT, bias=dhs_[t - 1] if (dhs_ is not None and t > 0) else None)
 
         dZ2, dHM2 = dZ.view(T * B, H4), dHM.view(T * B, H)
         dXM = dM.mul_(HM).view(T * B, H)  # d(x Wmx) = dm * (h Wmh)
@@ -324,25 +359,32 @@ class _MLSTMSequence(torch.autograd.Function):
             dx = lo(dZ2) @ wx.to(cd).t()
             dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
             dx = dx.view(T, B, -1).transpose(0, 1)
-        _pool.give([P, A, dZ, dM, dHM] + ([dhsT] if dhsT is not None else []))
+        _pool.give([P, A, dZ, dM, dHM] + ([dhsT] if dhsT is not None else [])
+                   + ([TC] if ctx.fast else []))
         _pool.give(lease.tensors, lease)
         lease.released = True
         return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None
 @torch.no_grad()
 def _infer(x, h0, c0, weights, keep, mask, cd):
-    """The forward step without saving anything; masked rows hold their state."""
+    """The forward step without saving anything; masked rows hold their state.
+
+    No [T,B,4H] x-projection is materialised (8 KB per byte written, then read back):
+    each step's gates are one matmul of [x_t, 1, 0.., m_t] with [Wx; b; 0..; Wh]."""
     wx, wh, wmx, wmh, b = weights
-    B, T, _ = x.shape
-    H, sd = h0.shape[1], x.dtype
-    fast = _sigmoid_tanh(x.device)
-    wh_, wmh_ = wh.to(cd), wmh.to(cd)
+    B, T, E = x.shape
+    H, sd, dev = h0.shape[1], x.dtype, x.device
+    fast = _sigmoid_tanh(dev, B * H)
+    wx, wh, b, wmx, wmh = wx.to(cd), wh.to(cd), b.to(cd), wmx.to(cd), wmh.to(cd)
     if fast:
-        wx, wh_, b = _double_u(wx, H), _double_u(wh_, H), _double_u(b, H)
-    _, XZ, XM = _project(x, wx, wmx, b, cd, sd)
-    new = lambda *s: torch.empty(*s, dtype=sd, device=x.device)  # noqa: E731
-    Hs = new(T + 1, B, H)
-    Hs[0] = h0
+        wx, wh, b = _double_u(wx, H), _double_u(wh, H), _double_u(b, H)
+    pad = 8  # the ones column + zeros, so m_t starts on an aligned column
+    W = torch.cat([wx, b[None], wx.new_zeros(pad - 1, 4 * H), wh])
+    XA = _time_major(x, sd, pad + H)  # m_t is written into the last H columns each step
+    XM = _pool.take((T, B, H), sd, dev)
+    _mm(XM.view(T * B, H), XA[:, :E], wmx)
+    hs = torch.empty(B, T, H, dtype=sd, device=dev)  # written in place, step by step
     c = c0.clone()
+    new = lambda *s: torch.empty(*s, dtype=sd, device=dev)  # noqa: E731
     g, hm, tc = new(B, 4 * H), new(B, H), new(B, H)
     rows, general = [B] * T, None
     if mask is not None:
@@ -352,28 +394,39 @@ def _infer(x, h0, c0, weights, keep, mask, cd):
         if bool((prefix == mask).all()):  # live rows 0..n-1: compute only those
             rows = live.tolist()
         else:
-            general = mask.t().unsqueeze(-1)  # [T,B,1]
+            general = mask.t().unsqueeze(-1).unbind(0)  # [B,1] per step
     resets = _reset_steps(keep, T)
+    keep_ = keep.unbind(0) if keep is not None else None
+    XA3 = XA.view(T, B, -1)
+    XA_, M_, XM_ = XA3.unbind(0), XA3[..., E + pad:].unbind(0), XM.unbind(0)
+    Hs_ = (h0,) + hs.unbind(1)  # Hs_[t]: the state before step t
+    full = (g, g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:], hm, c, tc)
     for t in range(T):
-        n, hp = rows[t], Hs[t]
+        n, hp = rows[t], Hs_[t]
         if resets[t]:
-            hp = hp * keep[t]
-            c.mul_(keep[t])
+            hp = hp * keep_[t]
+            c.mul_(keep_[t])
         if n == 0:
-            Hs[t + 1] = hp
+            Hs_[t + 1].copy_(hp)
             continue
         c_old = c.clone() if general is not None else None
-        _mm(hm[:n], hp[:n], wmh_)
-        hm[:n].mul_(XM[t, :n])
-        gn = _mm(g[:n], hm[:n], wh_, bias=XZ[t, :n])
-        _activate(gn, H, fast)
-        cn = c[:n]
-        cn.mul_(gn[:, H:2 * H]).addcmul_(gn[:, :H], gn[:, 3 * H:])
-        _tanh(cn, tc[:n], fast)
-        torch.mul(gn[:, 2 * H:3 * H], tc[:n], out=Hs[t + 1, :n])
+        if n == B:  # (slicing costs microseconds per call: only when rows are dropped)
+            gn, i, f, o, u, hmn, cn, tcn = full
+            hpn, xa, m, xm, out = hp, XA_[t], M_[t], XM_[t], Hs_[t + 1]
+        else:
+            gn, hmn, cn, tcn = g[:n], hm[:n], c[:n], tc[:n]
+            i, f, o, u = gn[:, :H], gn[:, H:2 * H], gn[:, 2 * H:3 * H], gn[:, 3 * H:]
+            hpn, xa, m, xm, out = hp[:n], XA_[t][:n], M_[t][:n], XM_[t][:n], Hs_[t + 1][:n]
+        _mm(hmn, hpn, wmh)
+        torch.mul(hmn, xm, out=m)
+        _mm(gn, xa, W)
+        _activate(gn, u, H, fast)
+        cn.mul_(f).addcmul_(i, u)
+        _cell_output(cn, tcn, o, out, fast)
         if n < B:
-            Hs[t + 1, n:] = hp[n:]
+            Hs_[t + 1][n:] = hp[n:]
         if general is not None:
-            Hs[t + 1] = torch.where(general[t], Hs[t + 1], hp)
+            Hs_[t + 1].copy_(torch.where(general[t], Hs_[t + 1], hp))
             c.copy_(torch.where(general[t], c, c_old))
-    return Hs[1:].transpose(0, 1).contiguous(), Hs[T].clone(), c
+    _pool.give([XM])
+    return hs, hs[:, -1].clone(), c

@@ -11,6 +11,15 @@ from sentdisc.model import ByteLM, ModelConfig
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=["tanh", "sigmoid_tanh"])
+def gate_math(request, monkeypatch):
+    """Run a test with both ways of computing tanh: CPU batches above a size use
+    tanh(z) = 2 sigmoid(2z) - 1 (faster there); force it on for these tiny sizes too."""
+    if request.param == "sigmoid_tanh":
+        monkeypatch.setattr(kernels, "SIGMOID_TANH_MIN", 0)
+    return request.param
+
+
 def make(seed=0, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
     cfg = dict(embed_size=8, rnn_size=24, layers=2, weight_norm="all")
@@ -83,7 +92,7 @@ def test_fused_path_is_the_one_used():
     (1, 21, 4, 8, 1, "none"),
     (8, 32, 16, 64, 1, "recurrent"),
 ])
-def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm):
+def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm, gate_math):
     model = make(embed_size=embed, rnn_size=rnn, layers=layers, weight_norm=weight_norm)
     gen = torch.Generator().manual_seed(B * T)
     x = torch.randint(0, 256, (B, T), generator=gen)
@@ -98,7 +107,7 @@ def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm):
     assert all(g.abs().sum() > 0 for g in fused[2].values())
 
 
-def test_float64_matches_plain_loop():
+def test_float64_matches_plain_loop(gate_math):
     model = make(dtype=torch.float64)
     x = torch.randint(0, 256, (4, 10))
     reset = torch.zeros(4, 10, dtype=torch.bool)
@@ -111,7 +120,7 @@ def test_float64_matches_plain_loop():
     assert_same(fused, plain, dict(atol=1e-12, rtol=1e-10))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(gate_math):
     gen = torch.Generator().manual_seed(0)
     B, T, E, H = 2, 4, 3, 4
 
@@ -141,7 +150,7 @@ def _layer_pair(model, x, state, **kw):
 
 
 @pytest.mark.parametrize("kind", ["prefix", "general", "prefix+reset", "all_masked"])
-def test_inference_with_mask_matches_plain_loop(kind):
+def test_inference_with_mask_matches_plain_loop(kind, gate_math):
     model = make(layers=1)
     B, T = 6, 12
     gen = torch.Generator().manual_seed(1)
@@ -161,7 +170,7 @@ def test_inference_with_mask_matches_plain_loop(kind):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_inference_without_grad_matches_plain_loop():
+def test_inference_without_grad_matches_plain_loop(gate_math):
     model = make()
     x = torch.randint(0, 256, (3, 17))
     reset = torch.zeros(3, 17, dtype=torch.bool)
@@ -177,7 +186,7 @@ def test_inference_without_grad_matches_plain_loop():
 
 
 @pytest.mark.parametrize("kind", ["cell", "mean", "max"])
-def test_featurize_matches_plain_loop(kind):
+def test_featurize_matches_plain_loop(kind, gate_math):
     model = make()
     texts = ["great movie!", "", "x", "a much longer review that spans several chunks " * 3,
              "bad.", "middling, really"]
@@ -185,6 +194,20 @@ def test_featurize_matches_plain_loop(kind):
     with kernels.disabled():
         plain = featurize(model, texts, batch_size=4, chunk_size=16, kind=kind)
     np.testing.assert_allclose(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_second_backward_after_reuse_is_a_clear_error():
+    """Buffers go back to a pool after backward; a retained graph whose buffers another
+    forward has reused since must fail loudly, not return wrong gradients."""
+    model = make(layers=1, rnn_size=16)
+    x = torch.randint(0, 256, (2, 6))
+    logits, _ = model(x)
+    loss = logits.square().mean()
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)  # nothing reused the buffers yet: still fine
+    model(x)[0].square().mean().backward()  # another forward takes the pooled buffers
+    with pytest.raises(RuntimeError, match="kernels.disabled"):
+        loss.backward()
 
 
 def test_bf16_autocast_close_to_float32():
