@@ -283,10 +283,13 @@ def test_cli_heatmap_end_to_end(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_cli_generate_from_classifier_defaults(tiny_checkpoint, tmp_path, capsys):
-    clf = tmp_path / "classifier.json"
-    clf.write_text(json.dumps({"format": "sentdisc-classifier", "neurons": [7, 3],
-                               "signs": [-1, 1], "layer": -1, "feature_kind": "cell",
-                               "checkpoint": str(tiny_checkpoint)}))
+    from sentdisc.classifier import Classifier
+
+    coef = np.zeros(32)
+    coef[7], coef[3] = -2.0, 1.0
+    clf = Classifier(coef=coef, intercept=0.0, C=1.0, neurons=[7, 3], signs=[-1, 1],
+                     top_coef=[-2.0, 1.0], top_intercept=0.0, top_C=1.0, feature_kind="cell",
+                     layer=-1, checkpoint=str(tiny_checkpoint)).save(tmp_path / "classifier.json")
     common = ["--classifier", str(clf), "--text", "The plot ", "--overwrite", "1",
               "--seq_length", "30", "--temperature", "1.0", "--experiment_dir", str(tmp_path),
               "--formats", "json,png"]
@@ -311,7 +314,7 @@ def test_cli_generate_from_classifier_defaults(tiny_checkpoint, tmp_path, capsys
     (["--neuron", "500"], "neuron must be an integer"),
     (["--text", "  "], "empty after preprocessing"),
     (["--classifier", "{tmp}/missing.json"], "classifier file"),
-    (["--classifier", "{tmp}/bad.json"], "field 'neurons'"),
+    (["--classifier", "{tmp}/bad.json"], "not a sentdisc classifier"),
     (["--experiment_name", "../up"], "plain folder name"),
     (["--formats", "png,exe"], "--formats"),
     (["--generate", "--overwrite", "1", "--neuron", "-3"], "neuron must be"),

@@ -17,7 +17,6 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
 
 from sentdisc import viz
 from sentdisc.checkpoint import CheckpointError, load
@@ -33,23 +32,23 @@ class VisualizeConfig:
     text: str = field(default="The meaning of life is ", metadata={
         "help": "text to analyse, or the prompt to continue with --generate"})
     text_file: str = field(default="", metadata={"help": "read the text from this UTF-8 file instead"})
-    neuron: Optional[int] = field(default=None, metadata={
+    neuron: int | None = field(default=None, metadata={
         "help": "neuron to show (default: the classifier's top neuron, else 0)"})
     classifier: str = field(default="", metadata={
         "help": "transfer classifier.json: its top neuron, sign, layer and feature kind"})
-    layer: Optional[int] = field(default=None, metadata={
+    layer: int | None = field(default=None, metadata={
         "help": "layer to read (default: the classifier's, else -1 = last)"})
-    kind: Optional[str] = field(default=None, metadata={
+    kind: str | None = field(default=None, metadata={
         "help": "cell or hidden (default: cell; hidden for a classifier on hidden/mean/max features)"})
     generate: bool = field(default=False, metadata={
         "help": "continue --text by seq_length bytes instead of analysing it"})
     seq_length: int = field(default=256, metadata={"help": "bytes to generate after the prompt"})
     temperature: float = field(default=0.4, metadata={"help": "sampling temperature (0 = greedy)"})
-    overwrite: Optional[float] = field(default=None, metadata={
+    overwrite: float | None = field(default=None, metadata={
         "help": "hold the neuron's cell at this value while generating (+1/-1; 0 = don't)"})
-    negate: Optional[bool] = field(default=None, metadata={
+    negate: bool | None = field(default=None, metadata={
         "help": "the neuron is a negative-sentiment neuron: flip its sign (default: from the classifier)"})
-    seed: Optional[int] = field(default=1234, metadata={"help": "sampling seed (reproducible text)"})
+    seed: int | None = field(default=1234, metadata={"help": "sampling seed (reproducible text)"})
     width: int = field(default=viz.DEFAULT_WIDTH, metadata={"help": "characters per heatmap line"})
     formats: list[str] = field(default_factory=lambda: ["png"], metadata={
         "help": f"files to write, any of {','.join(FORMATS)}"})
@@ -64,35 +63,16 @@ class UsageError(ValueError):
 
 def read_classifier(path: str) -> dict:
     """The fields of a transfer classifier.json this tool needs: top neuron, its sign, and the
-    layer / feature kind it was trained on. Read as plain JSON (nothing executed)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "classifier.json"
-    if not p.is_file():
-        raise UsageError(f"classifier file {p} does not exist")
+    layer / feature kind it was trained on (read by the one Classifier loader; no pickle)."""
+    from sentdisc.classifier import Classifier, ClassifierError
+
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{p}: not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise UsageError(f"{p}: expected a JSON object")
-    neurons, signs = d.get("neurons"), d.get("signs")
-    if not isinstance(neurons, list) or not neurons or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in neurons):
-        raise UsageError(f"{p}: field 'neurons' must be a non-empty list of neuron indices "
-                         f"(top first), got {neurons!r}"[:300])
-    if not isinstance(signs, list) or len(signs) != len(neurons) or not all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
-            for s in signs):
-        raise UsageError(f"{p}: field 'signs' must be a list of {len(neurons)} numbers "
-                         f"(+1/-1), got {signs!r}"[:300])
-    layer = d.get("layer", -1)
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise UsageError(f"{p}: field 'layer' must be an integer, got {layer!r}")
-    kind = d.get("feature_kind", "cell")
-    return {"path": str(p), "neurons": neurons, "signs": [1 if s >= 0 else -1 for s in signs],
-            "layer": layer, "kind": "cell" if kind == "cell" else "hidden",
-            "checkpoint": d.get("checkpoint") if isinstance(d.get("checkpoint"), str) else ""}
+        clf = Classifier.load(path)
+    except ClassifierError as e:
+        raise UsageError(str(e)) from None
+    return {"neurons": clf.neurons, "signs": clf.signs, "layer": clf.layer,
+            "kind": "cell" if clf.feature_kind == "cell" else "hidden",
+            "checkpoint": clf.checkpoint}
 
 
 def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
@@ -183,7 +163,7 @@ def run(cfg: VisualizeConfig) -> dict:
             "config": cfg, "generated": out}
 
 
-def main(argv=None, generate: Optional[bool] = None, prog: str = "visualize") -> int:
+def main(argv=None, generate: bool | None = None, prog: str = "visualize") -> int:
     """One script for both: ``--generate`` switches to generation (``generate=True`` forces
     it). Prints the files written; returns the exit status (2 on bad input)."""
     parser = build_parser(__doc__.splitlines()[0], VisualizeConfig)
