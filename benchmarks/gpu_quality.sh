@@ -13,8 +13,15 @@ DATA="${SENTDISC_DATA:-$(cd .. && pwd)/shared/data}"
 case "${1:-run}" in
   prepare)
     rm -rf .gpu_data && mkdir -p .gpu_data/imdb/reviews .gpu_data/sst2 .gpu_data/amazon_blitzer
-    cp "$DATA"/imdb/reviews/part-0{0,1,2,3}.json .gpu_data/imdb/reviews/      # ~49 MB
-    cp "$DATA"/imdb/{train,test}.csv .gpu_data/imdb/ 2>/dev/null || true
+    cp "$DATA"/imdb/reviews/part-0{0,1}.json .gpu_data/imdb/reviews/       # ~25 MB of 98
+    # Seeded subsets of the IMDB labeled splits: the whole CSVs would overflow the 64 MiB carry.
+    python - "$DATA" <<'PY'
+import sys, pandas as pd
+d = sys.argv[1]
+for split, n in (("train", 6000), ("test", 5000)):
+    pd.read_csv(f"{d}/imdb/{split}.csv").sample(n=n, random_state=0).to_csv(
+        f".gpu_data/imdb/{split}.csv", index=False)
+PY
     cp "$DATA"/sst2/*.csv .gpu_data/sst2/
     cp "$DATA"/amazon_blitzer/*.csv .gpu_data/amazon_blitzer/
     grep -qx ".gpu_data/" .git/info/exclude 2>/dev/null || echo ".gpu_data/" >> .git/info/exclude
