@@ -80,6 +80,7 @@ def _worker(rank: int, world: int, port: int, args, results):
         ref = w.clone()
         dist.broadcast(ref, 0)
         results.put((rank, best, bool(torch.equal(w, ref))))
+        dist.barrier()  # nobody tears gloo down while another rank still talks
         dist.destroy_process_group()
     else:
         results.put((rank, best, True))
@@ -100,11 +101,18 @@ def run(world: int, args) -> tuple:
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, results)) for r in range(world)]
     for p in procs:
         p.start()
+    out = []
+    while len(out) < world and any(p.is_alive() for p in procs) or not results.empty():
+        if not results.empty():
+            out.append(results.get())
+        else:
+            time.sleep(0.1)
     for p in procs:
         p.join()
-    if any(p.exitcode != 0 for p in procs):
+    if len(out) < world:
         raise SystemExit(f"a worker failed (exit codes {[p.exitcode for p in procs]})")
-    out = [results.get() for _ in range(world)]
+    if any(p.exitcode != 0 for p in procs):  # measured fine, died in teardown: say so
+        print(f"  (note: worker exit codes {[p.exitcode for p in procs]} after reporting)")
     # The slowest rank sets the pace (every step waits for the all-reduce).
     step = max(o[1] for o in out)
     return world * args.accum * args.batch_size * args.seq_length / step, step, all(o[2] for o in out)
