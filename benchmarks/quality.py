@@ -167,6 +167,10 @@ def plot(rows: list[dict], tfidf: dict, tasks, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", default="imdb", choices=["imdb", "amazon"])
+    p.add_argument("--corpus_path", default="", help="pretraining files (default: the corpus's "
+                   "reviews/ folder under SENTDISC_DATA), e.g. a slice of imdb/reviews")
+    p.add_argument("--use_gpu", action="store_true", help="train on GPU workers, featurize on cuda")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--rnn_size", type=int, default=256)
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=32)
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     name = f"quality-{args.corpus}-{args.rnn_size}" + ("-quick" if args.quick else "")
-    corpus = {"imdb": d / "imdb" / "reviews", "amazon": d / "amazon_blitzer" / "reviews"}[args.corpus]
+    corpus = Path(args.corpus_path) if args.corpus_path else \
+        {"imdb": d / "imdb" / "reviews", "amazon": d / "amazon_blitzer" / "reviews"}[args.corpus]
     model_cfg = ModelConfig(embed_size=args.embed_size, rnn_size=args.rnn_size, layers=1,
                             rnn_type="mlstm", weight_norm="recurrent")
     data_cfg = DataConfig(train=str(corpus), split="0.98,0.02,0", text_key="reviewText",
@@ -207,6 +212,7 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, seq_length=args.seq_length, lr=args.lr,
         lr_scheduler="linear", max_iters=args.max_iters, log_interval=max(10, args.max_iters // 60),
         save_iters=args.max_iters // args.checkpoints, eval_iters=0, num_workers=args.num_workers,
+        use_gpu=args.use_gpu, precision=args.precision,
         cpus_per_worker=1, threads_per_worker=args.threads_per_worker,
         experiment_dir=args.experiment_dir, experiment_name=name,
         keep_checkpoints=args.checkpoints + 2, max_failures=1)
@@ -227,9 +233,11 @@ def main(argv=None) -> int:
     print("== TF-IDF baselines: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in tfidf.items()), flush=True)
 
     torch.manual_seed(args.seed)
-    models = [("random", 0, ByteLM(model_cfg).eval())]
+    device = "cuda" if args.use_gpu else "cpu"
+    models = [("random", 0, ByteLM(model_cfg).eval().to(device))]
     for c in ckpts:
-        models.append((c.name, json.loads((c / "train_state.json").read_text())["bytes_seen"], load(c)))
+        models.append((c.name, json.loads((c / "train_state.json").read_text())["bytes_seen"],
+                       load(c, map_location=device)))
     rows = []
     for tag, nbytes, model in models:
         bpb = evaluate_bpb(model, heldout, batch_size=32, seq_length=256, max_windows=64)
