@@ -156,10 +156,11 @@ def load_openai(directory: str | os.PathLike) -> ByteLM:
     t = torch.from_numpy
     with torch.no_grad():
         model.embed.weight.copy_(t(p[0]))
-        layer.wx.copy_(t(p[1])); layer.wh.copy_(t(wh)); layer.wmx.copy_(t(p[6]))
-        layer.wmh.copy_(t(p[7])); layer.b.copy_(t(p[8])); layer.gx.copy_(t(p[9]))
-        layer.gh.copy_(t(p[10])); layer.gmx.copy_(t(p[11])); layer.gmh.copy_(t(p[12]))
-        model.head.weight.copy_(t(p[13]).T); model.head.bias.copy_(t(p[14]))
+        for name, value in (("wx", p[1]), ("wh", wh), ("wmx", p[6]), ("wmh", p[7]), ("b", p[8]),
+                            ("gx", p[9]), ("gh", p[10]), ("gmx", p[11]), ("gmh", p[12])):
+            getattr(layer, name).copy_(t(value))
+        model.head.weight.copy_(t(p[13]).T)
+        model.head.bias.copy_(t(p[14]))
     return model.eval()
 
 

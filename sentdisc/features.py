@@ -70,7 +70,7 @@ def _featurize_batch(model, seqs, lengths, layer, kinds, chunk_size, device) -> 
         padded[r, :len(s)] = s
     x = torch.from_numpy(padded).to(device)
     valid = torch.arange(T, device=device)[None, :] < torch.from_numpy(lengths).to(device)[:, None]
-    weights = [l.weights() for l in model.layers[:layer + 1]]
+    weights = [rnn.weights() for rnn in model.layers[:layer + 1]]
     state = model.init_state(B)[:layer + 1]
     H = model.config.rnn_size
     total = torch.zeros(B, H, device=device) if "mean" in kinds else None

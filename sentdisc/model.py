@@ -246,7 +246,7 @@ class ByteLM(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         layer = layer % len(self.layers)
         prompt = list(prompt) or [ord("\n")]
-        weights = [l.weights() for l in self.layers]
+        weights = [rnn.weights() for rnn in self.layers]
         watch = next(iter(force)) if force else 0
         forced = None
         if force:

@@ -30,7 +30,7 @@ def reference(model, x, state=None, reset=None):
     cfg = model.config
     B, T = x.shape
     emb = model.embed.weight.detach().double().numpy()
-    layers = [_np_weights(l) for l in model.layers]
+    layers = [_np_weights(layer) for layer in model.layers]
     if state is None:
         state = [(np.zeros((B, cfg.rnn_size)), np.zeros((B, cfg.rnn_size))) for _ in layers]
     state = [(np.array(h, dtype=np.float64), np.array(c, dtype=np.float64)) for h, c in state]
@@ -138,7 +138,6 @@ def test_gradients_reach_every_parameter(rnn_type):
 
 def test_gradients_match_float64_autograd():
     """The production path's gradients equal a float64 run of the same module."""
-    model = make(layers=1)
     x = torch.from_numpy(rand_bytes(3, 16))
     grads = {}
     for dtype in (torch.float32, torch.float64):

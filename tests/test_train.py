@@ -6,11 +6,10 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from sentdisc.checkpoint import load, load_optimizer_state, load_train_state
 from sentdisc.config import parse
-from sentdisc.data.readers import DataConfig, DataError
+from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.recipes import pretrain as recipe
 from sentdisc.report import merge_rows, read_history
