@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t_start
     header = (f"mLSTM-{args.rnn_size} (embed {args.embed_size}) pretrained on {args.corpus} reviews, "
               f"{args.batch_size}x{args.seq_length} windows, Adam lr {args.lr} linear decay; "
-              f"test accuracy (%) of an L1 logistic regression, C chosen on validation by a Ray "
+              f"test accuracy (%) of an L1 logistic regression on standardized features, C chosen on validation by a Ray "
               f"Tune sweep; subsets: SST-2 {'all' if not args.max_sst2 else args.max_sst2}, "
               f"Amazon/IMDB train {args.max_train} val {args.max_val} test {args.max_test}. "
               f"Pretraining {t_pretrain / 60:.1f} min, whole run {wall / 60:.1f} min.")
