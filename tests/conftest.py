@@ -22,15 +22,21 @@ def shared_data():
     return path
 
 
+def start_local_ray():
+    import ray
+
+    # address="local": always a fresh instance, never a `ray start` cluster found on the machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray, started once for the whole session (each start costs seconds)."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": always a fresh instance, never a `ray start` cluster found on the machine.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        start_local_ray()
     yield ray
     try:
         from ray import serve
@@ -38,6 +44,15 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_fresh(ray_local):
+    """A Ray of its own for a module of Train runs. Datasets that earlier tests left half
+    consumed keep Ray Data's resource budget and would starve a Train run's data workers."""
+    ray_local.shutdown()
+    start_local_ray()
+    yield ray_local
 
 
 @pytest.fixture(scope="session")

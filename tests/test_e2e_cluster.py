@@ -58,11 +58,13 @@ def write_corpus(d: Path):
 class Cluster:
     def __init__(self, tmp: Path):
         self.gcs, self.dash, self.http = free_port(), free_port(), free_port()
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        # Nothing of the test session's own Ray (ray.init exports RAY_* into this process)
+        # may leak into the cluster or the CLI: they must find only this cluster.
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        self.env = {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "PYTHONPATH": str(REPO), "RAY_ADDRESS": f"http://127.0.0.1:{self.dash}",
                     # `python` in a job's entrypoint is this environment's, as in an activated venv
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.env.pop("RAY_USAGE_STATS_ENABLED", None)
         self.log = open(tmp / "ray_head.log", "w")
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
