@@ -69,7 +69,11 @@ class Cluster:
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
-             "--num-cpus=4", "--disable-usage-stats"],
+             "--num-cpus=4", "--disable-usage-stats",
+             # The session's own Ray holds the default agent ports on this machine.
+             *(f"--{name}={free_port()}" for name in (
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                 "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port"))],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
