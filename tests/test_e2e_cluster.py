@@ -141,7 +141,7 @@ def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
             try:
                 if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or a replica still loading
                 pass
             time.sleep(2)
         else:
