@@ -22,6 +22,13 @@ def shared_data():
     return path
 
 
+def pytest_collection_modifyitems(items):
+    """Train runs first, on a Ray no earlier test has touched: after other modules' Ray Data
+    work in the same driver process, a Train run restarted after a killed worker was seen to
+    wait for data forever (the same tests pass alone, every time)."""
+    items.sort(key=lambda item: item.path.name != "test_train.py")
+
+
 def start_local_ray():
     import ray
 
@@ -44,15 +51,6 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ray_fresh(ray_local):
-    """A Ray of its own for a module of Train runs. Datasets that earlier tests left half
-    consumed keep Ray Data's resource budget and would starve a Train run's data workers."""
-    ray_local.shutdown()
-    start_local_ray()
-    yield ray_local
 
 
 @pytest.fixture(scope="session")

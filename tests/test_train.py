@@ -54,7 +54,7 @@ def tiny_configs(tmp, name, **train):
 
 
 @pytest.fixture(scope="module")
-def ddp_run(ray_fresh, tmp_path_factory):
+def ddp_run(ray_local, tmp_path_factory):
     """2 CPU workers, DDP, rank 1 SIGKILLs itself once at iteration FAIL_AT."""
     tmp = tmp_path_factory.mktemp("pretrain")
     bad = write_corpus(tmp / "corpus")
