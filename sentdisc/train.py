@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from sentdisc import checkpoint as ckpt_io
 from sentdisc.model import ByteLM, ModelConfig
+from sentdisc.runtime import ensure_ray
 from sentdisc.report import (merge_rows, plot_loss, progress_line, read_history,
                              write_history)
 
@@ -532,9 +533,8 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     if tc.resume:
         model_cfg = ckpt_io.load_config(tc.resume)  # the weights decide the architecture
         tc = dataclasses.replace(tc, resume=str(Path(tc.resume).resolve()))
-    if not ray.is_initialized():
-        # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
-        ray.init(include_dashboard=False, log_to_driver=False)
+    # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
+    ensure_ray(include_dashboard=False, log_to_driver=False)
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from sentdisc.runtime import ensure_ray
 from sentdisc.classifier import Classifier, ClassifierError, fit_result_to_classifier
 
 __all__ = ["TransferConfig", "TransferError", "Classifier", "ClassifierError", "LabeledSet",
@@ -263,14 +264,6 @@ class ProgressLine:
               f"{bps / 1e3:.1f} KB/s | ETA {eta:.0f}s", file=self.out, flush=True)
 
 
-def _ensure_ray() -> None:
-    """Join RAY_ADDRESS's cluster (``ray job submit``) or start a local Ray, once."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-
-
 class _FeaturizeReplica:
     """One model replica in a Ray Data actor pool: loads the checkpoint once, then featurizes
     each batch with the same ``sentdisc.features.featurize`` the in-process path uses."""
@@ -307,7 +300,7 @@ def featurize_ray(texts: Sequence[str], checkpoint: str, kind: str = "cell", lay
 
     from sentdisc.text import encode_batch
 
-    _ensure_ray()
+    ensure_ray(include_dashboard=False)
     n = len(texts)
     if n == 0:
         from sentdisc.checkpoint import load_config
@@ -434,7 +427,7 @@ def sweep_C(Xtr, ytr, Xva, yva, Cs: Sequence[float], seed: int = 42, max_iter: i
         raise ValueError(f"backend must be 'tune' or 'local', got {backend!r}")
     from ray import tune
 
-    _ensure_ray()
+    ensure_ray(include_dashboard=False)
     if storage is None:
         import tempfile
         storage = Path(tempfile.mkdtemp(prefix="sentdisc_tune_"))

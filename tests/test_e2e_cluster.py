@@ -66,6 +66,11 @@ class Cluster:
                     # `python` in a job's entrypoint is this environment's, as in an activated venv
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.log = open(tmp / "ray_head.log", "w")
+        # `ray start` records its address for later `ray.init()` calls; killing the head leaves
+        # that record pointing at nothing, so it is put back as it was on stop.
+        from sentdisc.runtime import address_file
+        self.address_file = address_file()
+        self.recorded = self.address_file.read_text() if self.address_file.exists() else None
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
@@ -102,6 +107,10 @@ class Cluster:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.recorded is None:
+            self.address_file.unlink(missing_ok=True)
+        else:
+            self.address_file.write_text(self.recorded)
         self.log.close()
 
 

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+from sentdisc.runtime import ensure_ray
 from sentdisc.data.readers import (FORMATS, DataConfig, DataError, _root_of, as_data_error,
                                    read_dataset, resolve_paths)
 
@@ -38,7 +39,6 @@ def _relative_names(root: str):
 def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -> dict:
     """Read SRC with ``cfg``, write encoded Parquet shards to DST; return the manifest."""
     import pyarrow.parquet as pq
-    import ray
 
     files = resolve_paths(src)
     if os.path.isdir(dst) and any(not f.startswith(".") for f in os.listdir(dst)) and not overwrite:
@@ -48,8 +48,7 @@ def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -
             if name.endswith(".parquet") or name == MANIFEST:
                 os.remove(os.path.join(dst, name))
     os.makedirs(dst, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray(include_dashboard=False, log_to_driver=False)
     cfg = dataclasses.replace(cfg, shuffle=False)
     start = time.time()
     ds = read_dataset(files, cfg).map_batches(_relative_names(_root_of(files)),

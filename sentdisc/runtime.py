@@ -1,0 +1,58 @@
+"""Connecting to Ray: the one place every job and library entry point does it.
+
+``ray.init()`` with no address joins the cluster named by ``RAY_ADDRESS`` (set by ``ray job
+submit``) or by the address file ``ray start --head`` leaves in Ray's temp folder, else starts
+a local Ray. A head node that was killed rather than stopped leaves that file behind, and
+``ray.init()`` then waits minutes for a GCS that is gone. We check the address first and, when
+nothing answers there, say so and start a local Ray instead.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+
+def address_file() -> Path:
+    """Where ``ray start --head`` records its address (Ray's default temp folder)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+        return Path(get_ray_address_file(None))
+    except Exception:  # private API moved: fall back to where it has always been
+        return Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
+def stale_cluster_address(path: Optional[Path] = None) -> Optional[str]:
+    """The address recorded in ``path`` (default: Ray's address file) when nothing answers
+    there; None when there is no record or the cluster is up."""
+    try:
+        recorded = Path(path or address_file()).read_text().strip()
+    except OSError:
+        return None
+    return recorded if recorded and not reachable(recorded) else None
+
+
+def reachable(address: str, timeout: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def ensure_ray(**init_kwargs) -> None:
+    """Join this process's cluster or start a local Ray, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS") and "address" not in init_kwargs:
+        stale = stale_cluster_address()
+        if stale:
+            print(f"[sentdisc] no Ray cluster answers at {stale} (a stale address file from "
+                  f"a head node that was killed, not stopped): starting a local Ray", flush=True)
+            init_kwargs["address"] = "local"
+    ray.init(**init_kwargs)
