@@ -50,9 +50,19 @@ def ensure_ray(**init_kwargs) -> None:
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS") and "address" not in init_kwargs:
-        stale = stale_cluster_address()
-        if stale:
-            print(f"[sentdisc] no Ray cluster answers at {stale} (a stale address file from "
-                  f"a head node that was killed, not stopped): starting a local Ray", flush=True)
+        if forget_stale_cluster():
             init_kwargs["address"] = "local"
     ray.init(**init_kwargs)
+
+
+def forget_stale_cluster() -> bool:
+    """Remove an address file that points at nothing, as ``ray stop`` would have. Ray's own
+    internals (Train's placement-group cleaner, the state API) read it too and stall on it,
+    even inside a local Ray. Returns whether there was one."""
+    stale = stale_cluster_address()
+    if not stale:
+        return False
+    print(f"[sentdisc] no Ray cluster answers at {stale} (a stale address file from a head "
+          f"node that was killed, not stopped): removing it and starting a local Ray", flush=True)
+    address_file().unlink(missing_ok=True)
+    return True

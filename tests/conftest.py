@@ -32,6 +32,9 @@ def pytest_collection_modifyitems(items):
 def start_local_ray():
     import ray
 
+    from sentdisc.runtime import forget_stale_cluster
+
+    forget_stale_cluster()  # else Train's placement-group cleaner stalls on a dead address
     # address="local": always a fresh instance, never a `ray start` cluster found on the machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

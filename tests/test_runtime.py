@@ -39,3 +39,14 @@ def test_garbage_addresses_are_unreachable():
 
 def test_address_file_is_rays_own():
     assert address_file().name == "ray_current_cluster"
+
+
+def test_a_stale_address_file_is_removed(tmp_path, monkeypatch):
+    import sentdisc.runtime as runtime
+
+    record = tmp_path / "ray_current_cluster"
+    record.write_text(f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(runtime, "address_file", lambda: record)
+    assert runtime.forget_stale_cluster()
+    assert not record.exists()
+    assert not runtime.forget_stale_cluster()  # nothing left to forget
