@@ -3,8 +3,9 @@
 ``ray.init()`` with no address joins the cluster named by ``RAY_ADDRESS`` (set by ``ray job
 submit``) or by the address file ``ray start --head`` leaves in Ray's temp folder, else starts
 a local Ray. A head node that was killed rather than stopped leaves that file behind, and
-``ray.init()`` then waits minutes for a GCS that is gone. We check the address first and, when
-nothing answers there, say so and start a local Ray instead.
+``ray.init()`` (and Ray's own state API inside Train) then waits minutes for a GCS that is gone.
+We check the address first and, when nothing answers there, say so and remove the record, as
+``ray stop`` would have, so a local Ray starts.
 """
 from __future__ import annotations
 
@@ -50,8 +51,7 @@ def ensure_ray(**init_kwargs) -> None:
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS") and "address" not in init_kwargs:
-        if forget_stale_cluster():
-            init_kwargs["address"] = "local"
+        forget_stale_cluster()  # with no record left, ray.init() starts a local Ray
     ray.init(**init_kwargs)
 
 

@@ -36,8 +36,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from sentdisc.runtime import ensure_ray
 from sentdisc.classifier import Classifier, ClassifierError, fit_result_to_classifier
+from sentdisc.runtime import ensure_ray
 
 __all__ = ["TransferConfig", "TransferError", "Classifier", "ClassifierError", "LabeledSet",
            "prepare_data", "featurize_texts", "featurize_ray", "c_grid", "sweep_C", "choose_C",
