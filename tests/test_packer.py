@@ -151,6 +151,30 @@ def test_resume_continues_exactly():
         BytePacker(4, 10, 0).load_state_dict(state)
 
 
+def _restored_with_full_streams(B, T):
+    """A packer restored mid-epoch whose saved streams already hold more than one window."""
+    packer = BytePacker(B, T, 0)
+    it = packer.windows(as_batches([(b"y" * (3 * T), "")] * (2 * B)))
+    next(it)
+    restored = BytePacker(B, T, 0)
+    restored.load_state_dict(json.loads(json.dumps(packer.state_dict())))
+    assert all(len(buf) > T for buf in restored._buf)
+    return restored
+
+
+def test_restored_packer_joins_its_input_before_the_first_window():
+    # Ray Data's streaming split starts an epoch only when every rank asks for data; a rank
+    # that trained on its saved streams first would deadlock DDP (see the Ray test below).
+    pulled = []
+
+    def batches():
+        pulled.append("started")
+        yield from as_batches(make_records(50, seed=5))
+
+    next(_restored_with_full_streams(2, 8).windows(batches()))
+    assert pulled == ["started"]
+
+
 def BytePacker_counts(rows, B, T):
     packer = BytePacker(B, T, 0)
     for _ in packer.windows(as_batches(rows)):
@@ -204,3 +228,34 @@ def test_two_ray_workers_get_disjoint_shards_packed_exactly(ray_local, tmp_path)
         assert len(windows[rank]) == len(want) > 0
         for (x, reset), (wx, wreset) in zip(windows[rank], want):
             assert np.array_equal(x, wx) and np.array_equal(reset, wreset)
+
+
+def test_restored_and_fresh_ranks_do_not_deadlock_on_a_streaming_split(ray_local, tmp_path):
+    """Two DDP-like consumers in lockstep after a restore: rank 0's saved streams fill its first
+    window, rank 1 starts empty. Both must get their first window (the split's epoch barrier
+    needs both to ask for data) before meeting at the all-reduce stand-in."""
+    from sentdisc.data import DataConfig, read_dataset
+
+    for shard in range(4):
+        with open(tmp_path / f"part-{shard}.json", "w") as f:
+            for i in range(50):
+                f.write(json.dumps({"reviewText": f"review {i} " + "z" * (i % 17)}) + "\n")
+    splits = read_dataset(str(tmp_path), DataConfig()).streaming_split(2, equal=False)
+    packers = [_restored_with_full_streams(2, 16), BytePacker(2, 16, 0)]
+    all_reduce = threading.Barrier(2, timeout=60)
+    got = [None, None]
+
+    def rank(r):
+        it = packers[r].windows(splits[r].iter_batches(batch_size=8, batch_format="numpy"))
+        got[r] = next(it, None)
+        all_reduce.wait()  # raises BrokenBarrierError in the rank that waited in vain
+        for _ in it:  # drain, so the split's epoch finishes
+            pass
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "the ranks deadlocked"
+    assert not all_reduce.broken and got[0] is not None and got[1] is not None

@@ -20,6 +20,7 @@ Ray batch plus B partial records whatever the corpus size.
 from __future__ import annotations
 
 import base64
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -107,6 +108,13 @@ class BytePacker:
         """Yield windows until the input runs out; the leftover partial streams are dropped."""
         B, T = self.B, self.T
         records = self._records(batches)
+        # Join the input before the first window, even when restored streams could fill it:
+        # a Ray Data streaming split starts an epoch only once every rank has asked for data,
+        # so a rank that trains on its buffers first leaves the others blocked at that barrier
+        # while it blocks in DDP's all-reduce waiting for them.
+        first = next(records, None)
+        if first is not None:
+            records = itertools.chain((first,), records)
         while True:
             x = np.empty((B, T + 1), np.uint8)
             reset = np.zeros((B, T), bool)
