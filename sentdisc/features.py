@@ -1,9 +1,11 @@
 """Texts -> fixed-size features: the one implementation that transfer, heatmaps and serving use.
 
-Texts are sorted by length so a batch wastes little padding, run in chunks of ``chunk_size``
-bytes with the state carried between chunks (memory does not grow with text length), and
-masked so a text's state stops at its own last byte. The result is in input order and equals
-featurizing each text alone.
+Texts run through a pool of ``batch_size`` rows, ``chunk_size`` bytes at a time, each row's
+state carried between chunks (memory does not grow with text length) and masked so a text's
+state stops at its own last byte. When a text ends its row is handed to the next text, so the
+batch stays full even when lengths differ tenfold (reviews do); texts go in longest first, so
+the pool drains with little tail. The result is in input order and equals featurizing each
+text alone.
 """
 from __future__ import annotations
 
@@ -45,14 +47,11 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     encoded = encode_list(list(texts), transliterate)
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     order = np.argsort(-lengths, kind="stable")
-    H, device = model.config.rnn_size, model.device
-    out = {k: np.zeros((len(encoded), H), dtype=np.float32) for k in kinds}
+    out = {k: np.zeros((len(encoded), model.config.rnn_size), dtype=np.float32) for k in kinds}
     done = 0
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            feats = _featurize_batch(model, [encoded[i] for i in idx], lengths[idx],
-                                     layer, kinds, chunk_size, device)
+        for idx, feats in _featurize_pool(model, encoded, lengths, order, batch_size, layer,
+                                          kinds, chunk_size):
             for k in kinds:
                 out[k][idx] = feats[k]
             done += len(idx)
@@ -63,31 +62,60 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     return out[kind] if isinstance(kind, str) else out
 
 
-def _featurize_batch(model, seqs, lengths, layer, kinds, chunk_size, device) -> dict:
-    B, T = len(seqs), int(lengths.max())
-    padded = np.zeros((B, T), dtype=np.uint8)
-    for r, s in enumerate(seqs):
-        padded[r, :len(s)] = s
-    x = torch.from_numpy(padded).to(device)
-    valid = torch.arange(T, device=device)[None, :] < torch.from_numpy(lengths).to(device)[:, None]
-    weights = [rnn.weights() for rnn in model.layers[:layer + 1]]
-    state = model.init_state(B)[:layer + 1]
-    H = model.config.rnn_size
-    total = torch.zeros(B, H, device=device) if "mean" in kinds else None
-    peak = torch.full((B, H), -torch.inf, device=device) if "max" in kinds else None
-    for t0 in range(0, T, chunk_size):
-        m = valid[:, t0:t0 + chunk_size]
-        # Rows whose text ended before this chunk are fully masked; keep them anyway so the
-        # batch shape (and so the GEMM) stays the same as for the longest text.
-        outputs, state = model.run_layers(x[:, t0:t0 + chunk_size], state, mask=m,
-                                          weights=weights, num_layers=layer + 1)
+def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chunk_size):
+    """Yield (text indices, {kind: features}) as texts finish, refilling finished rows."""
+    device, H, n_layers = model.device, model.config.rnn_size, layer + 1
+    weights = [rnn.weights() for rnn in model.layers[:n_layers]]
+    queue = iter(order.tolist())
+    rows: list[int] = []                      # text index held by each row
+    offset = np.zeros(0, dtype=np.int64)      # bytes of that text already read
+    state = model.init_state(0)[:n_layers]
+    total = torch.zeros(0, H, device=device)  # running sums / maxima of the hidden state
+    peak = torch.zeros(0, H, device=device)
+
+    def admit(n):
+        nonlocal rows, offset, state, total, peak
+        new = [i for _, i in zip(range(n), queue)]
+        if not new:
+            return
+        rows += new
+        offset = np.concatenate([offset, np.zeros(len(new), dtype=np.int64)])
+        fresh = model.init_state(len(new))[:n_layers]
+        state = [(torch.cat([h, h0]), torch.cat([c, c0])) for (h, c), (h0, c0) in zip(state, fresh)]
+        total = torch.cat([total, torch.zeros(len(new), H, device=device)])
+        peak = torch.cat([peak, torch.full((len(new), H), -torch.inf, device=device)])
+
+    admit(pool_size)
+    while rows:
+        remaining = lengths[rows] - offset
+        T = int(min(chunk_size, remaining.max()))
+        x = np.zeros((len(rows), T), dtype=np.uint8)
+        for r, i in enumerate(rows):
+            piece = encoded[i][offset[r]:offset[r] + T]
+            x[r, :len(piece)] = piece
+        m = torch.from_numpy(np.arange(T)[None, :] < remaining[:, None]).to(device)
+        outputs, state = model.run_layers(torch.from_numpy(x).to(device), state, mask=m,
+                                          weights=weights, num_layers=n_layers)
         hs = outputs[layer][0].float()
-        if total is not None:
+        if "mean" in kinds:
             total += (hs * m.unsqueeze(-1)).sum(1)
-        if peak is not None:
+        if "max" in kinds:
             peak = torch.maximum(peak, hs.masked_fill(~m.unsqueeze(-1), -torch.inf).amax(1))
-    h, c = state[layer]
-    feats = {"cell": c, "hidden": h, "max": peak}
-    if total is not None:
-        feats["mean"] = total / torch.from_numpy(lengths).to(device).unsqueeze(1).float()
-    return {k: feats[k].float().cpu().numpy() for k in kinds}
+        offset += T
+        finished = offset >= lengths[rows]
+        if not finished.any():
+            continue
+        fin = torch.from_numpy(np.flatnonzero(finished)).to(device)
+        h, c = state[layer]
+        feats = {"cell": c[fin], "hidden": h[fin], "max": peak[fin]}
+        if "mean" in kinds:
+            n = torch.from_numpy(lengths[[rows[r] for r in fin.tolist()]]).to(device)
+            feats["mean"] = total[fin] / n.unsqueeze(1).float()
+        yield ([rows[r] for r in fin.tolist()],
+               {k: feats[k].float().cpu().numpy() for k in kinds})
+        keep = torch.from_numpy(np.flatnonzero(~finished)).to(device)
+        rows = [rows[r] for r in keep.tolist()]
+        offset = offset[~finished]
+        state = [(h[keep], c[keep]) for h, c in state]
+        total, peak = total[keep], peak[keep]
+        admit(len(fin))

@@ -403,7 +403,19 @@ def evaluate_C(Xtr, ytr, Xva, yva, C: float, seed: int = 42, max_iter: int = 100
     model, converged = fit_l1(Xtr, ytr, C, seed, max_iter, solver)
     return {"C": float(C), "val_acc": _accuracy(model, Xva, yva),
             "train_acc": _accuracy(model, Xtr, ytr), "nnz": int(np.sum(model.coef_ != 0)),
-            "converged": bool(converged), "fit_s": round(time.perf_counter() - t0, 3)}
+            "converged": bool(converged), "fit_s": round(time.perf_counter() - t0, 3),
+            "coef": model.coef_.reshape(-1).tolist(), "intercept": float(model.intercept_[0])}
+
+
+def _fitted(row: dict, classes: np.ndarray):
+    """The sweep's own fit at row's C, as a LogisticRegression: refitting on the same train
+    set with the same seed would give the same weights, at the cost of the slowest fit."""
+    model = _l1_logreg(row["C"], 0, 1, "liblinear")
+    model.coef_ = np.asarray(row["coef"], dtype=np.float64).reshape(1, -1)
+    model.intercept_ = np.array([row["intercept"]], dtype=np.float64)
+    model.classes_ = classes
+    model.n_features_in_ = model.coef_.shape[1]
+    return model
 
 
 def _tune_trial(config, Xtr, ytr, Xva, yva, seed, max_iter, solver):
@@ -451,7 +463,8 @@ def sweep_C(Xtr, ytr, Xva, yva, Cs: Sequence[float], seed: int = 42, max_iter: i
             raise RuntimeError(f"Tune trial C={result.config.get('C')} failed: {result.error}")
         m = result.metrics
         rows.append({k: m[k] for k in ("C", "val_acc", "train_acc", "nnz", "converged",
-                                        "fit_s")} | {"trial_id": m.get("trial_id", "")})
+                                        "fit_s", "coef", "intercept")}
+                    | {"trial_id": m.get("trial_id", "")})
     return sorted(rows, key=lambda r: r["C"])
 
 
@@ -497,12 +510,13 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
     sets = {"train": (Xtr, ytr), "val": (Xva, yva), "test": (Xte, yte)}
 
     t0 = time.perf_counter()
+    classes = np.unique(ytr)
     sweep = sweep_C(Xtr, ytr, Xva, yva, Cs, seed, max_iter, solver, backend, storage,
                     cpus_per_trial, name="sweep_all_neurons")
     best = choose_C(sweep)
-    model, converged = fit_l1(Xtr, ytr, best["C"], seed, max_iter, solver)
+    model = _fitted(best, classes)
     coef, intercept = model.coef_.reshape(-1), float(model.intercept_[0])
-    all_res = {"C": best["C"], "nnz": int(np.sum(coef != 0)), "converged": converged,
+    all_res = {"C": best["C"], "nnz": int(np.sum(coef != 0)), "converged": best["converged"],
                **_scores(model, sets), "seconds": round(time.perf_counter() - t0, 3)}
     if all_res["nnz"] == 0:
         log("warning: the chosen C zeroes every weight; the top neurons below are arbitrary")
@@ -515,11 +529,11 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
     top_sweep = sweep_C(top_sets["train"][0], ytr, top_sets["val"][0], yva, Cs, seed, max_iter,
                         solver, backend="local")
     top_best = choose_C(top_sweep)
-    top_model, top_conv = fit_l1(top_sets["train"][0], ytr, top_best["C"], seed, max_iter, solver)
+    top_model = _fitted(top_best, classes)
     top_res = {"neurons": neurons, "weights": [float(coef[n]) for n in neurons],
                "signs": [1 if coef[n] >= 0 else -1 for n in neurons],
                "C": top_best["C"], "coef": [float(v) for v in top_model.coef_.reshape(-1)],
-               "intercept": float(top_model.intercept_[0]), "converged": top_conv,
+               "intercept": float(top_model.intercept_[0]), "converged": top_best["converged"],
                **_scores(top_model, top_sets), "seconds": round(time.perf_counter() - t0, 3)}
     top_coef, top_intercept = top_model.coef_.reshape(-1), float(top_model.intercept_[0])
     if standardize:  # w.(x - mu)/sigma + b == (w/sigma).x + (b - sum(w mu/sigma))
@@ -530,8 +544,11 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
     clf = fit_result_to_classifier(coef, intercept, best["C"], neurons, top_coef,
                                    top_intercept, top_best["C"], feature_kind, layer,
                                    checkpoint)
-    results = {"all_neurons": all_res, "top_neurons": top_res, "sweep": sweep,
-               "top_sweep": top_sweep, "C_grid": Cs}
+    # The sweeps' weights live on in the two chosen models; the results stay small.
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("coef", "intercept")}  # noqa: E731
+                          for r in rows]
+    results = {"all_neurons": all_res, "top_neurons": top_res, "sweep": strip(sweep),
+               "top_sweep": strip(top_sweep), "C_grid": Cs}
     return clf, results
 
 
