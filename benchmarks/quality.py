@@ -6,7 +6,7 @@ SST-2, Amazon-Blitzer and a seeded IMDB subset with the transfer job's own piece
 Ray Tune sweep of the L1 C on validation -> refit -> top neuron); adds a TF-IDF word 1-2 gram
 baseline. Model selection uses validation only; test accuracy is reported, never tuned on.
 
-    python benchmarks/quality.py                     # the CPU run quoted in the README (67 min here)
+    python benchmarks/quality.py                     # the CPU run quoted in the README (< 60 min here)
     python benchmarks/quality.py --quick             # a few minutes, for checking the script
     python benchmarks/quality.py --device cuda --rnn_size 4096 ...   # see gpu_quality.sh
 
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seq_length", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max_iters", type=int, default=2800, help="the pretraining budget")
+    p.add_argument("--max_iters", type=int, default=2200, help="the pretraining budget")
     p.add_argument("--checkpoints", type=int, default=2, help="checkpoints along the way")
     p.add_argument("--num_workers", type=int, default=1)
     p.add_argument("--threads_per_worker", type=int, default=2)
@@ -239,10 +239,13 @@ def main(argv=None) -> int:
                        load(c, map_location=device)))
     rows = []
     for tag, nbytes, model in models:
+        t_model = time.perf_counter()
         bpb = evaluate_bpb(model, heldout, batch_size=32, seq_length=256, max_windows=64)
         print(f"== {tag}: {nbytes / 1e6:.1f} MB trained, held-out {bpb:.3f} bits/byte", flush=True)
         row = {"model": tag, "bytes": nbytes, "bpb": bpb}
         row.update(transfer_row(model, tasks, args, out, tag))
+        row["transfer_s"] = time.perf_counter() - t_model
+        print(f"== {tag}: transferred in {row['transfer_s'] / 60:.1f} min", flush=True)
         rows.append(row)
 
     table = markdown(rows, tfidf, list(tasks))
