@@ -3,10 +3,13 @@
     python benchmarks/bench_featurize.py                  # SST-2 test, mLSTM-512, 2 threads
     python benchmarks/bench_featurize.py --quick          # 300 texts, 30 one-at-a-time
     python benchmarks/bench_featurize.py --ray_replicas 2 # also the Ray Data actor pool
+    python benchmarks/bench_featurize.py --texts imdb     # 1,000 IMDB reviews (long, uneven)
 
-Texts: SST-2 test (../shared/data/sst2/test.csv, or SENTDISC_DATA). Model: mLSTM-512, embed
-64, random weights (speed does not depend on the weights). Baseline, measured in the same run:
-the same ``featurize`` called on one text at a time (what a naive transfer loop does), timed on
+Texts: SST-2 test (../shared/data/sst2/test.csv, or SENTDISC_DATA), or IMDB test reviews. Model:
+mLSTM-512, embed 64, random weights (speed does not depend on the weights). Baselines, measured
+in the same run: fixed length-sorted batches (each runs until its longest text ends, so rows
+idle as shorter texts finish; ``featurize`` refills them instead), and the same ``featurize``
+called on one text at a time (what a naive transfer loop does), timed on
 a subset and reported per text / per byte; the two are timed in alternating rounds (best
 round of each kept) because the machine is shared. The two paths are checked to give the same
 features on that subset, so the ratio compares like with like.
@@ -33,12 +36,31 @@ from sentdisc.text import encode_batch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sst2_test() -> list[str]:
+def test_texts(which: str, seed: int = 0) -> list[str]:
+    """SST-2 test sentences (~100 bytes), or 1,000 seeded IMDB test reviews (~1.3 KB, tenfold
+    spread in length)."""
     root = Path(os.environ.get("SENTDISC_DATA", REPO.parent / "shared" / "data"))
-    path = root / "sst2" / "test.csv"
+    path = root / {"sst2": "sst2", "imdb": "imdb"}[which] / "test.csv"
     if not path.exists():
         sys.exit(f"bench_featurize: {path} not found (set SENTDISC_DATA)")
-    return pd.read_csv(path)["sentence"].astype(str).tolist()
+    df = pd.read_csv(path)
+    if which == "sst2":
+        return df["sentence"].astype(str).tolist()
+    return df.sample(n=min(1000, len(df)), random_state=seed)["text"].astype(str).tolist()
+
+
+def fixed_batches(model, texts, batch_size, kind):
+    """The pool's baseline: length-sorted batches, each run until its longest text ends (one
+    ``featurize`` call per batch, so no row is refilled)."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = None
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        f = featurize(model, [texts[i] for i in idx], batch_size=len(idx), kind=kind)
+        if out is None:
+            out = np.zeros((len(texts), f.shape[1]), np.float32)
+        out[idx] = f
+    return out
 
 
 def n_bytes(texts) -> int:
@@ -52,6 +74,7 @@ def main(argv=None):
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--kind", default="cell")
+    p.add_argument("--texts", default="sst2", choices=["sst2", "imdb"])
     p.add_argument("--max_texts", type=int, default=0, help="0: the whole test set")
     p.add_argument("--single_texts", type=int, default=100,
                    help="texts featurized one at a time for the baseline")
@@ -65,12 +88,12 @@ def main(argv=None):
 
     set_threads(args.threads)
     torch.manual_seed(0)
-    texts = sst2_test()
+    texts = test_texts(args.texts)
     if args.max_texts:
         texts = texts[:args.max_texts]
     model = ByteLM(ModelConfig(embed_size=args.embed_size, rnn_size=args.rnn_size)).eval()
     total_bytes = n_bytes(texts)
-    print(f"featurize: {len(texts)} SST-2 test texts, {total_bytes / 1e3:.1f} KB, mLSTM-"
+    print(f"featurize: {len(texts)} {args.texts} test texts, {total_bytes / 1e3:.1f} KB, mLSTM-"
           f"{args.rnn_size} (embed {args.embed_size}), kind {args.kind}, "
           f"{args.threads} threads, {load_note()}")
 
@@ -81,24 +104,32 @@ def main(argv=None):
     sub_bytes = n_bytes(subset)
     # The machine is shared: alternate the two paths and keep each one's best round, so a
     # burst of someone else's load does not land on one side only.
-    t_batched = t_single = float("inf")
+    t_batched = t_single = t_fixed = float("inf")
     for r in range(args.reps):
         t0 = time.perf_counter()
         batched = featurize(model, texts, batch_size=args.batch_size, kind=args.kind)
         t_batched = min(t_batched, time.perf_counter() - t0)
         t0 = time.perf_counter()
+        fixed = fixed_batches(model, texts, args.batch_size, args.kind)
+        t_fixed = min(t_fixed, time.perf_counter() - t0)
+        t0 = time.perf_counter()
         single = np.stack([featurize(model, [t], batch_size=1, kind=args.kind)[0]
                            for t in subset])
         t_single = min(t_single, time.perf_counter() - t0)
-        print(f"  round {r + 1}: batched {t_batched:.2f}s, one-at-a-time {t_single:.2f}s "
+        print(f"  round {r + 1}: batched {t_batched:.2f}s, fixed batches {t_fixed:.2f}s, "
+              f"one-at-a-time {t_single:.2f}s "
               f"(best so far), {load_note()}", flush=True)
     err = float(np.abs(single - batched[idx]).max())
     assert err < 1e-4, f"batched and one-at-a-time features differ by {err}"
+    assert np.abs(fixed - batched).max() < 1e-4, "pool and fixed batches differ"
 
     rows = [
         {"path": f"batched (batch {args.batch_size})", "texts": len(texts),
          "seconds": f"{t_batched:.2f}", "texts/s": f"{len(texts) / t_batched:.1f}",
          "bytes/s": fmt_rate(total_bytes / t_batched)},
+        {"path": f"fixed length-sorted batches of {args.batch_size} (baseline)",
+         "texts": len(texts), "seconds": f"{t_fixed:.2f}",
+         "texts/s": f"{len(texts) / t_fixed:.1f}", "bytes/s": fmt_rate(total_bytes / t_fixed)},
         {"path": "one text at a time (baseline)", "texts": len(subset),
          "seconds": f"{t_single:.2f}", "texts/s": f"{len(subset) / t_single:.1f}",
          "bytes/s": fmt_rate(sub_bytes / t_single)},
@@ -127,6 +158,7 @@ def main(argv=None):
     print(f"batched / one-at-a-time: {speedup:.1f}x bytes/s "
           f"({(len(texts) / t_batched) / (len(subset) / t_single):.1f}x texts/s); "
           f"max |difference| {err:.1e}; {load_note()}")
+    print(f"refilled pool / fixed batches: {t_fixed / t_batched:.2f}x")
 
 
 if __name__ == "__main__":

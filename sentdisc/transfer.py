@@ -7,7 +7,7 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``:
 2. featurize every text with a pretrained checkpoint (``sentdisc.features.featurize``): in-process for
    small sets, on a Ray Data actor pool of model replicas for large ones (same numbers);
 3. sweep the L1 strength C with Ray Tune, one trial per C, each fit on train and scored on
-   validation (never test); refit the best C (ties go to the smaller, sparser C);
+   validation (never test); keep the best C's fit (ties go to the smaller, sparser C);
 4. rank neurons by |weight|, fit a second regression on the top ``num_neurons`` only (its C
    swept on validation too), and report train / val / test accuracy of both;
 5. write results.json, classifier.json (``sentdisc.classifier.Classifier``), tune_results.csv
@@ -492,7 +492,7 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
                      storage: Optional[Path] = None, cpus_per_trial: float = 1.0,
                      feature_kind: str = "cell", layer: int = -1, checkpoint: str = "",
                      log=print, standardize: bool = False) -> tuple[Classifier, dict]:
-    """Sweep C on all neurons, refit the best, pick the top neurons, sweep and refit on them.
+    """Sweep C on all neurons, keep the best fit, pick the top neurons, sweep C on them.
 
     standardize: fit on train-standardized features (neurons then compete on equal terms
     under L1, and the top neurons are ranked by standardized weight); the returned Classifier
