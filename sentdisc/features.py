@@ -3,8 +3,8 @@
 Texts run through a pool of ``batch_size`` rows, ``chunk_size`` bytes at a time, each row's
 state carried between chunks (memory does not grow with text length) and masked so a text's
 state stops at its own last byte. When a text ends its row is handed to the next text, so the
-batch stays full even when lengths differ tenfold (reviews do); texts go in longest first, so
-the pool drains with little tail. The result is in input order and equals featurizing each
+batch stays full even when lengths differ tenfold (reviews do); chunks end where a text ends,
+so few steps are masked; texts go in longest first, so the pool drains with little tail. The result is in input order and equals featurizing each
 text alone.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from sentdisc.text import encode_list
 
 KINDS = ("cell", "hidden", "mean", "max")
+MIN_CHUNK = 32  # bytes: on IMDB reviews 8-32 run at the same speed, 64 is ~10% slower
 
 
 @torch.inference_mode()
@@ -84,11 +85,27 @@ def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chu
         state = [(torch.cat([h, h0]), torch.cat([c, c0])) for (h, c), (h0, c0) in zip(state, fresh)]
         total = torch.cat([total, torch.zeros(len(new), H, device=device)])
         peak = torch.cat([peak, torch.full((len(new), H), -torch.inf, device=device)])
+        # Longest remaining first: the rows still live at any step are then a prefix, which
+        # the kernel computes alone (any other mask pays for every row plus a select).
+        by_remaining = np.argsort(offset - lengths[rows], kind="stable")
+        keep_rows(torch.from_numpy(by_remaining).to(device), by_remaining)
+
+    def keep_rows(index, index_np):
+        nonlocal rows, offset, state, total, peak
+        rows = [rows[r] for r in index_np.tolist()]
+        offset = offset[index_np]
+        state = [(h[index], c[index]) for h, c in state]
+        total, peak = total[index], peak[index]
 
     admit(pool_size)
     while rows:
         remaining = lengths[rows] - offset
-        T = int(min(chunk_size, remaining.max()))
+        if remaining.max() <= chunk_size:  # every row ends in this chunk: one call does all
+            T = int(remaining.max())
+        else:
+            # Step until the first row's text ends, so its row is refilled at once and the
+            # GEMMs stay full height; MIN_CHUNK bounds the number of chunks.
+            T = int(min(chunk_size, max(remaining.min(), MIN_CHUNK)))
         x = np.zeros((len(rows), T), dtype=np.uint8)
         for r, i in enumerate(rows):
             piece = encoded[i][offset[r]:offset[r] + T]
@@ -113,9 +130,6 @@ def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chu
             feats["mean"] = total[fin] / n.unsqueeze(1).float()
         yield ([rows[r] for r in fin.tolist()],
                {k: feats[k].float().cpu().numpy() for k in kinds})
-        keep = torch.from_numpy(np.flatnonzero(~finished)).to(device)
-        rows = [rows[r] for r in keep.tolist()]
-        offset = offset[~finished]
-        state = [(h[keep], c[keep]) for h, c in state]
-        total, peak = total[keep], peak[keep]
+        keep = np.flatnonzero(~finished)
+        keep_rows(torch.from_numpy(keep).to(device), keep)
         admit(len(fin))
