@@ -14,7 +14,7 @@ the whole sequence:
   all T*B rows.
 
 Inference (no grad: featurization, serving) runs the same step without saving anything,
-and with a featurization mask whose live rows are a prefix (texts sorted by length) it
+and with a featurization mask whose live rows are a prefix (rows sorted by what remains) it
 only computes the live rows, so padding costs nothing.
 
 Numbers equal the plain loop to float rounding (tests/test_kernels.py). Under autocast
