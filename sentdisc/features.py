@@ -4,8 +4,8 @@ Texts run through a pool of ``batch_size`` rows, ``chunk_size`` bytes at a time,
 state carried between chunks (memory does not grow with text length) and masked so a text's
 state stops at its own last byte. When a text ends its row is handed to the next text, so the
 batch stays full even when lengths differ tenfold (reviews do); chunks end where a text ends,
-so few steps are masked; texts go in longest first, so the pool drains with little tail. The result is in input order and equals featurizing each
-text alone.
+so few steps are masked; texts go in longest first, so the pool drains with little tail. The
+result is in input order and equals featurizing each text alone.
 """
 from __future__ import annotations
 

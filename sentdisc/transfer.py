@@ -407,10 +407,10 @@ def evaluate_C(Xtr, ytr, Xva, yva, C: float, seed: int = 42, max_iter: int = 100
             "coef": model.coef_.reshape(-1).tolist(), "intercept": float(model.intercept_[0])}
 
 
-def _fitted(row: dict, classes: np.ndarray):
+def _fitted(row: dict, classes: np.ndarray, seed: int, max_iter: int, solver: str):
     """The sweep's own fit at row's C, as a LogisticRegression: refitting on the same train
     set with the same seed would give the same weights, at the cost of the slowest fit."""
-    model = _l1_logreg(row["C"], 0, 1, "liblinear")
+    model = _l1_logreg(row["C"], seed, max_iter, solver)
     model.coef_ = np.asarray(row["coef"], dtype=np.float64).reshape(1, -1)
     model.intercept_ = np.array([row["intercept"]], dtype=np.float64)
     model.classes_ = classes
@@ -514,7 +514,7 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
     sweep = sweep_C(Xtr, ytr, Xva, yva, Cs, seed, max_iter, solver, backend, storage,
                     cpus_per_trial, name="sweep_all_neurons")
     best = choose_C(sweep)
-    model = _fitted(best, classes)
+    model = _fitted(best, classes, seed, max_iter, solver)
     coef, intercept = model.coef_.reshape(-1), float(model.intercept_[0])
     all_res = {"C": best["C"], "nnz": int(np.sum(coef != 0)), "converged": best["converged"],
                **_scores(model, sets), "seconds": round(time.perf_counter() - t0, 3)}
@@ -529,7 +529,7 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
     top_sweep = sweep_C(top_sets["train"][0], ytr, top_sets["val"][0], yva, Cs, seed, max_iter,
                         solver, backend="local")
     top_best = choose_C(top_sweep)
-    top_model = _fitted(top_best, classes)
+    top_model = _fitted(top_best, classes, seed, max_iter, solver)
     top_res = {"neurons": neurons, "weights": [float(coef[n]) for n in neurons],
                "signs": [1 if coef[n] >= 0 else -1 for n in neurons],
                "C": top_best["C"], "coef": [float(v) for v in top_model.coef_.reshape(-1)],
@@ -545,10 +545,11 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, num_neurons: int = 
                                    top_intercept, top_best["C"], feature_kind, layer,
                                    checkpoint)
     # The sweeps' weights live on in the two chosen models; the results stay small.
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("coef", "intercept")}  # noqa: E731
-                          for r in rows]
-    results = {"all_neurons": all_res, "top_neurons": top_res, "sweep": strip(sweep),
-               "top_sweep": strip(top_sweep), "C_grid": Cs}
+    def scores_only(rows):
+        return [{k: v for k, v in r.items() if k not in ("coef", "intercept")} for r in rows]
+
+    results = {"all_neurons": all_res, "top_neurons": top_res, "sweep": scores_only(sweep),
+               "top_sweep": scores_only(top_sweep), "C_grid": Cs}
     return clf, results
 
 
