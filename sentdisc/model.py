@@ -116,19 +116,22 @@ class RecurrentLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: tuple, reset: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None, keep_cells: bool = False,
-                force: Optional[tuple] = None, weights: Optional[dict] = None):
+                force: Optional[tuple] = None, weights: Optional[dict] = None,
+                tokens: Optional[tuple] = None):
         """x [B,T,in]; state (h, c). Returns (hs [B,T,H], cs [B,T,H] or None, (h, c)).
 
         reset[B,T]: zero the row's state before step t. mask[B,T]: where False the state is
         held (padding after a text's end). force: (neuron indices, values) written into c at
-        every step before h is computed (sentiment-controlled generation).
+        every step before h is computed (sentiment-controlled generation). tokens: (ids,
+        embedding) when x is embedding[ids] (the fused inference path then looks x's
+        projections up per byte value instead of multiplying).
         """
         w = self.weights() if weights is None else weights
         h, c = state
         if (not keep_cells and force is None and self.rnn_type == "mlstm"
                 and _fused_available(x, reset, mask)):
             from sentdisc import kernels
-            return kernels.mlstm_sequence(x, h, c, w, reset=reset, mask=mask)
+            return kernels.mlstm_sequence(x, h, c, w, reset=reset, mask=mask, tokens=tokens)
         xz = torch.addmm(w["b"], x.reshape(-1, x.shape[-1]), w["wx"]).view(*x.shape[:2], -1)
         xm = (x @ w["wmx"]) if self.rnn_type == "mlstm" else None
         keeps = (~reset).unsqueeze(-1).to(x.dtype).unbind(1) if reset is not None else None
@@ -201,14 +204,16 @@ class ByteLM(nn.Module):
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         if state is None:
             state = self.init_state(x.shape[0])[:len(layers)]
-        inp = self.embed(x.long())
+        ids = x.long()
+        inp = self.embed(ids)
         outputs, new_state = [], []
         for i, layer in enumerate(layers):
             if i > 0:
                 inp = self.drop(inp)
             hs, cs, st = layer(inp, state[i], reset=reset, mask=mask, keep_cells=keep_cells,
                                force=(force or {}).get(i),
-                               weights=weights[i] if weights is not None else None)
+                               weights=weights[i] if weights is not None else None,
+                               tokens=(ids, self.embed.weight) if i == 0 else None)
             outputs.append((hs, cs))
             new_state.append(st)
             inp = hs

@@ -11,12 +11,13 @@ from sentdisc.model import ByteLM, ModelConfig
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["tanh", "sigmoid_tanh"])
-def gate_math(request, monkeypatch):
-    """Run a test with both ways of computing tanh: CPU batches above a size use
-    tanh(z) = 2 sigmoid(2z) - 1 (faster there); force it on for these tiny sizes too."""
-    if request.param == "sigmoid_tanh":
-        monkeypatch.setattr(kernels, "SIGMOID_TANH_MIN", 0)
+@pytest.fixture(params=["tanh", "sigmoid_tanh", "prepacked"])
+def fast_path(request, monkeypatch):
+    """Run a test through each variant of the fused path, whatever the tiny sizes would pick:
+    tanh as tanh; tanh(z) = 2 sigmoid(2z) - 1 (faster on CPU above a batch size); and that
+    with the loop's products on oneDNN-prepacked weights (CPU float32, enough rows)."""
+    monkeypatch.setattr(kernels, "SIGMOID_TANH_MIN", 0 if request.param != "tanh" else 10**9)
+    monkeypatch.setattr(kernels, "PREPACK_MIN_ROW_STEPS", 0 if request.param == "prepacked" else 10**9)
     return request.param
 
 
@@ -92,7 +93,7 @@ def test_fused_path_is_the_one_used():
     (1, 21, 4, 8, 1, "none"),
     (8, 32, 16, 64, 1, "recurrent"),
 ])
-def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm, gate_math):
+def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm, fast_path):
     model = make(embed_size=embed, rnn_size=rnn, layers=layers, weight_norm=weight_norm)
     gen = torch.Generator().manual_seed(B * T)
     x = torch.randint(0, 256, (B, T), generator=gen)
@@ -107,7 +108,7 @@ def test_training_matches_plain_loop(B, T, embed, rnn, layers, weight_norm, gate
     assert all(g.abs().sum() > 0 for g in fused[2].values())
 
 
-def test_float64_matches_plain_loop(gate_math):
+def test_float64_matches_plain_loop(fast_path):
     model = make(dtype=torch.float64)
     x = torch.randint(0, 256, (4, 10))
     reset = torch.zeros(4, 10, dtype=torch.bool)
@@ -120,7 +121,7 @@ def test_float64_matches_plain_loop(gate_math):
     assert_same(fused, plain, dict(atol=1e-12, rtol=1e-10))
 
 
-def test_gradcheck_float64(gate_math):
+def test_gradcheck_float64(fast_path):
     gen = torch.Generator().manual_seed(0)
     B, T, E, H = 2, 4, 3, 4
 
@@ -139,18 +140,22 @@ def test_gradcheck_float64(gate_math):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
-def _layer_pair(model, x, state, **kw):
+def _layer_pair(model, x, state, lookup=False, **kw):
+    """The first layer fused (x's projections multiplied, or with ``lookup`` looked up per
+    byte value) and plain, on the same embedded bytes."""
     layer = model.layers[0]
     inp = model.embed(x)
+    tokens = (x, model.embed.weight) if lookup else None
     with torch.no_grad():
-        hs, _, st = layer(inp, state, **kw)
+        hs, _, st = layer(inp, state, tokens=tokens, **kw)
         with kernels.disabled():
             ref_hs, _, ref_st = layer(inp, state, **kw)
     return (hs, *st), (ref_hs, *ref_st)
 
 
+@pytest.mark.parametrize("lookup", [False, True], ids=["matmul", "lookup"])
 @pytest.mark.parametrize("kind", ["prefix", "general", "prefix+reset", "all_masked"])
-def test_inference_with_mask_matches_plain_loop(kind, gate_math):
+def test_inference_with_mask_matches_plain_loop(kind, lookup, fast_path):
     model = make(layers=1)
     B, T = 6, 12
     gen = torch.Generator().manual_seed(1)
@@ -165,12 +170,27 @@ def test_inference_with_mask_matches_plain_loop(kind, gate_math):
         reset = torch.rand(B, T, generator=gen) < 0.2
     elif kind == "all_masked":
         mask = torch.zeros(B, T, dtype=torch.bool)
-    fused, plain = _layer_pair(model, x, state, mask=mask, reset=reset)
+    fused, plain = _layer_pair(model, x, state, lookup=lookup, mask=mask, reset=reset)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_inference_without_grad_matches_plain_loop(gate_math):
+def test_inference_lookup_reads_the_tokens_not_x():
+    """With tokens, x's projections come from the per-byte tables: an x that disagrees with
+    the tokens must not change the result (so the lookup path really is the one tested)."""
+    model = make(layers=1)
+    x = torch.randint(0, 256, (3, 10))
+    state = model.init_state(3)[0]
+    w = model.layers[0].weights()
+    with torch.no_grad():
+        looked_up, _, _ = kernels.mlstm_sequence(torch.zeros(3, 10, 8), *state, w,
+                                                 tokens=(x, model.embed.weight))
+        with kernels.disabled():
+            ref, _, _ = model.layers[0](model.embed(x), state)
+    torch.testing.assert_close(looked_up, ref, **TOL)
+
+
+def test_inference_without_grad_matches_plain_loop(fast_path):
     model = make()
     x = torch.randint(0, 256, (3, 17))
     reset = torch.zeros(3, 17, dtype=torch.bool)
@@ -186,7 +206,7 @@ def test_inference_without_grad_matches_plain_loop(gate_math):
 
 
 @pytest.mark.parametrize("kind", ["cell", "mean", "max"])
-def test_featurize_matches_plain_loop(kind, gate_math):
+def test_featurize_matches_plain_loop(kind, fast_path):
     model = make()
     texts = ["great movie!", "", "x", "a much longer review that spans several chunks " * 3,
              "bad.", "middling, really"]
@@ -220,9 +240,45 @@ def test_bf16_autocast_close_to_float32():
         assert kernels.supports(model.embed(x))
         logits, state = model(x, reset=reset)
         out, _ = model.run_layers(x)
+        with torch.no_grad():  # inference: the first layer's input projections looked up
+            inferred, _ = model(x, reset=reset)
     assert "MLSTMSequence" in type(out[0][0].grad_fn).__name__
     assert state[0][1].dtype == torch.float32
     torch.testing.assert_close(logits.float(), ref, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(inferred.float(), ref, atol=0.1, rtol=0.05)
     logits.float().square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_prepacked_products_are_used_and_exact():
+    """The products of an mLSTM-512 training step (64 rows x 128 steps) run prepacked, and a
+    prepacked a @ w (+ add) equals torch.mm's to float rounding, at any row count."""
+    w = torch.randn(512, 2048)
+    assert kernels._prepacks(w, 64, 128)
+    assert not kernels._prepacks(w, 1, 10**6)  # one row: MKL's matrix-vector product
+    assert not kernels._prepacks(w.double(), 64, 128)
+    packed = kernels._StepWeight(w, pack=True, rows=64)
+    assert packed.packed is not None
+    for rows in (2, 7, 64, 130):
+        a, add = torch.randn(rows, 512), torch.randn(rows, 2048)
+        torch.testing.assert_close(packed.mm(a), a @ w, atol=1e-4, rtol=1e-5)
+        out = add.clone()
+        packed.mm(a, add=out, out=out)
+        torch.testing.assert_close(out, add + a @ w, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+def test_inference_keeps_its_prepacked_weights_in_the_weights_dict(monkeypatch):
+    """Chunked inference (featurize) reorders the weights once, not once per chunk."""
+    monkeypatch.setattr(kernels, "PREPACK_MIN_ROW_STEPS", 0)
+    model = make(layers=1)
+    w = model.layers[0].weights()
+    x = torch.randint(0, 256, (4, 6))
+    state = model.init_state(4)[0]
+    with torch.no_grad():
+        model.layers[0](model.embed(x), state, weights=w)
+        (first,) = w["_kernel_cache"].values()
+        model.layers[0](model.embed(x), state, weights=w)
+        assert list(w["_kernel_cache"].values()) == [first]
