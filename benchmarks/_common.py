@@ -56,19 +56,18 @@ def head_weight_count(hidden: int, vocab: int = 256) -> int:
 
 
 def training_shapes(B: int, T: int, E: int, H: int, V: int = 256) -> list:
-    """Every matmul of one training step of the fused mLSTM + head (see sentdisc.kernels)."""
+    """Every matmul of one training step of the fused mLSTM + head (see sentdisc.kernels).
+    The first layer's input projections are looked up per byte value, forward and backward,
+    so the [T*B, E] products are gone; E stays in the signature for other layers' callers."""
     N = B * T
     return [
-        # forward: x projections for all steps, two recurrent products per step, the head
-        (N, E, 4 * H, 1, False, False), (N, E, H, 1, False, False),
+        # forward: two recurrent products per step, the head
         (B, H, H, T, False, False), (B, H, 4 * H, T, False, False),
         (N, H, V, 1, False, True),
         # backward per step: dm = dz Wh^T, dh = dhm Wmh^T
         (B, 4 * H, H, T, False, True), (B, H, H, T, False, True),
-        # weight and input gradients over all T*B rows at once
+        # recurrent weight gradients over all T*B rows at once; the head's gradients
         (H, N, 4 * H, 1, True, False), (H, N, H, 1, True, False),
-        (E, N, 4 * H, 1, True, False), (E, N, H, 1, True, False),
-        (N, 4 * H, E, 1, False, True), (N, H, E, 1, False, True),
         (V, N, H, 1, True, False), (N, V, H, 1, False, False),
     ]
 

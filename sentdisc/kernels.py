@@ -86,7 +86,8 @@ def mlstm_sequence(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: dict,
         if needs_grad:
             if mask is not None:
                 raise ValueError("mlstm_sequence: mask is only supported without gradients")
-            hs, h, c = _MLSTMSequence.apply(x, h, c, *weights, keep, cd)
+            ids, embedding = tokens if tokens is not None else (None, None)
+            hs, h, c = _MLSTMSequence.apply(x, h, c, *weights, keep, cd, ids, embedding)
         else:
             hs, h, c = _infer(x, h, c, weights, keep, mask, cd, tokens,
                               cache=w.setdefault("_kernel_cache", {}))
@@ -271,6 +272,23 @@ def _time_major(x: torch.Tensor, cd, extra: int = 0) -> torch.Tensor:
     return X.view(T * B, E + extra)
 
 
+def _project_lookup(ids, embedding, wx, wmx, b, cd, sd, G, XM):
+    """Bytes ids [B,T] -> x Wx + b into G [T,B,4H] and x Wmx into XM [T,B,H], x being
+    embedding[ids]: both are V-row tables, gathered. A [T*B, E+1] @ [E+1, 4H] product runs
+    far below the GEMM rate (K=65 is too thin to block well); the gather is a copy."""
+    T, B = G.shape[:2]
+    V, E = embedding.shape
+    E1 = torch.cat([embedding.to(sd), embedding.new_ones(V, 1, dtype=sd)], 1)
+    x_table = _mm(torch.empty(V, G.shape[2], dtype=sd, device=G.device), E1,
+                  torch.cat([wx.to(cd), b.to(cd)[None]]))
+    xm_table = _mm(torch.empty(V, XM.shape[2], dtype=sd, device=G.device), E1[:, :E],
+                   wmx.to(cd))
+    ids_tm = ids.t().reshape(-1)  # time-major, as G's rows
+    torch.index_select(x_table, 0, ids_tm, out=G.view(T * B, -1))
+    torch.index_select(xm_table, 0, ids_tm, out=XM.view(T * B, -1))
+    return ids_tm
+
+
 def _project(x, wx, wmx, b, cd, sd, G=None, XM=None):
     """x [B,T,E] -> time-major X [T*B,E] (compute dtype), X Wx + b [T,B,4H], X Wmx [T,B,H]
     (into G and XM when given)."""
@@ -290,7 +308,7 @@ def _project(x, wx, wmx, b, cd, sd, G=None, XM=None):
 
 class _MLSTMSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, h0, c0, wx, wh, wmx, wmh, b, keep, cd):
+    def forward(ctx, x, h0, c0, wx, wh, wmx, wmh, b, keep, cd, ids, embedding):
         B, T, _ = x.shape
         H, sd, dev = h0.shape[1], x.dtype, x.device
         fast = _sigmoid_tanh(dev, B * H)
@@ -301,7 +319,12 @@ class _MLSTMSequence(torch.autograd.Function):
         # G starts as X Wx + b; each step adds m Wh in place, then holds the activations.
         G, XM, HM, M, TC = take(T, B, 4 * H), take(T, B, H), take(T, B, H), take(T, B, H), take(T, B, H)
         Hs, C = take(T + 1, B, H), take(T + 1, B, H)
-        X, G, XM = _project(x, wx_, wmx, b_, cd, sd, G, XM)
+        if ids is not None:  # x is embedding[ids]: look its projections up (backward too)
+            ctx.ids = _project_lookup(ids.long(), embedding, wx_, wmx, b_, cd, sd, G, XM)
+            X = None
+        else:
+            ctx.ids = None
+            X, G, XM = _project(x, wx_, wmx, b_, cd, sd, G, XM)
         Hs[0], C[0] = h0, c0
         resets = _reset_steps(keep, T)
         # Per-step views made once (unbind is one call; indexing in the loop costs ~us each).
@@ -321,7 +344,7 @@ class _MLSTMSequence(torch.autograd.Function):
             torch.mul(F_[t], cp, out=C_[t + 1])
             C_[t + 1].addcmul_(I_[t], U_[t])
             _cell_output(C_[t + 1], TC_[t], O_[t], Hs_[t + 1], fast)
-        ctx.save_for_backward(wx, wh, wmx, wmh)
+        ctx.save_for_backward(wx, wh, wmx, wmh, embedding)
         ctx.lease = _Lease((G, XM, HM, M, TC, Hs, C))
         ctx.X, ctx.keep, ctx.cd, ctx.resets, ctx.fast = X, keep, cd, resets, fast
         hs = Hs[1:].transpose(0, 1).contiguous()
@@ -330,7 +353,7 @@ class _MLSTMSequence(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dhs, dhT, dcT):
-        wx, wh, wmx, wmh = ctx.saved_tensors
+        wx, wh, wmx, wmh, embedding = ctx.saved_tensors
         lease = ctx.lease
         if lease.released:
             if not _pool.reclaim(lease):
@@ -402,19 +425,30 @@ class _MLSTMSequence(torch.autograd.Function):
         lo = lambda t: t.to(cd)  # noqa: E731
         dwh = (lo(M.view(T * B, H)).t() @ lo(dZ2)).to(wh.dtype)
         dwmh = (lo(Hs[:-1].reshape(T * B, H)).t() @ lo(dHM2)).to(wmh.dtype)
-        dwx = (X.t() @ lo(dZ2)).to(wx.dtype)
-        dwmx = (X.t() @ lo(dXM)).to(wmx.dtype)
-        db = dZ2.sum(0).to(wmx.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = lo(dZ2) @ wx.to(cd).t()
-            dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
-            dx = dx.view(T, B, -1).transpose(0, 1)
+        dx = demb = None
+        if ctx.ids is None:
+            dwx = (X.t() @ lo(dZ2)).to(wx.dtype)
+            dwmx = (X.t() @ lo(dXM)).to(wmx.dtype)
+            db = dZ2.sum(0).to(wmx.dtype)
+            if ctx.needs_input_grad[0]:
+                dx = lo(dZ2) @ wx.to(cd).t()
+                dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
+                dx = dx.view(T, B, -1).transpose(0, 1)
+        else:  # sum the rows of each byte value, then the products are V rows, not T*B
+            V = embedding.shape[0]
+            dTz = torch.zeros(V, H4, dtype=sd, device=dev).index_add_(0, ctx.ids, dZ2)
+            dTm = torch.zeros(V, H, dtype=sd, device=dev).index_add_(0, ctx.ids, dXM)
+            emb = embedding.to(sd)
+            dwx = (emb.t() @ dTz).to(wx.dtype)
+            dwmx = (emb.t() @ dTm).to(wmx.dtype)
+            db = dTz.sum(0).to(wmx.dtype)
+            if ctx.needs_input_grad[11]:
+                demb = (dTz @ wx.to(sd).t()).addmm_(dTm, wmx.to(sd).t()).to(embedding.dtype)
         _pool.give([P, A, dZ, dM, dHM] + ([dhsT] if dhsT is not None else [])
                    + ([TC] if ctx.fast else []))
         _pool.give(lease.tensors, lease)
         lease.released = True
-        return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None
+        return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None, None, demb
 @torch.no_grad()
 def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     """The forward step without saving anything; masked rows hold their state.

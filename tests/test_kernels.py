@@ -140,6 +140,29 @@ def test_gradcheck_float64(fast_path):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
 
 
+def test_gradcheck_float64_lookup(fast_path):
+    """Training on bytes: the first layer looks x's projections up, and its gradients reach
+    the embedding (and Wx, Wmx, b) through the per-byte tables."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, E, H, V = 2, 5, 3, 4, 6
+    ids = torch.randint(0, V, (B, T), generator=gen)
+
+    def rnd(*shape, scale=0.5):
+        return (scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).requires_grad_()
+
+    inputs = (rnd(V, E), rnd(B, H), rnd(B, H), rnd(E, 4 * H), rnd(H, 4 * H), rnd(E, H),
+              rnd(H, H), rnd(4 * H))
+
+    def fn(embedding, h, c, wx, wh, wmx, wmh, b):
+        w = dict(wx=wx, wh=wh, wmx=wmx, wmh=wmh, b=b)
+        # x detached: the embedding's gradient can only come through the tables
+        hs, _, (h, c) = kernels.mlstm_sequence(embedding[ids].detach(), h, c, w,
+                                               tokens=(ids, embedding))
+        return hs, h, c
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
 def _layer_pair(model, x, state, lookup=False, **kw):
     """The first layer fused (x's projections multiplied, or with ``lookup`` looked up per
     byte value) and plain, on the same embedded bytes."""
