@@ -5,13 +5,14 @@ ops per byte, as much as the matrix products at batch 64. Here one autograd Func
 the whole sequence:
 
 * forward: the x-projections of all T steps are one GEMM written straight into the gate
-  buffer; each step does two recurrent GEMMs and a handful of in-place gate ops into
-  preallocated [T, B, ...] buffers, keeping only what backward needs (gate activations,
-  c, tanh(c), m, h Wmh, h);
+  buffer, or, for the first layer (x an embedding row, so x Wx + b takes only 256 values),
+  a gather from a per-byte table; each step does two recurrent GEMMs (on oneDNN-prepacked
+  weights on CPU) and a handful of in-place gate ops into preallocated [T, B, ...] buffers,
+  keeping only what backward needs (gate activations, c, tanh(c), m, h Wmh, h);
 * backward: every factor that does not depend on the recurrence (sigmoid/tanh derivatives,
   o * (1 - tanh(c)^2), ...) is computed for all T at once, so a reverse step is two GEMMs
   and five elementwise ops; the weight and input gradients are then a few big GEMMs over
-  all T*B rows.
+  all T*B rows (a per-byte-value sum and V-row products for a looked-up first layer).
 
 Inference (no grad: featurization, serving) runs the same step without saving anything,
 and with a featurization mask whose live rows are a prefix (rows sorted by what remains) it
@@ -69,7 +70,8 @@ def mlstm_sequence(x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: dict,
 
     reset [B,T]: zero the row's state before step t. mask [B,T] (no grad only): where False
     the state is held. tokens: (ids [B,T], embedding [V,E]) when x is embedding[ids], which
-    lets inference look up x's projections instead of multiplying for them.
+    lets both paths look x's projections up per byte value instead of multiplying for them
+    (training then returns the embedding's gradient through those tables, none for x).
     Returns (hs [B,T,H], None, (h, c)), like the plain loop.
     """
     sd = x.dtype  # state / gate dtype

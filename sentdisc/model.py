@@ -11,7 +11,8 @@ Weight norm is per output column: W = g * V / ||V||, the norm taken over the inp
 Weights are stored [in, out] like OpenAI's so their files map one to one.
 
 Only the h-dependent work sits in the time loop: the x-projections for all T steps are one
-matmul, and weight norm is computed once per forward.
+matmul (in the fused path, sentdisc.kernels, a per-byte table lookup for the first layer), and
+weight norm is computed once per forward.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class RecurrentLayer(nn.Module):
         self.b[H:2 * H] = 1.0  # forget-gate bias: remember by default
 
     def weights(self) -> dict:
-        """Effective (weight-normed) weights, computed once per forward."""
+        """Effective (weight-normed) weights, computed once per forward. Callers that reuse the
+        dict across calls (featurize's chunks) let the fused path keep derived forms in it."""
         out = {}
         for name in ("wx", "wh", "wmx", "wmh"):
             if hasattr(self, name):
@@ -123,8 +125,8 @@ class RecurrentLayer(nn.Module):
         reset[B,T]: zero the row's state before step t. mask[B,T]: where False the state is
         held (padding after a text's end). force: (neuron indices, values) written into c at
         every step before h is computed (sentiment-controlled generation). tokens: (ids,
-        embedding) when x is embedding[ids] (the fused inference path then looks x's
-        projections up per byte value instead of multiplying).
+        embedding) when x is embedding[ids]: the fused path then looks x's projections up per
+        byte value instead of multiplying, and trains the embedding through those tables.
         """
         w = self.weights() if weights is None else weights
         h, c = state
