@@ -274,17 +274,23 @@ def _time_major(x: torch.Tensor, cd, extra: int = 0) -> torch.Tensor:
     return X.view(T * B, E + extra)
 
 
+def _byte_tables(embedding, wx, wmx, b, cd, sd):
+    """Per byte value v: embedding[v] Wx + b [V,4H] and embedding[v] Wmx [V,H] (state dtype,
+    products in the compute dtype, as the per-row products they replace)."""
+    V, E = embedding.shape
+    E1 = torch.cat([embedding.to(sd), embedding.new_ones(V, 1, dtype=sd)], 1)
+    new = lambda n: torch.empty(V, n, dtype=sd, device=embedding.device)  # noqa: E731
+    x_table = _mm(new(wx.shape[1]), E1, torch.cat([wx.to(cd), b.to(cd)[None]]))
+    xm_table = _mm(new(wmx.shape[1]), E1[:, :E], wmx.to(cd))
+    return x_table, xm_table
+
+
 def _project_lookup(ids, embedding, wx, wmx, b, cd, sd, G, XM):
     """Bytes ids [B,T] -> x Wx + b into G [T,B,4H] and x Wmx into XM [T,B,H], x being
     embedding[ids]: both are V-row tables, gathered. A [T*B, E+1] @ [E+1, 4H] product runs
     far below the GEMM rate (K=65 is too thin to block well); the gather is a copy."""
     T, B = G.shape[:2]
-    V, E = embedding.shape
-    E1 = torch.cat([embedding.to(sd), embedding.new_ones(V, 1, dtype=sd)], 1)
-    x_table = _mm(torch.empty(V, G.shape[2], dtype=sd, device=G.device), E1,
-                  torch.cat([wx.to(cd), b.to(cd)[None]]))
-    xm_table = _mm(torch.empty(V, XM.shape[2], dtype=sd, device=G.device), E1[:, :E],
-                   wmx.to(cd))
+    x_table, xm_table = _byte_tables(embedding, wx, wmx, b, cd, sd)
     ids_tm = ids.t().reshape(-1)  # time-major, as G's rows
     torch.index_select(x_table, 0, ids_tm, out=G.view(T * B, -1))
     torch.index_select(xm_table, 0, ids_tm, out=XM.view(T * B, -1))
@@ -472,10 +478,7 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
         ids, embedding = tokens
         # only the byte values present: a short text uses a few dozen of the 256
         values, ids = torch.unique(ids, return_inverse=True)
-        V = len(values)
-        E1 = torch.cat([embedding[values].to(sd), embedding.new_ones(V, 1, dtype=sd)], 1)
-        x_table = _mm(torch.empty(V, 4 * H, dtype=sd, device=dev), E1, torch.cat([wx, b[None]]))
-        xm_table = _mm(torch.empty(V, H, dtype=sd, device=dev), E1[:, :E], wmx)
+        x_table, xm_table = _byte_tables(embedding[values], wx, wmx, b, cd, sd)
         ids_tm = ids.t().contiguous()  # [T,B]
         torch.index_select(xm_table, 0, ids_tm.view(-1), out=XM.view(T * B, H))
         XA_ = M_ = None
