@@ -114,8 +114,8 @@ def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chu
         outputs, state = model.run_layers(torch.from_numpy(x).to(device), state, mask=m,
                                           weights=weights, num_layers=n_layers)
         hs = outputs[layer][0].float()
-        if "mean" in kinds:
-            total += (hs * m.unsqueeze(-1)).sum(1)
+        if "mean" in kinds:  # a batched [1,T] @ [T,H]: no [B,T,H] temporary to fault in
+            total += torch.bmm(m.unsqueeze(1).to(hs.dtype), hs).squeeze(1)
         if "max" in kinds:
             peak = torch.maximum(peak, hs.masked_fill(~m.unsqueeze(-1), -torch.inf).amax(1))
         offset += T

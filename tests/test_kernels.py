@@ -305,3 +305,25 @@ def test_inference_keeps_its_prepacked_weights_in_the_weights_dict(monkeypatch):
         (first,) = w["_kernel_cache"].values()
         model.layers[0](model.embed(x), state, weights=w)
         assert list(w["_kernel_cache"].values()) == [first]
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+def test_inference_buffers_are_recycled_only_once_released(mode):
+    """Inference outputs come from recycled buffers (warm pages for featurize's chunks): an
+    output the caller still holds is never handed out again, a released one is, and buffers
+    made under inference mode never reach a training forward."""
+    model = make(layers=1)
+    gen = torch.Generator().manual_seed(4)
+    x1, x2 = (torch.randint(0, 256, (4, 9), generator=gen) for _ in range(2))
+    with mode():
+        held, _ = model.run_layers(x1)
+        snapshot = held[0][0].clone()
+        second, _ = model.run_layers(x2)
+        torch.testing.assert_close(held[0][0], snapshot, atol=0, rtol=0)  # not overwritten
+        del held, second
+        pooled = {buf.data_ptr() for buf in kernels._pool._lent}
+        third, _ = model.run_layers(x2)
+        assert third[0][0].data_ptr() in pooled  # a released buffer came back...
+        assert {buf.data_ptr() for buf in kernels._pool._lent} == pooled  # ...none was new
+    logits, _ = model(x1)  # training after inference: no inference tensor in its buffers
+    logits.square().mean().backward()
