@@ -176,7 +176,12 @@ class _Pool:
                 self._lent.append(buf)
                 return buf[:n].view(shape)
             buf = torch.empty(n, dtype=dtype, device=device)
-            self._lent = (self._lent + [buf])[-8:]
+            self._lent.append(buf)
+            # keep the most recent few, and no more than LEND_MAX_BYTES held for reuse
+            while len(self._lent) > 1 and (
+                    len(self._lent) > 8
+                    or sum(b.numel() * b.element_size() for b in self._lent) > LEND_MAX_BYTES):
+                self._lent.pop(0)
             return buf.view(shape)
 
     def clear(self):
@@ -185,6 +190,7 @@ class _Pool:
             self._lent.clear()
 
 
+LEND_MAX_BYTES = 1 << 30  # an mLSTM-512's featurize holds ~256 MB; a 4096-wide one more
 _pool = _Pool()
 
 

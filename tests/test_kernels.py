@@ -327,3 +327,15 @@ def test_inference_buffers_are_recycled_only_once_released(mode):
         assert {buf.data_ptr() for buf in kernels._pool._lent} == pooled  # ...none was new
     logits, _ = model(x1)  # training after inference: no inference tensor in its buffers
     logits.square().mean().backward()
+
+
+def test_recycled_inference_buffers_are_capped(monkeypatch):
+    """The pool holds at most LEND_MAX_BYTES for reuse (a 4096-wide model's chunks are
+    hundreds of MB), always keeping the most recent buffer."""
+    monkeypatch.setattr(kernels, "LEND_MAX_BYTES", 1)
+    monkeypatch.setattr(kernels, "_pool", kernels._Pool())
+    model = make(layers=1)
+    with torch.inference_mode():
+        for seed in range(3):
+            model.run_layers(torch.randint(0, 256, (4, 9 + seed)))
+    assert len(kernels._pool._lent) == 1
