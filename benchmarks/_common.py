@@ -80,14 +80,13 @@ def inference_shapes(B: int, T: int, E: int, H: int) -> list:
 
 
 def _onednn_prepacked(a: torch.Tensor, b: torch.Tensor):
-    """a @ b on oneDNN-prepacked b (as sentdisc.kernels runs a time loop's products), or
-    None where that primitive is not available for these operands."""
-    if (a.device.type != "cpu" or a.dtype != torch.float32 or a.shape[0] < 2
-            or not a.is_contiguous() or not torch.backends.mkldnn.is_available()
-            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+    """a @ b the way sentdisc.kernels runs a time loop's products on CPU (oneDNN on
+    prepacked b), or None where the kernel would not prepack these operands."""
+    from sentdisc import kernels
+    if not a.is_contiguous() or not kernels._prepacks(b, a.shape[0], cached=True):
         return None
-    packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])
-    return lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    packed = kernels._StepWeight(b, pack=True, rows=a.shape[0])
+    return lambda: packed.mm(a)
 
 
 def gemm_rate(shapes: Iterable[Shape], dtype=torch.float32, device="cpu", min_time=0.05,

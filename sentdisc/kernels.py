@@ -543,12 +543,13 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     full = (g, g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:], hm, c, tc)
     # Chunked callers (featurize) pass the same weights dict every call: the packed products
     # are kept in it, so the reorder is paid once per featurize, not once per chunk.
-    key = ("step_weights", fast, cd)
+    # Without tokens the gate product is the concatenated W above, so Wh is not packed.
+    key = ("step_weights", fast, cd, tokens is not None)
     if cache is not None and key in cache and _prepacks(wh, B, cached=True):
         Wmh, Wh = cache[key]
     else:
         pack = _prepacks(wh, B, T)
-        Wmh, Wh = _StepWeight(wmh, pack, B), _StepWeight(wh, pack, B)
+        Wmh, Wh = _StepWeight(wmh, pack, B), _StepWeight(wh, pack and tokens is not None, B)
         if pack and cache is not None:
             cache[key] = (Wmh, Wh)
     for t in range(T):
