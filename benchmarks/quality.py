@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sentdisc import ByteLM, ModelConfig, featurize, load  # noqa: E402
-from sentdisc.data.readers import DataConfig, build_datasets, read_table  # noqa: E402
+from sentdisc.data.readers import DataConfig, build_datasets  # noqa: E402
+from sentdisc.labeled import read_table  # noqa: E402
 from sentdisc.train import TrainConfig, evaluate_bpb, pretrain  # noqa: E402
 from sentdisc.transfer import c_grid, train_classifier  # noqa: E402
 

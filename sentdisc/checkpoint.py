@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sentdisc.errors import InputError
 from sentdisc.model import ByteLM, ModelConfig
 
 FORMAT, VERSION = "sentdisc", 1
@@ -28,7 +29,7 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 OPTIM_TENSORS, OPTIM_META, TRAIN_STATE = "optimizer.safetensors", "optimizer.json", "train_state.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, truncated or does not match its config."""
 
 
@@ -59,7 +60,7 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
         raise CheckpointError(f"checkpoint {d} does not exist")
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {d} is not a directory (expected {MODEL_FILE} + {CONFIG_FILE})")
-    if (d / "0.npy").exists() and not (d / MODEL_FILE).exists():
+    if is_openai_weights(d):
         return load_openai(d).to(map_location)
     config = load_config(d)
     weights_path = d / MODEL_FILE
@@ -72,6 +73,12 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
     model = ByteLM(config).to(map_location)
     _load_matching(model, tensors, str(weights_path))
     return model.eval()
+
+
+def is_openai_weights(directory: str | os.PathLike) -> bool:
+    """A folder of OpenAI's released ``0.npy``..``14.npy`` rather than a sentdisc checkpoint."""
+    d = Path(directory)
+    return (d / "0.npy").exists() and not (d / MODEL_FILE).exists()
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:

@@ -13,14 +13,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
+
+from sentdisc.errors import InputError
 
 FORMAT, VERSION = "sentdisc-classifier", 1
 
 
-class ClassifierError(ValueError):
+class ClassifierError(InputError):
     """A classifier.json that is missing, malformed, or features of the wrong shape."""
 
 
@@ -92,9 +93,6 @@ class Classifier:
         """P(positive) [N] from the top neurons only (features are still the full [N, H])."""
         x = self._check(features)[:, self.neurons]
         return _sigmoid(x @ self.top_coef + self.top_intercept)
-
-    def predict_top(self, features) -> np.ndarray:
-        return (self.predict_proba_top(features) > 0.5).astype(np.int64)
 
     # -- JSON I/O ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -174,12 +172,11 @@ class Classifier:
 
 
 def fit_result_to_classifier(coef, intercept, C, neurons, top_coef, top_intercept, top_C,
-                             feature_kind="cell", layer=-1, checkpoint="",
-                             meta: Optional[dict] = None) -> Classifier:
+                             feature_kind="cell", layer=-1, checkpoint="") -> Classifier:
     coef = np.asarray(coef, dtype=np.float64).reshape(-1)
     signs = [1 if coef[n] >= 0 else -1 for n in neurons]
     return Classifier(coef=coef, intercept=float(intercept), C=float(C), neurons=list(neurons),
                       signs=signs, top_coef=np.asarray(top_coef).reshape(-1),
                       top_intercept=float(top_intercept), top_C=float(top_C),
                       feature_kind=feature_kind, layer=layer, rnn_size=len(coef),
-                      checkpoint=str(checkpoint), meta=meta or {})
+                      checkpoint=str(checkpoint))

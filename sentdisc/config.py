@@ -1,21 +1,84 @@
 """Config dataclasses -> one command line, with ``--config FILE.yaml`` and flag overrides.
 
-Each concern (model, data, training, transfer, ...) is a dataclass. A job composes several;
-their field names become flat flags named as in the original sentiment-discovery tool
+Each concern is a dataclass (``ModelConfig``, ``DataConfig``, ``TrainConfig``, ``OutputConfig``,
+...) and owns one YAML section, named after it (``ModelConfig`` -> ``model:``). A job composes
+several; their field names become flat flags named as in the original sentiment-discovery tool
 (``--rnn_size``, ``--batch_size``). Precedence: dataclass default < YAML file < command line.
-A YAML file may be flat or grouped by section; unknown keys are an error naming the file.
+A key in the wrong section, an unknown section or an unknown key is an error naming the file,
+the section and the key. Fields marked ``path`` expand environment variables (``$VAR``,
+``${VAR}``, ``${VAR:-default}``, ``~``); ``$SENTDISC_DATA`` defaults to ``default_data_dir()``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import re
 import sys
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+_VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
+
+
+# --- the output config every job shares --------------------------------------------------------
+
+@dataclass
+class OutputConfig:
+    experiment_dir: str = field(default="experiments", metadata={
+        "help": "root of all outputs: a folder or a storage URI", "path": True})
+    experiment_name: str = field(default="default", metadata={
+        "help": "this experiment's folder under experiment_dir; rerunning a pretraining "
+                "name resumes it"})
+
+    def __post_init__(self):
+        name = self.experiment_name
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+            raise ValueError(f"experiment_name must be a plain folder name, got {name!r}")
+
+    @property
+    def run_dir(self) -> str:
+        """experiment_dir/experiment_name (a URI stays a URI)."""
+        return f"{self.experiment_dir.rstrip('/')}/{self.experiment_name}"
+
+
+# --- paths and environment ---------------------------------------------------------------------
+
+def default_data_dir() -> Path:
+    """$SENTDISC_DATA, else ../shared/data beside the working directory or this checkout."""
+    if os.environ.get("SENTDISC_DATA"):
+        return Path(os.environ["SENTDISC_DATA"])
+    candidates = [Path.cwd().parent / "shared" / "data", REPO.parent / "shared" / "data"]
+    return next((p for p in candidates if p.is_dir()), candidates[-1]).resolve()
+
+
+def expand(value: str) -> str:
+    """Environment variables and ``~`` in a path; SENTDISC_DATA falls back to default_data_dir()."""
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        if os.environ.get(name):
+            return os.environ[name]
+        if default is not None:
+            return default
+        if name == "SENTDISC_DATA":
+            return str(default_data_dir())
+        raise ValueError(f"{value!r}: environment variable {name} is not set")
+
+    return os.path.expanduser(_VAR.sub(sub, value)) if value else value
+
+
+# --- dataclasses <-> flags and YAML --------------------------------------------------------------
+
+def section_name(cls) -> str:
+    """The YAML section a dataclass owns: ModelConfig -> model, TrainConfig -> train."""
+    name = cls.__name__
+    return (name[:-len("Config")] if name.endswith("Config") and name != "Config" else name).lower()
 
 
 def _base_type(tp):
@@ -51,11 +114,8 @@ def _coerce(value: Any, tp, name: str, source: str) -> Any:
             return base(value)
         return value
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: {name} must be {getattr(base, '__name__', base)}, got {value!r}") from None
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+        raise ValueError(f"{source}: {name} must be {getattr(base, '__name__', base)}, "
+                         f"got {value!r}") from None
 
 
 def build_parser(description: str, *classes) -> argparse.ArgumentParser:
@@ -64,8 +124,8 @@ def build_parser(description: str, *classes) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=str, default=None, help="YAML file of defaults")
     seen: dict[str, str] = {}
     for cls in classes:
-        group = parser.add_argument_group(cls.__name__)
-        hints = _hints(cls)
+        group = parser.add_argument_group(f"{cls.__name__} (YAML section {section_name(cls)}:)")
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in seen:
                 raise TypeError(f"flag --{f.name} defined by both {seen[f.name]} and {cls.__name__}")
@@ -83,7 +143,9 @@ def build_parser(description: str, *classes) -> argparse.ArgumentParser:
     return parser
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, classes: Sequence[type]) -> dict:
+    """A YAML file -> {flag: value}. Sections must hold only their own dataclass's keys;
+    top-level keys may name any field (a flat file)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file {p} does not exist")
@@ -93,26 +155,40 @@ def load_yaml(path: str | Path) -> dict:
         raise ValueError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of option: value, got {type(data).__name__}")
+    owner = {f.name: section_name(cls) for cls in classes for f in dataclasses.fields(cls)}
+    sections = {section_name(cls) for cls in classes}
     flat: dict = {}
-    for k, v in data.items():
-        if isinstance(v, dict):  # grouped by section (model:, data:, train:)
-            flat.update(v)
-        else:
-            flat[k] = v
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            flat[key] = value
+            continue
+        if key not in sections:
+            raise ValueError(f"{p}: unknown section {key!r} (this command reads "
+                             f"{', '.join(sorted(sections))})")
+        for name, v in value.items():
+            if owner.get(name) != key:
+                where = f"it belongs in section {owner[name]!r}" if name in owner else "no such option"
+                raise ValueError(f"{p}: section {key!r} has no key {name!r} ({where})")
+            flat[name] = v
     return flat
 
 
 def build(classes: Sequence[type], values: dict, source: str = "config") -> tuple:
-    """Instantiate each dataclass from a flat dict; unknown keys are an error."""
+    """Instantiate each dataclass from a flat dict; unknown keys are an error; path fields
+    are expanded."""
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}")
     out = []
     for cls in classes:
-        hints = _hints(cls)
-        kwargs = {f.name: _coerce(values[f.name], hints[f.name], f.name, source)
-                  for f in dataclasses.fields(cls) if f.name in values}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            value = _coerce(values[f.name], hints[f.name], f.name, source)
+            kwargs[f.name] = expand(value) if f.metadata.get("path") and value else value
         out.append(cls(**kwargs))
     return tuple(out)
 
@@ -122,19 +198,11 @@ def parse(classes: Sequence[type], argv: Sequence[str] | None = None, descriptio
     """Command line -> one instance per dataclass in ``classes``."""
     parser = parser or build_parser(description, *classes)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    values = load_yaml(args.config) if args.config else {}
-    source = f"config {args.config}" if args.config else "config"
     try:
+        values = load_yaml(args.config, classes) if args.config else {}
+        source = f"config {args.config}" if args.config else "config"
         build(classes, values, source)  # report a bad file value against the file
         cli = {k: v for k, v in vars(args).items() if k != "config"}
-        merged = {**values, **cli}
-        return build(classes, merged, "command line")
-    except ValueError as e:
+        return build(classes, {**values, **cli}, "command line")
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-
-
-def to_flat_dict(*configs) -> dict:
-    out = {}
-    for c in configs:
-        out.update(dataclasses.asdict(c))
-    return out

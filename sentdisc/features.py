@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from sentdisc.model import check_layer
 from sentdisc.text import encode_list
 
 KINDS = ("cell", "hidden", "mean", "max")
@@ -37,10 +38,7 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
             raise ValueError(f"featurize kind must be one of {KINDS}, got {k!r}")
     if isinstance(texts, str):
         raise TypeError("featurize takes a list of texts, not a single string")
-    n_layers = len(model.layers)
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model")
-    layer %= n_layers
+    layer = check_layer(layer, len(model.layers))
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
     was_training = model.training

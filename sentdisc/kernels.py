@@ -184,11 +184,6 @@ class _Pool:
                 self._lent.pop(0)
             return buf.view(shape)
 
-    def clear(self):
-        with self._lock:
-            self._free.clear()
-            self._lent.clear()
-
 
 LEND_MAX_BYTES = 1 << 30  # an mLSTM-512's featurize holds ~256 MB; a 4096-wide one more
 _pool = _Pool()

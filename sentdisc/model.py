@@ -17,6 +17,7 @@ weight norm is computed once per forward.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -64,6 +65,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}; expected {sorted(known)}")
         return cls(**d)
+
+
+def check_layer(layer: int, n_layers: int) -> int:
+    """A layer index in [-n_layers, n_layers) -> its index from 0; else a ValueError."""
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) \
+            or not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer!r} out of range for a {n_layers}-layer model")
+    return int(layer) % n_layers
 
 
 def _weight_normed(v: torch.Tensor, g: Optional[torch.Tensor]) -> torch.Tensor:
@@ -165,10 +174,8 @@ class RecurrentLayer(nn.Module):
 
 def _fused_available(x: torch.Tensor, reset=None, mask=None) -> bool:
     """Whether sentdisc.kernels provides a fused whole-sequence mLSTM for this input."""
-    try:
-        from sentdisc import kernels
-    except ImportError:
-        return False
+    from sentdisc import kernels
+
     return kernels.supports(x, reset=reset, mask=mask)
 
 
@@ -283,6 +290,3 @@ class ByteLM(nn.Module):
                 cur = int(torch.multinomial(probs, 1, generator=generator))
             out.append(cur)
         return bytes(out), trace
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -125,7 +125,8 @@ class LabeledSet:
 
 
 def _read(path: str, cfg: TransferConfig, label_key: Optional[str], role: str):
-    from sentdisc.data.readers import DataError, read_table
+    from sentdisc.data.readers import DataError
+    from sentdisc.labeled import read_table
 
     if not Path(path).exists():
         raise TransferError(f"{role} file {path} does not exist")

@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from sentdisc.model import check_layer
 from sentdisc.text import END_PAD, FRONT_PAD, preprocess
 
 CMAP = "RdYlGn"  # red (negative) -> yellow (0) -> green (positive)
@@ -53,12 +54,10 @@ DEFAULT_WIDTH = 64  # characters per line
 # Values
 
 def _check_neuron(model, neuron: int, layer: int) -> int:
-    H, L = model.config.rnn_size, len(model.layers)
+    H = model.config.rnn_size
     if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)) or not 0 <= neuron < H:
         raise ValueError(f"neuron must be an integer in [0, {H}) for this model, got {neuron!r}")
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -L <= layer < L:
-        raise ValueError(f"layer {layer!r} out of range for a {L}-layer model")
-    return int(layer) % L
+    return check_layer(layer, len(model.layers))
 
 
 def _encode_checked(s: str) -> bytes:

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sentdisc.data import DataConfig, DataError, as_data_error, build_datasets, read_dataset, read_table
-from sentdisc.data.readers import resolve_paths, split_fraction
+from sentdisc.data import DataConfig, DataError, as_data_error, build_datasets, read_dataset
+from sentdisc.labeled import read_table
+from sentdisc.data.readers import resolve_paths
+from sentdisc.data.splits import split_fraction
 from sentdisc.text import encode
 
 

@@ -8,7 +8,7 @@ import importlib
 _EXPORTS = {
     "BytePacker": "packer", "Window": "packer",
     "DataConfig": "readers", "DataError": "readers", "as_data_error": "readers",
-    "build_datasets": "readers", "read_dataset": "readers", "read_table": "readers",
+    "build_datasets": "readers", "read_dataset": "readers",
     "resolve_paths": "readers",
 }
 __all__ = list(_EXPORTS)

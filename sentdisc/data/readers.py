@@ -27,6 +27,8 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from sentdisc.data.splits import parse_split, split_filter
+from sentdisc.errors import InputError
 from sentdisc.text import END_PAD, FRONT_PAD, encode_batch
 
 FORMATS = ("auto", "loose_json", "json", "csv", "tsv", "parquet", "text", "encoded")
@@ -38,7 +40,7 @@ CHUNK_RECORDS = 8192
 CHUNK_BYTES = 8 << 20
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad corpus input: a missing path, an unknown format, or (strict mode) a bad record."""
 
 
@@ -398,58 +400,6 @@ def read_dataset(paths, cfg: DataConfig):
     return ds.map_batches(_read_file_task(cfg), batch_size=1, batch_format="numpy")
 
 
-# ----------------------------------------------------------------------------- splits
-
-def parse_split(split: str) -> list[float]:
-    try:
-        parts = [float(p) for p in str(split).split(",") if p.strip()]
-    except ValueError:
-        raise DataError(f"split {split!r}: expected proportions like 1000,1,1") from None
-    if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise DataError(f"split {split!r}: expected 1-3 non-negative proportions like 1000,1,1")
-    parts += [0.0] * (3 - len(parts))
-    return [p / sum(parts) for p in parts]
-
-
-def _file_hash(name: str, seed: int) -> np.uint64:
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return np.uint64(int.from_bytes(digest, "little"))
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a well-spread deterministic hash of uint64s, vectorised."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def split_fraction(files: np.ndarray, lines: np.ndarray, root: str, seed: int) -> np.ndarray:
-    """A deterministic uniform number in [0, 1) per record from (file relative to root, line).
-
-    Depends only on the names, never on read order or block layout, so every run and every
-    worker puts a record in the same split.
-    """
-    out = np.empty(len(lines), np.float64)
-    files = np.asarray(files, dtype=object)
-    for name in set(files.tolist()):
-        sel = files == name
-        rel = os.path.relpath(name, root) if os.path.isabs(name) else name
-        h = _mix64(_file_hash(rel.replace(os.sep, "/"), seed)
-                   ^ _mix64(np.asarray(lines[sel], dtype=np.uint64)))
-        out[sel] = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    return out
-
-
-def _split_filter(lo: float, hi: float, root: str, seed: int):
-    def keep(batch: pa.Table) -> pa.Table:
-        u = split_fraction(batch.column("file").to_numpy(zero_copy_only=False),
-                           batch.column("line").to_numpy(), root, seed)
-        return batch.filter(pa.array((u >= lo) & (u < hi)))
-
-    return keep
-
-
 def build_datasets(cfg: DataConfig) -> dict:
     """{"train", "val", "test"} Ray Datasets: explicit paths, else a deterministic split.
 
@@ -480,7 +430,7 @@ def build_datasets(cfg: DataConfig) -> dict:
             out[name] = base
         else:
             hi = 1.0 + 1e-9 if i == 2 or props[i + 1:] == [0.0] * (2 - i) else edges[i + 1]
-            out[name] = base.map_batches(_split_filter(edges[i], hi, root, cfg.seed),
+            out[name] = base.map_batches(split_filter(edges[i], hi, root, cfg.seed),
                                          batch_format="pyarrow", batch_size=None)
     return out
 
@@ -502,53 +452,3 @@ def as_data_error(exc: BaseException) -> Optional[DataError]:
     if match:
         return DataError(match[-1].strip())
     return exc if isinstance(exc, DataError) else None
-
-
-# ----------------------------------------------------------------------------- small tables
-
-def read_table(path: str, text_key: str, label_key: Optional[str] = None,
-               data_format: str = "auto", delim: Optional[str] = None):
-    """A small labeled set, read in process -> pandas DataFrame with 'text' (+ 'label').
-
-    For transfer (SST-2, the Blitzer CSVs): CSV/TSV/JSON/loose JSON/Parquet. A row whose text
-    is null or empty is an error naming the row; a missing column lists the columns found.
-    Missing labels are passed on (null / "") for the caller to drop or reject.
-    """
-    import pandas as pd
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    fmt = data_format
-    if fmt == "auto":
-        ext = os.path.splitext(path.lower())[1]
-        fmt = _EXT_FORMATS.get(ext, "json" if ext == ".json" else "csv")
-    try:
-        if fmt in ("csv", "tsv"):
-            sep = delim or ("\t" if fmt == "tsv" else ",")
-            df = pd.read_csv(path, sep=sep, dtype={text_key: str}, keep_default_na=False,
-                             encoding="utf-8")
-        elif fmt in ("json", "loose_json"):
-            with open(path, "rb") as f:
-                head = f.read(4096).lstrip()
-            df = pd.read_json(path, lines=not head.startswith(b"["), dtype=False)
-        elif fmt == "parquet":
-            df = pd.read_parquet(path)
-        else:
-            raise DataError(f"{path}: read_table reads csv/tsv/json/loose_json/parquet, not {fmt!r}")
-    except DataError:
-        raise
-    except (ValueError, UnicodeDecodeError, OSError, pd.errors.ParserError) as e:
-        raise DataError(f"{path}: cannot read as {fmt}: {e}") from None
-    cols = [str(c) for c in df.columns]
-    for key in (text_key, label_key):
-        if key and key not in df.columns:
-            raise DataError(f"{path}: no column {key!r} (columns: {', '.join(cols)})")
-    out = pd.DataFrame({"text": df[text_key]})
-    if label_key:
-        out["label"] = df[label_key].values
-    bad = out["text"].isna().to_numpy() | out["text"].astype(str).str.strip().eq("").to_numpy()
-    if bad.any():  # a labeled set is small and precious: name the row rather than drop it
-        i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}")
-    out["text"] = out["text"].astype(str)
-    return out.reset_index(drop=True)
