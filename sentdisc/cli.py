@@ -19,21 +19,18 @@ COMMANDS = {
 }
 
 
-def convert_openai_main(argv=None):
+def convert_openai_main(argv=None) -> int:
     import argparse
 
-    from sentdisc.checkpoint import CheckpointError, convert_openai
+    from sentdisc.checkpoint import convert_openai
+    from sentdisc.recipes import run
 
     p = argparse.ArgumentParser(prog="sentdisc convert-openai",
                                 description="Convert OpenAI's sentiment-neuron weights (0.npy..14.npy)")
     p.add_argument("src", help="folder holding 0.npy .. 14.npy")
     p.add_argument("dst", help="checkpoint folder to write")
     args = p.parse_args(argv)
-    try:
-        out = convert_openai(args.src, args.dst)
-    except CheckpointError as e:
-        p.exit(2, f"error: {e}\n")
-    print(f"wrote {out}")
+    return run("convert-openai", lambda: print(f"wrote {convert_openai(args.src, args.dst)}"))
 
 
 def _usage() -> str:

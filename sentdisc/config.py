@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from sentdisc.errors import InputError
+
 REPO = Path(__file__).resolve().parents[1]
 _VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}|\$(\w+)")
 
@@ -37,15 +39,14 @@ class OutputConfig:
         "help": "this experiment's folder under experiment_dir; rerunning a pretraining "
                 "name resumes it"})
 
-    def __post_init__(self):
-        name = self.experiment_name
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise ValueError(f"experiment_name must be a plain folder name, got {name!r}")
-
     @property
     def run_dir(self) -> str:
-        """experiment_dir/experiment_name (a URI stays a URI)."""
-        return f"{self.experiment_dir.rstrip('/')}/{self.experiment_name}"
+        """experiment_dir/experiment_name (a URI stays a URI); the name must be a plain folder
+        name, so no run can write outside experiment_dir."""
+        name = self.experiment_name
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+            raise InputError(f"--experiment_name must be a plain folder name, got {name!r}")
+        return f"{self.experiment_dir.rstrip('/')}/{name}"
 
 
 # --- paths and environment ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from sentdisc.errors import InputError
 from sentdisc.model import check_layer
 from sentdisc.text import encode_list
 
@@ -35,12 +36,12 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     kinds = [kind] if isinstance(kind, str) else list(kind)
     for k in kinds:
         if k not in KINDS:
-            raise ValueError(f"featurize kind must be one of {KINDS}, got {k!r}")
+            raise InputError(f"featurize kind must be one of {KINDS}, got {k!r}")
     if isinstance(texts, str):
         raise TypeError("featurize takes a list of texts, not a single string")
     layer = check_layer(layer, len(model.layers))
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch_size and chunk_size must be >= 1")
+        raise InputError("batch_size and chunk_size must be >= 1")
     was_training = model.training
     model.eval()
     encoded = encode_list(list(texts), transliterate)

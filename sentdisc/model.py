@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sentdisc.errors import InputError
+
 VOCAB = 256
 RNN_TYPES = ("mlstm", "lstm")
 WEIGHT_NORMS = ("recurrent", "all", "none")
@@ -71,7 +73,7 @@ def check_layer(layer: int, n_layers: int) -> int:
     """A layer index in [-n_layers, n_layers) -> its index from 0; else a ValueError."""
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) \
             or not -n_layers <= layer < n_layers:
-        raise ValueError(f"layer {layer!r} out of range for a {n_layers}-layer model")
+        raise InputError(f"layer {layer!r} out of range for a {n_layers}-layer model")
     return int(layer) % n_layers
 
 
@@ -239,7 +241,7 @@ class ByteLM(nn.Module):
               state: Optional[State] = None) -> torch.Tensor:
         """Per-timestep values [B,T,H] of one layer's cell or hidden state."""
         if kind not in ("cell", "hidden"):
-            raise ValueError(f"trace kind must be 'cell' or 'hidden', got {kind!r}")
+            raise InputError(f"trace kind must be 'cell' or 'hidden', got {kind!r}")
         outputs, _ = self.run_layers(x, state, keep_cells=kind == "cell")
         hs, cs = outputs[layer]
         return cs if kind == "cell" else hs
@@ -255,9 +257,9 @@ class ByteLM(nn.Module):
         first forced neuron, or of neuron 0 when nothing is forced, after reading that byte).
         """
         if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
+            raise InputError(f"length must be >= 0, got {length}")
         if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+            raise InputError(f"temperature must be >= 0, got {temperature}")
         layer = layer % len(self.layers)
         prompt = list(prompt) or [ord("\n")]
         weights = [rnn.weights() for rnn in self.layers]

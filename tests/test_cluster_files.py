@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sentdisc.config import parse
+from sentdisc.config import OutputConfig, parse
 from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.train import TrainConfig
@@ -38,7 +38,7 @@ def test_rayjob_runs_an_existing_job_with_arguments_its_parser_accepts(monkeypat
     config = argv[argv.index("--config") + 1]
     assert (REPO / config).exists(), config
     monkeypatch.chdir(REPO)
-    model, data, train = parse([ModelConfig, DataConfig, TrainConfig], argv)
+    model, data, train, _ = parse([ModelConfig, DataConfig, TrainConfig, OutputConfig], argv)
     assert model.rnn_size == 4096 and train.use_gpu and data.train == "/data/amazon/reviews"
 
 
@@ -81,5 +81,6 @@ def test_local_script_names_existing_files():
 def test_job_configs_parse_with_their_parsers(monkeypatch):
     monkeypatch.chdir(REPO)
     for cfg in ("jobs/configs/local.yaml", "jobs/configs/paper.yaml"):
-        model, data, train = parse([ModelConfig, DataConfig, TrainConfig], ["--config", cfg])
+        model, data, train, _ = parse([ModelConfig, DataConfig, TrainConfig, OutputConfig],
+                                      ["--config", cfg])
         assert model.rnn_type == "mlstm"

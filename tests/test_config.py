@@ -51,3 +51,30 @@ def test_cli_lists_commands(capsys):
     for cmd in ("pretrain", "transfer", "heatmap", "generate", "data preprocess", "convert-openai"):
         assert cmd in out
     assert main(["nope"]) == 2
+
+
+def test_a_key_in_the_wrong_section_names_file_section_and_key(tmp_path, capsys):
+    from sentdisc.config import OutputConfig
+    from sentdisc.train import TrainConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  rnn_size: 16\ntrain:\n  experiment_dir: /tmp/x\n")
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, TrainConfig, OutputConfig], ["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "c.yaml" in err and "section 'train'" in err and "'experiment_dir'" in err
+    assert "belongs in section 'output'" in err
+    cfg.write_text("optim:\n  lr: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, TrainConfig], ["--config", str(cfg)])
+    assert "unknown section 'optim'" in capsys.readouterr().err
+
+
+def test_path_fields_expand_environment_variables(tmp_path, monkeypatch):
+    from sentdisc.config import OutputConfig
+
+    monkeypatch.setenv("RUNS_ROOT", str(tmp_path))
+    (out,) = parse([OutputConfig], ["--experiment_dir", "${RUNS_ROOT}/exp"])
+    assert out.experiment_dir == f"{tmp_path}/exp" and out.run_dir == f"{tmp_path}/exp/default"
+    with pytest.raises(ValueError, match="plain folder name"):
+        OutputConfig(str(tmp_path), "../up").run_dir

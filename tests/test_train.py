@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sentdisc.checkpoint import load, load_optimizer_state, load_train_state
-from sentdisc.config import parse
+from sentdisc.config import OutputConfig, expand, parse
 from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.recipes import pretrain as recipe
@@ -47,10 +47,9 @@ def tiny_configs(tmp, name, **train):
     model = ModelConfig(embed_size=8, rnn_size=32)
     data = DataConfig(train=str(tmp / "corpus"), split="90,10,0")
     cfg = dict(batch_size=8, seq_length=32, lr=LR, max_iters=MAX_ITERS, log_interval=5,
-               save_iters=SAVE_ITERS, num_workers=2, experiment_dir=str(tmp / "runs"),
-               experiment_name=name, keep_checkpoints=3, max_failures=1)
+               save_iters=SAVE_ITERS, num_workers=2, keep_checkpoints=3, max_failures=1)
     cfg.update(train)
-    return model, data, TrainConfig(**cfg)
+    return model, data, TrainConfig(**cfg), OutputConfig(str(tmp / "runs"), name)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +131,8 @@ def test_resume_continues_iteration_lr_and_optimizer(ddp_run):
     source = tmp / "runs" / "ddp" / f"checkpoint_{3 * SAVE_ITERS:08d}"
     assert source.exists(), sorted(p.name for p in source.parent.iterdir())
     resumed_at = load_train_state(source)["iteration"]
-    model, data, tc = tiny_configs(tmp, "resumed", resume=str(source), num_workers=1)
-    summary = pretrain(model, data, tc, progress=False)
+    summary = pretrain(*tiny_configs(tmp, "resumed", resume=str(source), num_workers=1),
+                       progress=False)
     rows = [r for r in summary["rows"] if not r.get("final")]
     assert rows[0]["resumed_from"] == resumed_at and rows[0]["iteration"] == resumed_at + 5
     assert summary["iterations"] == MAX_ITERS
@@ -204,21 +203,23 @@ def test_bad_train_config_is_a_clear_error(kwargs, message):
 
 
 def test_configs_parse_and_paths_expand(monkeypatch, tmp_path):
-    classes = [ModelConfig, DataConfig, TrainConfig]
-    model, data, train = parse(classes, ["--config", str(REPO / "jobs/configs/paper.yaml")])
+    classes = [ModelConfig, DataConfig, TrainConfig, OutputConfig]
+    model, data, train, _ = parse(classes, ["--config", str(REPO / "jobs/configs/paper.yaml")])
     assert (model.rnn_size, model.embed_size, model.weight_norm) == (4096, 64, "all")
     assert (train.batch_size, train.seq_length, train.lr) == (128, 256, 5e-4)
     assert (train.optimizer_type, train.schedule, train.use_gpu, train.num_workers) == (
         "Adam", "linear", True, 8)
-    model, data, train = parse(classes, ["--config", str(REPO / "jobs/configs/local.yaml"), "--rnn_size", "64"])
-    assert model.rnn_size == 64 and not train.use_gpu and train.max_iters > 0
+    local = ["--config", str(REPO / "jobs/configs/local.yaml"), "--rnn_size", "64"]
     monkeypatch.setenv("SENTDISC_DATA", str(tmp_path))
-    assert recipe.expand(data.train) == f"{tmp_path}/amazon_blitzer/reviews"
+    model, data, train, out = parse(classes, local)  # parse expands the path fields
+    assert model.rnn_size == 64 and not train.use_gpu and train.max_iters > 0
+    assert out.experiment_name == "local"
+    assert data.train == f"{tmp_path}/amazon_blitzer/reviews"
     monkeypatch.delenv("SENTDISC_DATA")
-    assert recipe.expand(data.train).endswith("shared/data/amazon_blitzer/reviews")
-    assert recipe.expand("${NO_SUCH_VAR_X:-/fallback}/a") == "/fallback/a"
+    assert parse(classes, local)[1].train.endswith("shared/data/amazon_blitzer/reviews")
+    assert expand("${NO_SUCH_VAR_X:-/fallback}/a") == "/fallback/a"
     with pytest.raises(ValueError, match="NO_SUCH_VAR_X"):
-        recipe.expand("$NO_SUCH_VAR_X/a")
+        expand("$NO_SUCH_VAR_X/a")
 
 
 def test_history_rows_after_a_restart_replace_the_dead_attempt():

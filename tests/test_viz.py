@@ -15,6 +15,7 @@ from PIL import Image
 
 from sentdisc import ByteLM, ModelConfig, featurize, load, viz
 from sentdisc.recipes import visualize
+from sentdisc.recipes.visualize import contained_path, safe_filename
 from sentdisc.text import encode, preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -231,24 +232,24 @@ BAD_TEXTS = ["../../../etc/passwd", "/etc/passwd", "a\x00b", "..", ".", "", "x" 
 
 
 def test_safe_filename_never_makes_a_path(tmp_path):
-    names = [viz.safe_filename(t, ".png") for t in BAD_TEXTS]
+    names = [safe_filename(t, ".png") for t in BAD_TEXTS]
     for name in names:
         assert re.fullmatch(r"[a-z0-9-]{1,40}-[0-9a-f]{12}\.png", name), name
-        assert viz.contained_path(tmp_path, name).parent == tmp_path.resolve()
+        assert contained_path(tmp_path, name).parent == tmp_path.resolve()
     assert len(set(names)) == len(names)  # the hash keeps same-slug texts apart
-    assert viz.safe_filename("Great movie!", ".png").startswith("great-movie-")
+    assert safe_filename("Great movie!", ".png").startswith("great-movie-")
     for suffix in ("/x.png", "../x", "", "a\x00"):
         with pytest.raises(ValueError, match="suffix"):
-            viz.safe_filename("t", suffix)
+            safe_filename("t", suffix)
     for name in ("../x", "..", "a/b", "x\x00"):
         with pytest.raises(ValueError):
-            viz.contained_path(tmp_path, name)
+            contained_path(tmp_path, name)
     # A symlink already sitting at the name cannot redirect the write outside.
     outside = tmp_path / "outside.png"
     (tmp_path / "heatmaps").mkdir()
     (tmp_path / "heatmaps" / "evil.png").symlink_to(outside)
     with pytest.raises(ValueError, match="outside"):
-        viz.contained_path(tmp_path / "heatmaps", "evil.png")
+        contained_path(tmp_path / "heatmaps", "evil.png")
 
 
 def test_hostile_texts_stay_inside_the_heatmap_folder(tiny_checkpoint, tmp_path, capsys):

@@ -46,9 +46,12 @@ class DataError(InputError):
 
 @dataclass
 class DataConfig:
-    train: str = field(default="", metadata={"help": "training corpus: files, folders, globs, comma list"})
-    valid: str = field(default="", metadata={"help": "explicit validation corpus (else taken from --split)"})
-    test: str = field(default="", metadata={"help": "explicit test corpus (else taken from --split)"})
+    train: str = field(default="", metadata={
+        "help": "training corpus: files, folders, globs, comma list", "path": True})
+    valid: str = field(default="", metadata={
+        "help": "explicit validation corpus (else taken from --split)", "path": True})
+    test: str = field(default="", metadata={
+        "help": "explicit test corpus (else taken from --split)", "path": True})
     split: str = field(default="1000,1,1", metadata={"help": "train,val,test proportions of --train"})
     text_key: str = field(default="reviewText", metadata={"help": "field/column holding the text"})
     label_key: Optional[str] = field(default=None, metadata={"help": "field/column holding a label"})

@@ -6,21 +6,26 @@
 
 Flags as in NVIDIA's sentiment-discovery ``visualize.py`` (text, neuron, layer, generate,
 seq_length, temperature, overwrite, negate, load_model). With ``--classifier`` (the transfer
-step's classifier.json) the neuron defaults to its top neuron, and a neuron with a negative
-weight is negated (green = positive sentiment) unless ``--no-negate`` says otherwise.
-Files go to <experiment_dir>/<experiment_name>/heatmaps/, named by ``viz.safe_filename``.
+step's classifier.json) the neuron, layer, state and sign come from its ``Probe``: the neuron
+defaults to its top neuron, and a top neuron with a negative weight is negated (green =
+positive sentiment) unless ``--no-negate`` says otherwise. Files go to
+<experiment_dir>/<experiment_name>/heatmaps/, named by ``safe_filename``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sentdisc import viz
-from sentdisc.checkpoint import CheckpointError, load
-from sentdisc.config import build_parser, parse
+from sentdisc.config import OutputConfig, build_parser, parse
+from sentdisc.errors import InputError
+from sentdisc.probe import TRACE_KINDS, Probe
+from sentdisc.recipes import run as run_recipe
 
 FORMATS = ("png", "svg", "html", "json")
 
@@ -28,14 +33,16 @@ FORMATS = ("png", "svg", "html", "json")
 @dataclass
 class VisualizeConfig:
     load_model: str = field(default="", metadata={
-        "help": "checkpoint directory (defaults to the classifier's checkpoint)"})
+        "help": "checkpoint directory (defaults to the classifier's checkpoint)", "path": True})
     text: str = field(default="The meaning of life is ", metadata={
         "help": "text to analyse, or the prompt to continue with --generate"})
-    text_file: str = field(default="", metadata={"help": "read the text from this UTF-8 file instead"})
+    text_file: str = field(default="", metadata={
+        "help": "read the text from this UTF-8 file instead", "path": True})
     neuron: int | None = field(default=None, metadata={
         "help": "neuron to show (default: the classifier's top neuron, else 0)"})
     classifier: str = field(default="", metadata={
-        "help": "transfer classifier.json: its top neuron, sign, layer and feature kind"})
+        "help": "transfer classifier.json: its top neuron, sign, layer and feature kind",
+        "path": True})
     layer: int | None = field(default=None, metadata={
         "help": "layer to read (default: the classifier's, else -1 = last)"})
     kind: str | None = field(default=None, metadata={
@@ -53,135 +60,117 @@ class VisualizeConfig:
     formats: list[str] = field(default_factory=lambda: ["png"], metadata={
         "help": f"files to write, any of {','.join(FORMATS)}"})
     device: str = field(default="cpu", metadata={"help": "torch device for the model (cpu, cuda)"})
-    experiment_dir: str = field(default="experiments", metadata={"help": "root of all outputs"})
-    experiment_name: str = field(default="default", metadata={"help": "this experiment's folder"})
-
-
-class UsageError(ValueError):
-    """A problem with the command's input, reported as one line (no traceback)."""
-
-
-def read_classifier(path: str) -> dict:
-    """The fields of a transfer classifier.json this tool needs: top neuron, its sign, and the
-    layer / feature kind it was trained on (read by the one Classifier loader; no pickle)."""
-    from sentdisc.classifier import Classifier, ClassifierError
-
-    try:
-        clf = Classifier.load(path)
-    except ClassifierError as e:
-        raise UsageError(str(e)) from None
-    return {"neurons": clf.neurons, "signs": clf.signs, "layer": clf.layer,
-            "kind": "cell" if clf.feature_kind == "cell" else "hidden",
-            "checkpoint": clf.checkpoint}
 
 
 def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
-    """Fill neuron / layer / kind / negate / load_model from the classifier where not given."""
-    clf = read_classifier(cfg.classifier) if cfg.classifier else None
-    neuron, layer, kind, negate, ckpt = cfg.neuron, cfg.layer, cfg.kind, cfg.negate, cfg.load_model
-    if clf:
-        if neuron is None:
-            neuron = clf["neurons"][0]
-        if negate is None and neuron in clf["neurons"]:
-            # A neuron whose weight is negative reads "negative sentiment" when large: flip
-            # it so green is positive and --overwrite 1 means positive.
-            negate = clf["signs"][clf["neurons"].index(neuron)] < 0
-        layer = clf["layer"] if layer is None else layer
-        kind = clf["kind"] if kind is None else kind
-        ckpt = ckpt or clf["checkpoint"]
+    """Fill neuron / layer / kind / negate / load_model from the classifier's probe where not
+    given, and read --text_file."""
+    probe = Probe.load(cfg.classifier) if cfg.classifier else Probe()
+    neuron = cfg.neuron if cfg.neuron is not None else (probe.neuron or 0)
+    kind = cfg.kind or (probe.trace_kind if cfg.classifier else "cell")
+    ckpt = cfg.load_model or probe.checkpoint
     if not ckpt:
-        raise UsageError("--load_model is required (a checkpoint directory), unless the "
+        raise InputError("--load_model is required (a checkpoint directory), unless the "
                          "classifier names its checkpoint")
+    text = cfg.text
     if cfg.text_file:
         try:
             text = Path(cfg.text_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --text_file {cfg.text_file}: {e}") from None
-    else:
-        text = cfg.text
+            raise InputError(f"cannot read --text_file {cfg.text_file}: {e}") from None
     bad = sorted(set(cfg.formats) - set(FORMATS))
     if bad or not cfg.formats:
-        raise UsageError(f"--formats must be a comma list of {','.join(FORMATS)}, got {cfg.formats}")
-    name = cfg.experiment_name
-    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-        raise UsageError(f"--experiment_name must be a plain folder name, got {name!r}")
-    if (kind or "cell") not in ("cell", "hidden"):
-        raise UsageError(f"--kind must be cell or hidden, got {kind!r}")
+        raise InputError(f"--formats must be a comma list of {','.join(FORMATS)}, "
+                         f"got {cfg.formats}")
+    if kind not in TRACE_KINDS:
+        raise InputError(f"--kind must be cell or hidden, got {kind!r}")
     if cfg.overwrite is not None and not math.isfinite(cfg.overwrite):
-        raise UsageError(f"--overwrite must be a finite number, got {cfg.overwrite}")
-    return replace(cfg, neuron=0 if neuron is None else neuron,
-                   layer=-1 if layer is None else layer, kind=kind or "cell",
-                   negate=bool(negate), load_model=ckpt, text=text, text_file="")
+        raise InputError(f"--overwrite must be a finite number, got {cfg.overwrite}")
+    negate = probe.negate(neuron) if cfg.negate is None else cfg.negate
+    return replace(cfg, neuron=neuron, layer=probe.layer if cfg.layer is None else cfg.layer,
+                   kind=kind, negate=negate, load_model=ckpt, text=text, text_file="")
 
 
-def run(cfg: VisualizeConfig) -> dict:
-    """Resolved config -> files written. Returns {'paths': [...], 'chars', 'values', ...}."""
-    cfg = resolve(cfg)
-    model = load(cfg.load_model, map_location=cfg.device)
+def trace(cfg: VisualizeConfig, model) -> dict:
+    """The resolved config's characters and values, with the title, label and file suffix."""
     sign = " (negated)" if cfg.negate else ""
-    label = f"neuron {cfg.neuron}{sign}, {cfg.kind}, layer {cfg.layer}"
-    if cfg.generate:
-        out = viz.generate_text(model, cfg.text, cfg.seq_length, cfg.temperature,
-                                neuron=cfg.neuron, overwrite=cfg.overwrite, negate=cfg.negate,
-                                layer=cfg.layer, seed=cfg.seed)
-        chars, values, prompt_end = out["chars"], out["values"], out["prompt_end"]
-        held = f"held at {cfg.overwrite:+g}" if out["forced"] is not None else "free"
-        title = f"generated, neuron {cfg.neuron} {held}, T={cfg.temperature:g}, seed {cfg.seed}"
-        label = f"neuron {cfg.neuron}{sign}, cell, layer {cfg.layer}"  # generation reads cells
-        suffix = (f"_gen_n{cfg.neuron}_l{cfg.layer}_o{cfg.overwrite or 0:g}"
-                  f"{'_neg' if cfg.negate else ''}_t{cfg.temperature:g}_s{cfg.seed}")
-    else:
+    neg = "_neg" if cfg.negate else ""
+    if not cfg.generate:
         chars, values = viz.neuron_values(model, cfg.text, cfg.neuron, cfg.layer, cfg.kind,
                                           negate=cfg.negate)
-        prompt_end, out, title = None, None, f"neuron {cfg.neuron}{sign} ({cfg.kind}, layer {cfg.layer})"
-        suffix = f"_n{cfg.neuron}_l{cfg.layer}_{cfg.kind}{'_neg' if cfg.negate else ''}"
-    folder = Path(cfg.experiment_dir) / cfg.experiment_name / "heatmaps"
+        return {"chars": chars, "values": values, "prompt_end": None, "generated": None,
+                "title": f"neuron {cfg.neuron}{sign} ({cfg.kind}, layer {cfg.layer})",
+                "label": f"neuron {cfg.neuron}{sign}, {cfg.kind}, layer {cfg.layer}",
+                "suffix": f"_n{cfg.neuron}_l{cfg.layer}_{cfg.kind}{neg}"}
+    out = viz.generate_text(model, cfg.text, cfg.seq_length, cfg.temperature, neuron=cfg.neuron,
+                            overwrite=cfg.overwrite, negate=cfg.negate, layer=cfg.layer,
+                            seed=cfg.seed)
+    held = f"held at {cfg.overwrite:+g}" if out["forced"] is not None else "free"
+    return {"chars": out["chars"], "values": out["values"], "prompt_end": out["prompt_end"],
+            "generated": out,
+            "title": f"generated, neuron {cfg.neuron} {held}, T={cfg.temperature:g}, "
+                     f"seed {cfg.seed}",
+            "label": f"neuron {cfg.neuron}{sign}, cell, layer {cfg.layer}",  # generation reads cells
+            "suffix": f"_gen_n{cfg.neuron}_l{cfg.layer}_o{cfg.overwrite or 0:g}{neg}"
+                      f"_t{cfg.temperature:g}_s{cfg.seed}"}
+
+
+def render(cfg: VisualizeConfig, t: dict, fmt: str) -> bytes:
+    """One output file's content."""
+    chars, values, end = t["chars"], t["values"], t["prompt_end"]
+    if fmt == "png":
+        return viz.render_png(chars, values, end, title=t["title"], width=cfg.width,
+                              label=t["label"])
+    if fmt == "svg":
+        text = viz.render_svg(chars, values, end, title=t["title"], width=cfg.width,
+                              label=t["label"])
+    elif fmt == "html":
+        text = viz.render_html(chars, values, end, title=t["title"], label=t["label"])
+    else:
+        record = {"text": "".join(chars), "neuron": cfg.neuron, "layer": cfg.layer,
+                  "kind": "cell" if cfg.generate else cfg.kind, "negate": cfg.negate,
+                  "checkpoint": cfg.load_model, "prompt_end": end,
+                  "chars": chars, "values": [float(v) for v in values]}
+        if t["generated"] is not None:
+            record.update(overwrite=cfg.overwrite, temperature=cfg.temperature, seed=cfg.seed,
+                          seq_length=cfg.seq_length)
+        text = json.dumps(record, ensure_ascii=False)
+    return text.encode("utf-8")
+
+
+def run(cfg: VisualizeConfig, out: OutputConfig | None = None) -> dict:
+    """Config -> files written. Returns {'paths': [...], 'chars', 'values', 'generated', ...}."""
+    from sentdisc.checkpoint import load
+
+    cfg, out = resolve(cfg), out or OutputConfig()
+    t = trace(cfg, load(cfg.load_model, map_location=cfg.device))
+    folder = Path(out.run_dir) / "heatmaps"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for fmt in cfg.formats:
-        path = viz.contained_path(folder, viz.safe_filename(cfg.text, f"{suffix}.{fmt}"))
-        if fmt == "png":
-            data = viz.render_png(chars, values, prompt_end, title=title, width=cfg.width, label=label)
-            path.write_bytes(data)
-        elif fmt == "svg":
-            path.write_text(viz.render_svg(chars, values, prompt_end, title=title,
-                                           width=cfg.width, label=label), encoding="utf-8")
-        elif fmt == "html":
-            path.write_text(viz.render_html(chars, values, prompt_end, title=title, label=label),
-                            encoding="utf-8")
-        else:
-            record = {"text": "".join(chars), "neuron": cfg.neuron, "layer": cfg.layer,
-                      "kind": "cell" if cfg.generate else cfg.kind, "negate": cfg.negate,
-                      "checkpoint": cfg.load_model, "prompt_end": prompt_end,
-                      "chars": chars, "values": [float(v) for v in values]}
-            if out is not None:
-                record.update(overwrite=cfg.overwrite, temperature=cfg.temperature,
-                              seed=cfg.seed, seq_length=cfg.seq_length)
-            path.write_text(json.dumps(record, ensure_ascii=False), encoding="utf-8")
+        path = contained_path(folder, safe_filename(cfg.text, f"{t['suffix']}.{fmt}"))
+        path.write_bytes(render(cfg, t, fmt))
         paths.append(path)
-    return {"paths": paths, "chars": chars, "values": values, "prompt_end": prompt_end,
-            "config": cfg, "generated": out}
+    return {"paths": paths, "chars": t["chars"], "values": t["values"],
+            "prompt_end": t["prompt_end"], "config": cfg, "generated": t["generated"]}
 
 
 def main(argv=None, generate: bool | None = None, prog: str = "visualize") -> int:
     """One script for both: ``--generate`` switches to generation (``generate=True`` forces
     it). Prints the files written; returns the exit status (2 on bad input)."""
-    parser = build_parser(__doc__.splitlines()[0], VisualizeConfig)
+    parser = build_parser(__doc__.splitlines()[0], VisualizeConfig, OutputConfig)
     parser.prog = prog
-    (cfg,) = parse([VisualizeConfig], argv, parser=parser)
+    cfg, out = parse([VisualizeConfig, OutputConfig], argv, parser=parser)
     if generate is not None:
         cfg = replace(cfg, generate=generate)
-    try:
-        result = run(cfg)
-    except (UsageError, CheckpointError, ValueError, OSError) as e:
-        # Bad input (missing checkpoint, neuron out of range, empty text, ...): one line.
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    if result["generated"] is not None:
-        print(f"generated: {result['generated']['generated']!r}")
-    for p in result["paths"]:
-        print(p)
-    return 0
+
+    def body():
+        result = run(cfg, out)
+        if result["generated"] is not None:
+            print(f"generated: {result['generated']['generated']!r}")
+        for p in result["paths"]:
+            print(p)
+    return run_recipe(prog, body)
 
 
 def heatmap_main(argv=None) -> int:
@@ -190,6 +179,37 @@ def heatmap_main(argv=None) -> int:
 
 def generate_main(argv=None) -> int:
     return main(argv, generate=True, prog="sentdisc generate")
+
+
+# --- file names ------------------------------------------------------------------------------
+
+_SUFFIX = re.compile(r"[A-Za-z0-9_.+=-]{1,100}")
+
+
+def safe_filename(text: str, suffix: str = ".png", slug_chars: int = 40) -> str:
+    """A file name for ``text``: a short ASCII slug of it plus a hash of the whole text.
+
+    The text never becomes a path: only [a-z0-9-] survive into the slug (no '/', '..', NUL,
+    no non-ASCII), it is cut to ``slug_chars``, and the hash keeps different texts with the
+    same slug apart. ``suffix`` is chosen by code, not users, and must be a plain name part.
+    """
+    if not isinstance(suffix, str) or not _SUFFIX.fullmatch(suffix):
+        raise InputError(f"suffix must match {_SUFFIX.pattern}, got {suffix!r}")
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower())[:slug_chars].strip("-") or "text"
+    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:12]
+    return f"{slug}-{digest}{suffix}"
+
+
+def contained_path(directory: str | Path, name: str) -> Path:
+    """``directory / name``, refusing anything that would resolve outside ``directory``
+    (a separator in the name, a symlink already sitting at that name, ...)."""
+    base = Path(directory).resolve()
+    if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+        raise InputError(f"not a plain file name: {name!r}")
+    path = (base / name).resolve()
+    if path.parent != base:
+        raise InputError(f"{name!r} would be written outside {base}")
+    return path
 
 
 if __name__ == "__main__":

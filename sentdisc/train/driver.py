@@ -1,0 +1,169 @@
+"""The driver of a pretraining run: check the inputs, size the run, fit, write the outputs.
+
+A bad path or config fails here, before any worker starts. The run's length (for the linear
+learning-rate decay and the ETA) is ``max_iters``, else counted from the corpus when that is
+cheap. The driver, not the workers, writes ``run_config.json``, ``history.csv``, ``loss.png``,
+``summary.json`` and ``checkpoint_final`` under ``<experiment_dir>/<experiment_name>/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from sentdisc import checkpoint as ckpt_io
+from sentdisc.config import OutputConfig
+from sentdisc.errors import InputError
+from sentdisc.model import ModelConfig
+from sentdisc.report import merge_rows, plot_loss, read_history, write_history
+from sentdisc.runtime import ensure_ray
+from sentdisc.train.config import TrainConfig
+from sentdisc.train.progress import Progress
+
+# Above this many input bytes the driver does not read the corpus once just to size the run.
+COUNT_LIMIT_BYTES = 2 * 1024 ** 3
+
+
+def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
+             output: Optional[OutputConfig] = None, progress: bool = True) -> dict:
+    """Run a pretraining job on the current Ray cluster (started locally if none)."""
+    from sentdisc.data.readers import build_datasets
+
+    output = output or OutputConfig()
+    model_cfg, tc, storage, run_dir = _prepare(model_cfg, train_cfg, output)
+    # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
+    ensure_ray(include_dashboard=False, log_to_driver=False)
+    datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
+    total_iters = plan_iterations(data_cfg, tc, datasets["train"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prior = read_history(run_dir / "history.csv") if (
+        (run_dir / "history.csv").exists() and any(run_dir.glob("checkpoint_*"))) else []
+    (run_dir / "run_config.json").write_text(json.dumps({
+        "model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
+        "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
+        "total_iters": total_iters}, indent=2))
+    loop_config = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
+                   "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
+                   "total_iters": total_iters, "run_dir": str(run_dir),
+                   "eval_splits": [k for k in datasets if k != "train"]}
+    t0 = time.perf_counter()
+    with Progress(printed=progress) as watch:
+        result = _trainer(tc, output, storage, loop_config, datasets, watch.callback).fit()
+    return _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
+
+
+def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
+    """Where outputs go, and the architecture (a resumed checkpoint's weights decide it)."""
+    remote = "://" in output.experiment_dir
+    storage = output.experiment_dir if remote else str(Path(output.experiment_dir).resolve())
+    if "runtime_resources" in str(Path.cwd()) and not remote \
+            and not Path(output.experiment_dir).is_absolute():
+        print(f"[pretrain] note: experiment_dir {output.experiment_dir!r} is inside this Ray "
+              f"job's temporary working directory ({storage}); pass an absolute "
+              f"--experiment_dir or a storage URI to keep the outputs", flush=True)
+    if tc.resume:
+        model_cfg = ckpt_io.load_config(tc.resume)
+        tc = dataclasses.replace(tc, resume=str(Path(tc.resume).resolve()))
+    output.run_dir  # noqa: B018 -- checks the name is a plain folder name
+    return model_cfg, tc, storage, Path(storage) / output.experiment_name
+
+
+def _trainer(tc: TrainConfig, output: OutputConfig, storage: str, loop_config: dict,
+             datasets: dict, callback):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sentdisc.train.loop import train_loop
+
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    return TorchTrainer(
+        train_loop, train_loop_config=loop_config, datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            storage_path=storage, name=output.experiment_name,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            callbacks=[callback]))
+
+
+def _write_outputs(run_dir: Path, output: OutputConfig, prior: list, rows: list, result,
+                   wall: float) -> dict:
+    history = merge_rows(prior, rows)
+    write_history(history, run_dir / "history.csv")
+    plot = plot_loss(history, run_dir / "loss.png",
+                     title=f"{output.experiment_name}: bits per byte")
+    final_dir = run_dir / "checkpoint_final"
+    if result.checkpoint is not None:
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        result.checkpoint.to_directory(str(final_dir))
+    final = next((r for r in reversed(rows) if r.get("final")), {})
+    last = next((r for r in reversed(history) if r.get("bpb") is not None), {})
+    summary = {
+        "checkpoint": str(final_dir) if result.checkpoint is not None else None,
+        "ray_checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "history": str(run_dir / "history.csv"), "loss_plot": str(plot) if plot else None,
+        "val_bpb": final.get("val_bpb"), "test_bpb": final.get("test_bpb"),
+        "train_bpb": last.get("bpb"), "iterations": last.get("iteration"),
+        "bytes_seen": last.get("bytes_seen"), "wall_s": wall,
+        "skipped_total": last.get("skipped_total"), "records": last.get("records"),
+        "rows": rows,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(
+        {k: v for k, v in summary.items() if k != "rows"}, indent=2))
+    return summary
+
+
+# --- the run's length --------------------------------------------------------------------------
+
+def count_train_bytes(ds) -> int:
+    """Bytes of well-formed training text, with one streaming pass of Ray Data."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def lengths(table: pa.Table) -> pa.Table:
+        ok = pc.equal(table["error"], "") if "error" in table.column_names else None
+        n = pc.binary_length(table["bytes"])
+        if ok is not None:
+            n = pc.if_else(ok, n, 0)
+        return pa.table({"n": [pc.sum(n).as_py() or 0]})
+
+    return int(ds.map_batches(lengths, batch_format="pyarrow").sum("n") or 0)
+
+
+def _input_bytes(spec: str) -> Optional[int]:
+    """Size on disk of the files a data path names; None for remote URIs."""
+    from sentdisc.data.readers import resolve_paths
+
+    if not spec or "://" in spec:
+        return None
+    return sum(os.path.getsize(p) for p in resolve_paths(spec))
+
+
+def plan_iterations(data_cfg, tc: TrainConfig, train_ds) -> Optional[int]:
+    """Total iterations of the run: max_iters, else counted from the corpus when cheap."""
+    if tc.max_iters:
+        return tc.max_iters
+    size = _input_bytes(data_cfg.train)
+    if size is None or size > COUNT_LIMIT_BYTES:
+        if tc.schedule == "linear":
+            raise InputError(
+                "lr_scheduler=linear decays to 0 over the run, so it needs the run's length: set "
+                f"max_iters (the training data at {data_cfg.train} is "
+                f"{'remote' if size is None else f'{size / 1e9:.1f} GB'}, too large to count "
+                f"cheaply)")
+        return None
+    print(f"[pretrain] sizing the run: counting training bytes ({size / 1e6:.1f} MB on disk) "
+          f"(set max_iters to skip)", flush=True)
+    n = count_train_bytes(train_ds)
+    per_iter = tc.batch_size * tc.seq_length
+    total = max(1, n // per_iter) * tc.epochs
+    print(f"[pretrain] {n / 1e6:.2f} MB of text -> about {total} iterations "
+          f"({tc.epochs} epoch(s) of batch {tc.batch_size} x seq {tc.seq_length})", flush=True)
+    return total

@@ -1,0 +1,108 @@
+"""The driver's view of a running job: every report's metrics, as they happen.
+
+Ray Train reports go to its controller, not to the driver. A controller callback forwards the
+first rank's row (with every rank's parameter checksum) to a small actor; a thread on the
+driver polls that actor once a second, prints a progress line per row and hands the rows to
+whoever writes the history.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Optional
+
+from sentdisc.report import progress_line
+
+
+def _metrics_log_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class MetricsLog:
+        """Rows reported by the workers, for the driver to print and write out."""
+
+        def __init__(self):
+            self.rows = []
+
+        def append(self, row: dict):
+            self.rows.append(row)
+
+        def since(self, n: int) -> list:
+            return self.rows[n:]
+
+    return MetricsLog
+
+
+def _forward_callback(log):
+    from ray.train import UserCallback
+
+    class ForwardMetrics(UserCallback):
+        """Runs on the Train controller: one row per report, with every rank's checksum."""
+
+        def __init__(self, log):
+            self.log = log
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or not metrics[0]:
+                return
+            row = dict(metrics[0])
+            sums = [m.get("param_checksum") for m in metrics if m.get("param_checksum") is not None]
+            if sums:
+                row["param_checksums"] = sums
+                row["param_checksum_spread"] = max(sums) - min(sums)
+            row["checkpoint"] = checkpoint.path if checkpoint else ""
+            self.log.append.remote(row)
+
+    return ForwardMetrics(log)
+
+
+class Progress:
+    """Rows from the workers while a Train run is fitted: ``callback`` goes into the RunConfig,
+    ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen."""
+
+    def __init__(self, prefix: str = "[pretrain]", printed: bool = True,
+                 on_rows: Optional[Callable[[list], None]] = None, every_s: float = 1.0):
+        self.prefix, self.printed, self.on_rows, self.every_s = prefix, printed, on_rows, every_s
+        self.log = _metrics_log_class().remote()
+        self.callback = _forward_callback(self.log)
+        self.rows: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Progress":
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        self.drain()
+        ray.kill(self.log)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.drain()
+
+    def drain(self) -> None:
+        import ray
+
+        new = ray.get(self.log.since.remote(len(self.rows)))
+        if not new:
+            return
+        self.rows.extend(new)
+        if self.printed:
+            for row in new:
+                print(f"{self.prefix} {row_line(row)}", flush=True)
+        if self.on_rows is not None:
+            self.on_rows(new)
+
+
+def row_line(row: dict) -> str:
+    """A report's progress line; the final report adds held-out bits per byte."""
+    line = progress_line(row)
+    if row.get("final"):
+        line += " | " + " ".join(f"{k} {row[k]:.3f}" for k in ("val_bpb", "test_bpb")
+                                 if row.get(k) is not None)
+    return line
