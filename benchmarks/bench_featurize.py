@@ -138,7 +138,7 @@ def main(argv=None):
         import ray
 
         from sentdisc.checkpoint import save
-        from sentdisc.transfer import featurize_ray
+        from sentdisc.features_ray import featurize_ray
 
         ckpt = save(model, Path(os.environ.get("TMPDIR", "/tmp")) / "bench_featurize_ckpt")
         ray.init(num_cpus=args.ray_replicas, include_dashboard=False, log_to_driver=False)

@@ -6,8 +6,8 @@ SST-2, Amazon-Blitzer and a seeded IMDB subset with the transfer job's own piece
 Ray Tune sweep of the L1 C on validation -> refit -> top neuron); adds a TF-IDF word 1-2 gram
 baseline. Model selection uses validation only; test accuracy is reported, never tuned on.
 
-    python benchmarks/quality.py                     # the CPU run quoted in the README (< 60 min here)
-    python benchmarks/quality.py --quick             # a few minutes, for checking the script
+    python benchmarks/quality.py            # the CPU run quoted in the README (< 60 min here)
+    python benchmarks/quality.py --quick    # a few minutes, for checking the script
     python benchmarks/quality.py --device cuda --rnn_size 4096 ...   # see gpu_quality.sh
 
 Writes <out>/quality.{md,csv,json} and <out>/quality.png.
@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 from sentdisc import ByteLM, ModelConfig, featurize, load  # noqa: E402
 from sentdisc.data.readers import DataConfig, build_datasets  # noqa: E402
 from sentdisc.labeled import read_table  # noqa: E402
+from sentdisc.sweep import SweepConfig, train_classifier  # noqa: E402
 from sentdisc.train import TrainConfig, evaluate_bpb, pretrain  # noqa: E402
-from sentdisc.transfer import c_grid, train_classifier  # noqa: E402
 
 KINDS = ("cell", "mean")
 ANCHORS = {"sst2": "OpenAI 91.8 / NVIDIA 91.27 all, 86.71 one neuron",
@@ -51,9 +51,10 @@ def _sample(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def load_tasks(d: Path, args) -> dict:
     """{task: {split: (texts, labels)}}; subsets are seeded, val never overlaps test."""
     tasks = {}
-    sst = {s: read_table(str(d / "sst2" / f"{s}.csv"), "sentence", "label") for s in ("train", "val", "test")}
+    splits = ("train", "val", "test")
+    sst = {s: read_table(str(d / "sst2" / f"{s}.csv"), "sentence", "label") for s in splits}
     tasks["sst2"] = {s: _sample(df, args.max_sst2, args.seed) for s, df in sst.items()}
-    amz = {s: read_table(str(d / "amazon_blitzer" / f"{s}.csv"), "text", "label") for s in ("train", "val", "test")}
+    amz = {s: read_table(str(d / "amazon_blitzer" / f"{s}.csv"), "text", "label") for s in splits}
     tasks["amazon"] = {"train": _sample(amz["train"], args.max_train, args.seed),
                        "val": _sample(amz["val"], args.max_val, args.seed),
                        "test": _sample(amz["test"], args.max_test, args.seed)}
@@ -89,14 +90,15 @@ def transfer_row(model, tasks: dict, args, out: Path, tag: str) -> dict:
         feats = {s: featurize(model, texts, kind=list(KINDS), batch_size=args.featurize_batch)
                  for s, (texts, _) in splits.items()}
         nbytes = sum(len(t.encode()) for texts, _ in splits.values() for t in texts)
-        print(f"  [{tag}] {task}: featurized {nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(f"  [{tag}] {task}: featurized {nbytes / 1e6:.1f} MB in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
         for kind in KINDS:
+            sweep = SweepConfig(seed=args.seed, backend="tune", standardize=True, num_neurons=1,
+                                storage=out / "tune" / tag / task / kind)
             _, res = train_classifier(
                 feats["train"][kind], splits["train"][1], feats["val"][kind], splits["val"][1],
-                feats["test"][kind], splits["test"][1], num_neurons=1, Cs=c_grid(),
-                seed=args.seed, backend="tune", storage=out / "tune" / tag / task / kind,
-                feature_kind=kind, log=lambda *a: None, standardize=True)
+                feats["test"][kind], splits["test"][1], sweep, feature_kind=kind,
+                log=lambda *a: None)
             row[f"{task}/{kind}/all"] = res["all_neurons"]["test_acc"]
             row[f"{task}/{kind}/top1"] = res["top_neurons"]["test_acc"]
             row[f"{task}/{kind}/val_all"] = res["all_neurons"]["val_acc"]
@@ -145,10 +147,12 @@ def plot(rows: list[dict], tfidf: dict, tasks, path: Path) -> None:
     rand = next(r for r in rows if r["model"] == "random")
     x = [r["bytes"] / 1e6 for r in trained]
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(5 * (len(tasks) + 1), 4))
-    for ax, t in zip(axes, tasks):
-        for k, color in zip(KINDS, ("tab:blue", "tab:orange")):
-            ax.plot(x, [100 * r[f"{t}/{k}/all"] for r in trained], "o-", color=color, label=f"{k}, all")
-            ax.plot(x, [100 * r[f"{t}/{k}/top1"] for r in trained], "s--", color=color, label=f"{k}, top-1")
+    for ax, t in zip(axes, tasks, strict=False):  # the last axis is the bpb panel
+        for k, color in zip(KINDS, ("tab:blue", "tab:orange"), strict=True):
+            ax.plot(x, [100 * r[f"{t}/{k}/all"] for r in trained], "o-", color=color,
+                    label=f"{k}, all")
+            ax.plot(x, [100 * r[f"{t}/{k}/top1"] for r in trained], "s--", color=color,
+                    label=f"{k}, top-1")
             ax.axhline(100 * rand[f"{t}/{k}/all"], color=color, lw=0.8, ls=":",
                        label=f"random weights, {k}")
         ax.axhline(100 * tfidf[t], color="k", lw=1, ls="-.", label="TF-IDF 1-2 gram")
@@ -188,8 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     p.add_argument("--experiment_dir", default=str(REPO / "experiments"))
-    p.add_argument("--skip_pretrain", action="store_true", help="reuse the checkpoints already there")
-    p.add_argument("--quick", action="store_true", help="tiny budget and subsets: checks the script")
+    p.add_argument("--skip_pretrain", action="store_true",
+                   help="reuse the checkpoints already there")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budget and subsets: checks the script")
     args = p.parse_args(argv)
     if args.quick:
         args.max_iters, args.rnn_size, args.checkpoints = 60, 64, 2
@@ -218,8 +224,8 @@ def main(argv=None) -> int:
         keep_checkpoints=args.checkpoints + 2, max_failures=1)
     run_dir = Path(args.experiment_dir) / name
     print(f"== pretraining mLSTM-{args.rnn_size} on {args.corpus} for {args.max_iters} iterations "
-          f"of {args.batch_size}x{args.seq_length} bytes ({args.max_iters * args.batch_size * args.seq_length / 1e6:.1f} MB)",
-          flush=True)
+          f"of {args.batch_size}x{args.seq_length} bytes "
+          f"({args.max_iters * args.batch_size * args.seq_length / 1e6:.1f} MB)", flush=True)
     if not args.skip_pretrain:
         summary = pretrain(model_cfg, data_cfg, train_cfg)
         print(f"   done in {summary['wall_s'] / 60:.1f} min", flush=True)
@@ -230,7 +236,8 @@ def main(argv=None) -> int:
     heldout = build_datasets(data_cfg)["val"]
     tasks = load_tasks(d, args)
     tfidf = {t: tfidf_baseline(s, args.seed) for t, s in tasks.items()}
-    print("== TF-IDF baselines: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in tfidf.items()), flush=True)
+    print("== TF-IDF baselines: " + ", ".join(f"{t} {100 * v:.1f}" for t, v in tfidf.items()),
+          flush=True)
 
     torch.manual_seed(args.seed)
     device = "cuda" if args.use_gpu else "cpu"
@@ -251,10 +258,11 @@ def main(argv=None) -> int:
 
     table = markdown(rows, tfidf, list(tasks))
     wall = time.perf_counter() - t_start
-    header = (f"mLSTM-{args.rnn_size} (embed {args.embed_size}) pretrained on {args.corpus} reviews, "
-              f"{args.batch_size}x{args.seq_length} windows, Adam lr {args.lr} linear decay; "
-              f"test accuracy (%) of an L1 logistic regression on standardized features, C chosen on validation by a Ray "
-              f"Tune sweep; subsets: SST-2 {'all' if not args.max_sst2 else args.max_sst2}, "
+    header = (f"mLSTM-{args.rnn_size} (embed {args.embed_size}) pretrained on {args.corpus} "
+              f"reviews, {args.batch_size}x{args.seq_length} windows, Adam lr {args.lr} linear "
+              f"decay; test accuracy (%) of an L1 logistic regression on standardized features, "
+              f"C chosen on validation by a Ray Tune sweep; "
+              f"subsets: SST-2 {'all' if not args.max_sst2 else args.max_sst2}, "
               f"Amazon/IMDB train {args.max_train} val {args.max_val} test {args.max_test}. "
               f"Pretraining {t_pretrain / 60:.1f} min, whole run {wall / 60:.1f} min.")
     (out / "quality.md").write_text(header + "\n\n" + table + "\n")

@@ -1,13 +1,20 @@
-"""Run outputs a person reads: the metrics history as CSV, the loss curve as a PNG, progress lines.
+"""Run outputs a person reads: CSVs, PNG plots, progress lines and the transfer report.
 
-Pure functions of the reported rows (dicts), so the driver of any job can reuse them.
+Pretraining: the metrics history as CSV, the loss curve, one progress line per report.
+Transfer: featurize progress, the report of NVIDIA's transfer.py, the sweep as CSV, the neuron
+weight and histogram plots, per-sample results. Pure functions of rows, dicts and arrays (no
+torch), so the driver of any job can reuse them.
 """
 from __future__ import annotations
 
 import csv
 import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional
+
+import numpy as np
 
 
 def merge_rows(rows: list[dict], new: Iterable[dict], key: str = "iteration") -> list[dict]:
@@ -20,7 +27,8 @@ def merge_rows(rows: list[dict], new: Iterable[dict], key: str = "iteration") ->
     for row in new:
         it = row.get(key)
         if it is not None:
-            while out and out[-1].get(key) is not None and out[-1][key] >= it and not row.get("final"):
+            while (out and out[-1].get(key) is not None and out[-1][key] >= it
+                   and not row.get("final")):
                 out.pop()
         out.append(row)
     return out
@@ -48,13 +56,9 @@ def read_history(path: str | Path) -> list[dict]:
         return [{k: _parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") -> Optional[Path]:
+def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") -> Path | None:
     """Training bits per byte against bytes seen (val/test as horizontal marks when present)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [r for r in rows if _finite(r.get("bpb")) and r.get("bytes_seen") is not None]
     if not train:
         return None
@@ -97,6 +101,27 @@ def progress_line(row: dict) -> str:
     return " | ".join(parts)
 
 
+class ProgressLine:
+    """Prints 'name: done/total texts | texts/s | bytes/s | ETA' at most every ``every`` s."""
+
+    def __init__(self, name: str, total: int, total_bytes: int, every: float = 2.0, out=None):
+        self.name, self.total, self.total_bytes, self.every = name, total, total_bytes, every
+        self.out = out or sys.stdout
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        rate = done / dt
+        bps = self.total_bytes * done / max(self.total, 1) / dt
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"featurize {self.name}: {done}/{self.total} texts | {rate:.1f} texts/s | "
+              f"{bps / 1e3:.1f} KB/s | ETA {eta:.0f}s", file=self.out, flush=True)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -110,6 +135,109 @@ def human_time(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --- transfer ---------------------------------------------------------------------------------
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def format_report(results: dict) -> str:
+    """The report of NVIDIA's transfer.py, from ``sentdisc.sweep.train_classifier``'s results."""
+    a, t = results["all_neurons"], results["top_neurons"]
+    k = len(t["neurons"])
+    lines = [f"all neuron regression took {a['seconds']} seconds",
+             f"{_pct(a['train_acc'])}, {_pct(a['val_acc'])}, {_pct(a['test_acc'])} "
+             f"train, val, test accuracy for all neuron regression",
+             f"{a['C']:g} regularization coefficient used",
+             f"{a['nnz']} features used in all neuron regression", "",
+             f"using neuron(s) {', '.join(str(n) for n in t['neurons'])} as features for "
+             f"regression"]
+    for n, w in zip(t["neurons"], t["weights"], strict=True):
+        lines.append(f"  neuron {n}: weight {w:+.4f} "
+                     f"({'positive' if w >= 0 else 'negative'} sentiment)")
+    lines += [f"{k} neuron regression took {t['seconds']} seconds",
+              f"{_pct(t['train_acc'])}, {_pct(t['val_acc'])}, {_pct(t['test_acc'])} "
+              f"train, val, test accuracy for {k} neuron regression",
+              f"{t['C']:g} regularization coefficient used"]
+    for name, r in (("all neuron", a), (f"{k} neuron", t)):
+        if not r["converged"]:
+            lines.append(f"note: the {name} regression stopped at max_iter before converging "
+                         f"(raise --max_iter, or try --solver saga)")
+    return "\n".join(lines)
+
+
+def write_tune_csv(path: Path, rows: Sequence[dict], chosen_C: float) -> None:
+    cols = ["C", "val_acc", "train_acc", "nnz", "converged", "fit_s", "trial_id", "chosen"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "chosen": int(r["C"] == chosen_C)})
+
+
+def plot_neuron_weights(path: Path, coef: np.ndarray, neurons: Sequence[int], C: float) -> None:
+    plt = _pyplot()
+    coef = np.asarray(coef).reshape(-1)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.vlines(np.arange(len(coef)), 0, coef, color="0.6", linewidth=0.8)
+    ax.axhline(0, color="0.3", linewidth=0.5)
+    for n in neurons:
+        ax.plot([n], [coef[n]], "o", color="crimson" if coef[n] >= 0 else "navy")
+        ax.annotate(f"{n}", (n, coef[n]), textcoords="offset points", xytext=(4, 4 if
+                    coef[n] >= 0 else -12), fontsize=8)
+    ax.set_xlabel("neuron (feature) index")
+    ax.set_ylabel("L1 logistic regression weight")
+    ax.set_title(f"Neuron weights (C={C:g}, {int(np.sum(coef != 0))} non-zero); "
+                 f"top {len(neurons)} highlighted")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_neuron_histogram(path: Path, values: np.ndarray, labels: np.ndarray, neuron: int,
+                          boundary: float | None, split: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(values, bins=30)
+    ax.hist(values[labels == 0], bins=bins, alpha=0.55, color="navy", label="negative")
+    ax.hist(values[labels == 1], bins=bins, alpha=0.55, color="crimson", label="positive")
+    if boundary is not None and np.isfinite(boundary):
+        ax.axvline(boundary, color="black", linestyle="--",
+                   label=f"decision boundary {boundary:.3g}")
+    ax.set_xlabel(f"neuron {neuron} value")
+    ax.set_ylabel("texts per bin")
+    ax.set_title(f"Neuron {neuron} on {split}, by label")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results_csv(path: Path, texts, labels, feats: np.ndarray, clf,
+                      neurons: Sequence[int]) -> None:
+    """Per sample: P(positive) with all neurons (``clf``, a ``sentdisc.classifier.Classifier``),
+    with its top neurons, and the values of ``neurons``."""
+    p_all, p_top = clf.predict_proba(feats), clf.predict_proba_top(feats)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text"] + (["label"] if labels is not None else []) +
+                   ["prob_all", f"prob_top{len(clf.neurons)}"] + [f"neuron_{n}" for n in neurons])
+        for i, text in enumerate(texts):
+            w.writerow([text] + ([int(labels[i])] if labels is not None else []) +
+                       [f"{p_all[i]:.6f}", f"{p_top[i]:.6f}"] +
+                       [f"{feats[i, n]:.6f}" for n in neurons])
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, on a head node or a worker
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _finite(v) -> bool:

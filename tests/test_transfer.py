@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 
 from sentdisc.classifier import Classifier, ClassifierError
+from sentdisc.features_ray import featurize_ray, featurize_texts
+from sentdisc.labeled import load_labeled, prepare_data
 from sentdisc.recipes.transfer import main
-from sentdisc.transfer import (
-    TransferConfig,
-    TransferError,
-    c_grid,
-    choose_C,
-    featurize_ray,
-    featurize_texts,
-    fit_l1,
-    load_labeled,
-    prepare_data,
-    train_classifier,
-)
+from sentdisc.sweep import SweepConfig, c_grid, choose_C, fit_l1, train_classifier
+from sentdisc.transfer import TransferConfig, TransferError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -52,7 +44,8 @@ def test_top_neuron_is_the_dimension_that_carries_the_label(neuron, sign):
     Xtr, ytr = _synthetic(600, 40, neuron, sign, 0)
     Xva, yva = _synthetic(200, 40, neuron, sign, 1)
     Xte, yte = _synthetic(200, 40, neuron, sign, 2)
-    clf, res = train_classifier(Xtr, ytr, Xva, yva, Xte, yte, num_neurons=3, backend="local")
+    clf, res = train_classifier(Xtr, ytr, Xva, yva, Xte, yte,
+                                SweepConfig(num_neurons=3, backend="local"))
     assert clf.neuron == neuron and clf.sign == sign
     assert clf.neurons[0] == neuron and len(clf.neurons) == 3
     assert res["all_neurons"]["test_acc"] > 0.85 and res["top_neurons"]["test_acc"] > 0.85
@@ -72,7 +65,7 @@ def test_top_neuron_is_the_dimension_that_carries_the_label(neuron, sign):
 
 def test_classifier_json_roundtrip_and_bad_files(tmp_path):
     Xtr, ytr = _synthetic(300, 12, 3, 1, 0)
-    clf, _ = train_classifier(Xtr, ytr, Xtr, ytr, num_neurons=2, backend="local",
+    clf, _ = train_classifier(Xtr, ytr, Xtr, ytr, sweep=SweepConfig(num_neurons=2, backend="local"),
                               feature_kind="mean", layer=0, checkpoint="/ckpt")
     path = clf.save(tmp_path / "classifier.json")
     raw = json.loads(path.read_text())
@@ -109,10 +102,11 @@ def test_c_grid_and_tie_break():
 # --- labeled data --------------------------------------------------------------------------
 
 def test_labels_binarize_drop_and_clear_errors(tmp_path):
-    stars = _write_csv(tmp_path / "amz" / "train.csv",
-                       [[s, f"review {i} with {s} stars"] for i, s in enumerate([1, 2, 3, 4, 5] * 4)])
+    stars = _write_csv(tmp_path / "amz" / "train.csv", [[s, f"review {i} with {s} stars"]
+                                                        for i, s in enumerate([1, 2, 3, 4, 5] * 4)])
     cfg = TransferConfig(train=stars)
-    with pytest.raises(TransferError, match=r"train.csv.*binary 0/1.*\[1, 2, 3, 4, 5\].*--binarize_sent"):
+    with pytest.raises(TransferError,
+                       match=r"train.csv.*binary 0/1.*\[1, 2, 3, 4, 5\].*--binarize_sent"):
         load_labeled(stars, cfg, "train")
     data, mid = load_labeled(stars, TransferConfig(binarize_sent=True), "train")
     assert mid == 3.0 and len(data) == 16 and data.dropped == {"middle_rating": 4}
@@ -120,7 +114,8 @@ def test_labels_binarize_drop_and_clear_errors(tmp_path):
     assert data.texts[2] == "review 3 with 4 stars"
 
     holes = _write_csv(tmp_path / "holes.csv", [[1, "good"], ["", "no label"], [0, "bad"]])
-    with pytest.raises(TransferError, match=r"holes.csv: 1 of 3 rows have no 'label'.*--drop_unlabeled"):
+    with pytest.raises(TransferError,
+                       match=r"holes.csv: 1 of 3 rows have no 'label'.*--drop_unlabeled"):
         load_labeled(holes, cfg, "train")
     data, _ = load_labeled(holes, TransferConfig(drop_unlabeled=True), "train")
     assert data.texts == ["good", "bad"] and data.labels.tolist() == [1, 0]
@@ -140,14 +135,12 @@ def test_labels_binarize_drop_and_clear_errors(tmp_path):
 
 
 def test_bad_input_through_the_command_exits_cleanly(tiny_checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["--load_model", str(tiny_checkpoint), "--train", str(tmp_path / "nope.csv")])
-    assert e.value.code == 2
+    code = main(["--load_model", str(tiny_checkpoint), "--train", str(tmp_path / "nope.csv")])
+    assert code == 2
     err = capsys.readouterr().err
     assert "error: train file" in err and "nope.csv does not exist" in err
     assert "Traceback" not in err
-    with pytest.raises(SystemExit):
-        main(["--load_model", str(tmp_path / "no_ckpt"), "--train", "x.csv"])
+    assert main(["--load_model", str(tmp_path / "no_ckpt"), "--train", "x.csv"]) == 2
     assert "checkpoint" in capsys.readouterr().err
 
 
@@ -174,9 +167,8 @@ def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
 def test_featurize_routes_by_size(tiny_checkpoint):
     from sentdisc.checkpoint import load
 
-    cfg = TransferConfig(load_model=str(tiny_checkpoint), ray_featurize_threshold=-1)
-    feats, stats = featurize_texts(["good", "bad"], cfg, load(tiny_checkpoint), "t",
-                                   log=lambda *_: None)
+    feats, stats = featurize_texts(["good", "bad"], load(tiny_checkpoint), str(tiny_checkpoint),
+                                   name="t", ray_threshold=-1, log=lambda *_: None)
     assert stats["backend"] == "in_process" and feats.shape == (2, 32)
     # (sets at or above the threshold take the Ray Data path: see the command test below)
 
@@ -207,7 +199,8 @@ def test_transfer_command_on_sst2(ray_local, tiny_checkpoint, shared_data, tmp_p
                 t["test_acc"]):
         assert 0.3 <= acc <= 1.0
     assert 0 <= a["nnz"] <= 32 and len(t["neurons"]) == 2
-    assert res["featurize"]["train"]["texts"] == 300 and res["featurize"]["train"]["bytes_per_s"] > 0
+    assert (res["featurize"]["train"]["texts"] == 300
+            and res["featurize"]["train"]["bytes_per_s"] > 0)
     assert res["featurize"]["train"]["backend"] == "ray_data"
     assert res["featurize"]["test"]["backend"] == "in_process"
 
@@ -275,9 +268,10 @@ def test_standardized_fit_is_folded_into_raw_feature_weights():
     Xtr, ytr = _synthetic(600, 30, 11, -1, 0)
     Xva, yva = _synthetic(200, 30, 11, -1, 1)
     scale = np.linspace(1e-4, 1e-3, 30).astype(np.float32)  # tiny, uneven magnitudes
-    raw_clf, raw = train_classifier(Xtr * scale, ytr, Xva * scale, yva, num_neurons=1, backend="local")
-    clf, res = train_classifier(Xtr * scale, ytr, Xva * scale, yva, num_neurons=1,
-                                backend="local", standardize=True)
+    raw_clf, raw = train_classifier(Xtr * scale, ytr, Xva * scale, yva,
+                                    sweep=SweepConfig(num_neurons=1, backend="local"))
+    clf, res = train_classifier(Xtr * scale, ytr, Xva * scale, yva,
+                                sweep=SweepConfig(num_neurons=1, backend="local", standardize=True))
     assert clf.neuron == 11 and clf.sign == -1
     assert res["all_neurons"]["val_acc"] > 0.85 > raw["all_neurons"]["val_acc"]
     # The saved weights take raw features and reproduce sklearn on standardized ones.
