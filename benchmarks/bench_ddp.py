@@ -3,12 +3,11 @@
     python benchmarks/bench_ddp.py            # mLSTM-512, embed 64, batch 64/worker, seq 128
     python benchmarks/bench_ddp.py --quick
 
-Each worker trains the same model (fused mLSTM path, Adam) on its own batch of 64 x 128
-bytes; the baseline is one process without DDP. Total bytes/s = workers x B x T / step time.
-Gradients are all-reduced over gloo once per optimizer step, in one bucket: the mLSTM's
-recurrent gradients all become ready together at the end of the fused backward, so smaller
-buckets only add messages. ``--accum k`` accumulates k micro-batches under ``no_sync`` and
-all-reduces once (fewer syncs at the same batch size per step).
+Each worker runs the training job's own step (``sentdisc.train.train_step``: fused mLSTM,
+Adam) on its own batch of 64 x 128 bytes; the baseline is one process without DDP. Total
+bytes/s = workers x B x T / step time. Gradients are all-reduced over gloo once per optimizer
+step, in one bucket: the mLSTM's recurrent gradients all become ready together at the end of
+the fused backward, so smaller buckets only add messages.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_rate, load_note  # noqa: E402
@@ -39,6 +37,7 @@ def _worker(rank: int, world: int, port: int, args, results):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from sentdisc.model import ByteLM, ModelConfig
+    from sentdisc.train import train_step
 
     torch.manual_seed(0)  # same initial weights on every rank
     model = ByteLM(ModelConfig(embed_size=args.embed_size, rnn_size=args.rnn_size))
@@ -50,20 +49,12 @@ def _worker(rank: int, world: int, port: int, args, results):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(1 + rank)
     B, T = args.batch_size, args.seq_length
-    batches = [torch.randint(0, 256, (B, T + 1), generator=gen) for _ in range(args.accum)]
+    batch = torch.randint(0, 256, (B, T + 1), generator=gen)
     reset = torch.zeros(B, T, dtype=torch.bool)
     reset[:, 0] = True
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        for k, batch in enumerate(batches):
-            last = k == len(batches) - 1
-            sync = model.no_sync() if (world > 1 and not last) else _nullcontext()
-            with sync:
-                logits, _ = model(batch[:, :-1], None, reset)
-                loss = F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
-                loss.backward()
-        opt.step()
+        train_step(model, opt, batch, reset)
 
     for _ in range(args.warmup):
         step()
@@ -84,14 +75,6 @@ def _worker(rank: int, world: int, port: int, args, results):
         dist.destroy_process_group()
     else:
         results.put((rank, best, True))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(world: int, args) -> tuple:
@@ -115,7 +98,7 @@ def run(world: int, args) -> tuple:
         print(f"  (note: worker exit codes {[p.exitcode for p in procs]} after reporting)")
     # The slowest rank sets the pace (every step waits for the all-reduce).
     step = max(o[1] for o in out)
-    return world * args.accum * args.batch_size * args.seq_length / step, step, all(o[2] for o in out)
+    return world * args.batch_size * args.seq_length / step, step, all(o[2] for o in out)
 
 
 def main(argv=None):
@@ -126,7 +109,6 @@ def main(argv=None):
     p.add_argument("--seq_length", type=int, default=128)
     p.add_argument("--steps", type=int, default=4, help="timed steps (best kept)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (no_sync)")
     p.add_argument("--bucket_mb", type=float, default=25.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quick", action="store_true")
@@ -134,7 +116,7 @@ def main(argv=None):
     if args.quick:
         args.steps = 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print(f"mLSTM-{args.rnn_size}, batch {args.batch_size}/worker x {args.accum}, seq "
+    print(f"mLSTM-{args.rnn_size}, batch {args.batch_size}/worker, seq "
           f"{args.seq_length}, 1 thread per worker, gloo; {load_note()}")
     one, one_step, _ = run(1, args)
     print(f"1 worker  x 1 thread (no DDP): {fmt_rate(one)}  ({one_step:.3f} s/step)")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,14 +26,16 @@ from _common import (fmt_rate, gemm_rate, head_weight_count, mlstm_weight_count,
                      print_table, training_shapes)
 
 from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
+from sentdisc.train import train_step  # noqa: E402
 
 
 def corpus(n_bytes: int) -> torch.Tensor:
     """Learnable bytes without network: this repository's own text, repeated."""
     data = b""
-    for path in sorted(REPO.rglob("*")):
-        if path.suffix in (".py", ".md", ".yaml", ".toml", ".sh") and ".git" not in path.parts:
-            data += path.read_bytes()
+    for folder in ("sentdisc", "benchmarks", "tests", "jobs", "cluster", "serve", "docs"):
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.suffix in (".py", ".md", ".yaml", ".toml", ".sh"):
+                data += path.read_bytes()
     data = data or bytes(range(256))
     reps = n_bytes // len(data) + 1
     return torch.frombuffer(bytearray(data * reps)[:n_bytes], dtype=torch.uint8).long()
@@ -48,31 +49,26 @@ class Trainer:
         self.model = ByteLM(cfg).to(device)
         capturable = device.type == "cuda"
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, capturable=capturable)
-        self.x = torch.zeros(B, T, dtype=torch.long, device=device)
-        self.y = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.batch = torch.zeros(B, T + 1, dtype=torch.long, device=device)
         self.reset = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.reset[:, 0] = True  # each window starts fresh (persist_state=0)
         self.bf16, self.device, self.graph = bf16, device, None
         self.want_graph = graph and device.type == "cuda"
         self.graph_error = ""
 
-    def _loss(self):
-        # The autocast cache must be off while a CUDA graph is captured.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
-                            cache_enabled=False):
-            logits, _ = self.model(self.x, None, self.reset)
-            return F.cross_entropy(logits.float().reshape(-1, 256), self.y.reshape(-1))
-
     def _eager(self):
-        self.opt.zero_grad(set_to_none=False)
-        loss = self._loss()
-        loss.backward()
-        self.opt.step()
+        # The training job's own step; the autocast cache must be off while a CUDA graph is
+        # captured. Grads are set to None inside it: backward inside the capture then writes
+        # fresh grads from the graph's pool on every replay instead of accumulating
+        # (PyTorch's whole-network capture recipe).
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                                  cache_enabled=False)
+        loss, _ = train_step(self.model, self.opt, self.batch, self.reset, None,
+                             autocast=autocast)
         return loss
 
     def load(self, batch):
-        self.x.copy_(batch[:, :-1])
-        self.y.copy_(batch[:, 1:])
+        self.batch.copy_(batch)
 
     def warm_and_capture(self, batch):
         self.load(batch)
@@ -86,13 +82,8 @@ class Trainer:
         torch.cuda.current_stream().wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            # Grads set to None: backward inside the capture then writes fresh grads from the
-            # graph's pool on every replay instead of accumulating (PyTorch's recipe).
-            self.opt.zero_grad(set_to_none=True)
             with torch.cuda.graph(graph):
-                self.static_loss = self._loss()
-                self.static_loss.backward()
-                self.opt.step()
+                self.static_loss = self._eager()
             self.graph = graph
         except Exception as e:  # report and fall back to eager rather than lose the run
             self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"

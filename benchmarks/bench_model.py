@@ -36,6 +36,7 @@ from _common import (best_time, fmt_rate, gemm_rate, head_weight_count, inferenc
 from sentdisc import featurize, kernels  # noqa: E402
 from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
 from sentdisc.text import encode_list  # noqa: E402
+from sentdisc.train import train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,18 +76,26 @@ class PlainMLSTM(nn.Module):
         return self.head(torch.stack(outs, 1))
 
 
-def train_step_fn(model, batch, reset, ctx=contextlib.nullcontext):
+def plain_step_fn(model: PlainMLSTM, batch, reset):
+    """The baseline's step, written out here like the model: nothing of sentdisc's."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step():
+        loss = F.cross_entropy(model(x, reset=reset).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sentdisc_step_fn(model: ByteLM, batch, reset, ctx=contextlib.nullcontext):
+    """The training job's own step (sentdisc.train.train_step), each from a fresh state."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
         with ctx():
-            out = model(x, reset=reset) if isinstance(model, PlainMLSTM) else model(x, None, reset)
-            logits = out[0] if isinstance(out, tuple) else out
-            loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, batch, reset)
     return step
 
 
@@ -138,10 +147,10 @@ def main(argv=None):
     reset[torch.arange(B), torch.randint(0, T, (B,))] = True
     cfg = ModelConfig(embed_size=E, rnn_size=H)
     train = {
-        "plain (per-step autograd)": train_step_fn(PlainMLSTM(E, H), batch, reset),
-        "sentdisc unfused (kernels.disabled)": train_step_fn(ByteLM(cfg), batch, reset,
-                                                             kernels.disabled),
-        "sentdisc fused (default)": train_step_fn(ByteLM(cfg), batch, reset),
+        "plain (per-step autograd)": plain_step_fn(PlainMLSTM(E, H), batch, reset),
+        "sentdisc unfused (kernels.disabled)": sentdisc_step_fn(ByteLM(cfg), batch, reset,
+                                                                kernels.disabled),
+        "sentdisc fused (default)": sentdisc_step_fn(ByteLM(cfg), batch, reset),
     }
     # Featurization: SST-2 test texts, masked, kind=mean.
     texts, source = sst2_texts()

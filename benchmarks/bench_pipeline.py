@@ -102,9 +102,9 @@ def measure(corpus: str) -> dict:
 def consume_rate(steps: int = 2) -> float:
     """Bytes/s of one training step of mLSTM-512 at batch 64 x seq 128 (best of ``steps``)."""
     import torch
-    import torch.nn.functional as F
 
     from sentdisc.model import ByteLM, ModelConfig
+    from sentdisc.train import train_step
 
     set_threads(2)
     torch.manual_seed(0)
@@ -116,11 +116,7 @@ def consume_rate(steps: int = 2) -> float:
     best = float("inf")
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        logits, _ = model(x[:, :-1], reset=reset)
-        loss = F.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, reset)
         if i:  # the first step warms up allocators and kernels
             best = min(best, time.perf_counter() - t0)
     return B * T / best
