@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py                 # mLSTM-256 (random weights), 1/8/32 clients
     python benchmarks/bench_serve.py --quick         # fewer requests
 
-One local Ray + Serve; the same app (serve.app:build_app) is deployed twice in the same run:
+One local Ray + Serve; the same app (sentdisc.serving) is deployed twice in the same run, with
+its batch settings as the deployment's user_config:
 * batched:   @serve.batch with max_batch_size (default 32): concurrent requests share one
              length-sorted, masked featurize call;
 * unbatched: max_batch_size=1, every request is its own featurize call (the baseline).
@@ -115,14 +116,15 @@ def main(argv=None):
     import ray
     from ray import serve
 
-    from serve.app import build_app
+    from sentdisc.serving import make_app
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     ckpt, clf = make_model(tmp, args.embed_size, args.rnn_size)
     texts, what = reviews(512, args.texts)
     lengths = [len(t.encode()) for t in texts]
     print(f"mLSTM-{args.rnn_size} (embed {args.embed_size}, random weights); {len(texts)} {what}, "
-          f"{np.mean(lengths):.0f} bytes on average (median {np.median(lengths):.0f}); {load_note()}")
+          f"{np.mean(lengths):.0f} bytes on average (median {np.median(lengths):.0f}); "
+          f"{load_note()}")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     with socket.socket() as s:
@@ -134,9 +136,9 @@ def main(argv=None):
     results: dict = {}
     try:
         for mode, mbs in modes:
-            app = build_app({"checkpoint": str(ckpt), "classifier": str(clf),
-                             "max_batch_size": mbs,
-                             "batch_wait_timeout_s": args.batch_wait_timeout_s})
+            app = make_app({"checkpoint": str(ckpt), "classifier": str(clf)},
+                           batching={"max_batch_size": mbs,
+                                     "batch_wait_timeout_s": args.batch_wait_timeout_s})
             serve.run(app, name=f"bench-{mode}", route_prefix="/")
             for c in levels:
                 n = args.requests or (max(24, 4 * c) if args.quick else max(60, 12 * c))
@@ -152,11 +154,11 @@ def main(argv=None):
     rows = []
     for c in levels:
         on, off = results["batched", c], results["unbatched", c]
+        ratio = f"{on['texts_s'] / off['texts_s']:.2f}x"
         for mode, r in (("batched", on), ("unbatched", off)):
             rows.append({"c": c, "mode": mode, "tps": f"{r['texts_s']:.1f}",
                          "p50": f"{r['p50']:.1f}", "p99": f"{r['p99']:.1f}",
-                         "batch": f"{r['batch']:.1f}",
-                         "ratio": f"{on['texts_s'] / off['texts_s']:.2f}x" if mode == "batched" else ""})
+                         "batch": f"{r['batch']:.1f}", "ratio": ratio if mode == "batched" else ""})
     print(f"\n/sentiment, one {what[:-1]} per request, max_batch_size {args.max_batch_size} vs 1, "
           f"batch_wait_timeout_s {args.batch_wait_timeout_s}; {load_note()}")
     print_table(rows, [("c", "concurrency"), ("mode", "mode"), ("tps", "texts/s"),

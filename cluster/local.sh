@@ -22,9 +22,11 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
   start)
     [ -n "${RAY_AUTH_TOKEN:-}" ] || ray get-auth-token --generate >/dev/null
-    # Workers inherit this environment: the repo on PYTHONPATH makes `serve.app` importable
-    # for `serve deploy` (the jobs get the repo through --working-dir instead).
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    # Workers run this environment's Python: `serve deploy` imports sentdisc.serving from the
+    # installed package (the jobs get the repo through --working-dir instead). Checked from /,
+    # where the checkout's own folder cannot stand in for an installed package.
+    (cd / && python -c "import sentdisc.serving") 2>/dev/null \
+      || { echo "local.sh: sentdisc is not installed here: pip install -e ." >&2; exit 1; }
     # Listen on loopback only: a laptop cluster has no business on the network.
     ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \

@@ -1,6 +1,7 @@
 """The path a user walks, on a real `ray start --head` cluster with token auth:
 
-pretrain job -> transfer job on its checkpoint -> `serve deploy` -> HTTP queries -> stop.
+pretrain job -> transfer job on its checkpoint -> `serve deploy` -> HTTP queries ->
+`serve deploy` with new batch settings (the running replica retunes, no restart) -> stop.
 
 The cluster is started with `ray start --head --block` in its own process group and stopped by
 signalling that group, not by `ray stop`, which would also kill the test session's own Ray.
@@ -31,6 +32,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def healthz(base: str) -> dict:
+    """/healthz's report, {} while the app does not answer (not up yet, or redeploying)."""
+    try:
+        r = requests.get(f"{base}/healthz", timeout=5)
+        return r.json() if r.status_code == 200 else {}
+    except (requests.RequestException, ValueError):
+        return {}
 
 
 def write_corpus(d: Path):
@@ -85,7 +95,8 @@ class Cluster:
             if self.run("ray", "job", "list", check=False, timeout=30).returncode == 0:
                 return
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(tmp / 'ray_head.log').read_text()[-2000:]}")
+                log = (tmp / "ray_head.log").read_text()
+                raise RuntimeError(f"ray start exited: {log[-2000:]}")
             time.sleep(2)
         raise RuntimeError("the head node's job API did not come up in 120 s")
 
@@ -98,7 +109,12 @@ class Cluster:
         return out
 
     def submit(self, *job_args):
-        return self.run("ray", "job", "submit", "--working-dir", str(REPO), "--", "python", *job_args)
+        return self.run("ray", "job", "submit", "--working-dir", str(REPO), "--", "python",
+                        *job_args)
+
+    def serve_deploy(self, config: dict, path: Path):
+        path.write_text(yaml.safe_dump(config))
+        self.run("serve", "deploy", str(path), "--address", self.env["RAY_ADDRESS"])
 
     def stop(self):
         if self.proc.poll() is None:
@@ -142,19 +158,16 @@ def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
         config["http_options"] = {"host": "127.0.0.1", "port": cluster.http}
         for app in config["applications"]:
             app.setdefault("args", {}).update(checkpoint=str(ckpt), classifier=str(clf))
-        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-        cluster.run("serve", "deploy", str(tmp_path / "serve.yaml"), "--address", cluster.env["RAY_ADDRESS"])
+        cluster.serve_deploy(config, tmp_path / "serve.yaml")
         base = f"http://127.0.0.1:{cluster.http}"
         deadline = time.time() + 180
         while time.time() < deadline:
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:  # not up yet, or a replica still loading
-                pass
+            if healthz(base):
+                break
             time.sleep(2)
         else:
-            status = cluster.run("serve", "status", "--address", cluster.env["RAY_ADDRESS"], check=False)
+            status = cluster.run("serve", "status", "--address", cluster.env["RAY_ADDRESS"],
+                                 check=False)
             raise AssertionError(f"serve app never became healthy:\n{status.stdout}")
 
         texts = ["the movie was superb", "the movie was dreadful"]
@@ -162,11 +175,33 @@ def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
         assert feats.status_code == 200 and len(feats.json()["features"][0]) == 32
         sent = requests.post(f"{base}/sentiment", json={"texts": texts}, timeout=60).json()
         assert [r["label"] in ("positive", "negative") for r in sent["results"]] == [True, True]
-        heat = requests.post(f"{base}/heatmap", json={"text": texts[0], "format": "png"}, timeout=60)
+        heat = requests.post(f"{base}/heatmap", json={"text": texts[0], "format": "png"},
+                             timeout=60)
         assert heat.status_code == 200 and heat.content[:8] == b"\x89PNG\r\n\x1a\n"
         gen = requests.post(f"{base}/generate", json={"prompt": "the movie", "length": 20,
                                                       "temperature": 1.0}, timeout=60)
         assert gen.status_code == 200 and "the movie" in gen.json()["text"]
         assert requests.get(f"{base}/", timeout=30).status_code == 200
+        retune_in_place(cluster, config, base, tmp_path / "serve-retuned.yaml")
     finally:
         cluster.stop()
+
+
+def retune_in_place(cluster: Cluster, config: dict, base: str, path: Path):
+    """The same config with new batch settings in the deployment's user_config, `serve deploy`
+    again: Serve calls reconfigure() on the running replica instead of replacing it."""
+    before = healthz(base)
+    server = next(d for d in config["applications"][0]["deployments"]
+                  if d["name"] == "SentdiscServer")
+    assert before["max_batch_size"] == server["user_config"]["max_batch_size"]
+    server["user_config"] = {"max_batch_size": 7, "batch_wait_timeout_s": 0.01}
+    cluster.serve_deploy(config, path)
+    deadline = time.time() + 120
+    while (after := healthz(base)).get("max_batch_size") != 7:
+        assert time.time() < deadline, f"batch settings never changed: {after}"
+        time.sleep(1)
+    assert after["batch_wait_timeout_s"] == 0.01
+    assert (after["replica"], after["pid"]) == (before["replica"], before["pid"]), \
+        "the replica was restarted, not reconfigured"
+    sent = requests.post(f"{base}/sentiment", json={"texts": ["fine"] * 3}, timeout=60)
+    assert sent.status_code == 200 and int(sent.headers["X-Batch-Size"]) <= 7

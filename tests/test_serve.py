@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import requests
 from sentdisc import featurize, load, viz
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # serve/ is an app directory beside the package, not installed
-    sys.path.insert(0, str(REPO))
 APP_NAME = "sentdisc-test"
 LIMITS = dict(max_texts=8, max_text_bytes=2000, max_generate_length=64)
+# The deployment's user_config; a long wait makes concurrent requests share batches reliably.
+BATCHING = dict(max_batch_size=16, batch_wait_timeout_s=0.05)
 TEXTS = ["This movie was wonderful, I loved every minute.",
          "Terrible. A waste of money &amp; time!",
          "Caf\u00e9 cr\u00e8me was fine \U0001F600",
@@ -52,7 +53,8 @@ def classifier(model, tmp_path_factory):
     full = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats, labels)
     coef = full.coef_[0]
     neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
-    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons], labels)
+    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons],
+                                                                           labels)
     clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
                                    top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
     assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
@@ -60,16 +62,19 @@ def classifier(model, tmp_path_factory):
     return Classifier.load(path), path
 
 
+def app_args(tiny_checkpoint, classifier) -> dict:
+    return {"checkpoint": str(tiny_checkpoint), "classifier": str(classifier[1]), **LIMITS}
+
+
 @pytest.fixture(scope="module")
 def url(ray_local, tiny_checkpoint, classifier):
     from ray import serve
 
-    from serve.app import build_app
+    from sentdisc.serving import make_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"checkpoint": str(tiny_checkpoint), "classifier": str(classifier[1]),
-                     "max_batch_size": 16, "batch_wait_timeout_s": 0.05, **LIMITS})
+    app = make_app(app_args(tiny_checkpoint, classifier), batching=BATCHING)
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -120,7 +125,7 @@ def test_sentiment_equals_classifier_on_features(url, model, classifier):
     prob = clf.predict_proba(feats)
     assert body["neuron"] == clf.neuron
     assert len(body["results"]) == len(TEXTS)
-    for res, p, f in zip(body["results"], prob, feats):
+    for res, p, f in zip(body["results"], prob, feats, strict=True):
         assert res["probability"] == pytest.approx(p, abs=1e-5)
         assert res["label"] == ("positive" if p >= 0.5 else "negative")
         assert res["neuron_value"] == pytest.approx(f[clf.neuron], abs=1e-5)
@@ -182,11 +187,73 @@ def test_concurrent_requests_are_batched(url, model, classifier):
     assert max(sizes) > 1, f"no request was batched with another: {sizes}"
     # batching changes nothing in the answers
     clf = classifier[0]
-    for t, (_, _, got) in zip(texts, out):
+    for t, (_, _, got) in zip(texts, out, strict=True):
         want = clf.predict_proba(featurize(model, t, kind="mean"))
         np.testing.assert_allclose([r["probability"] for r in got["results"]], want, atol=1e-5)
     stats = requests.get(url + "/stats", timeout=30).json()
     assert stats["max_batch_size_seen"] > 1 and stats["requests"] >= 16
+
+
+def healthz_when(url, done, timeout=60) -> dict:
+    """/healthz once ``done(health)`` holds (a redeploy takes a moment to reach the proxy)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            h = requests.get(url + "/healthz", timeout=30).json()
+        except (requests.RequestException, ValueError):  # the old replica going away
+            h = {}
+        if (h and done(h)) or time.time() > deadline:
+            return h
+        time.sleep(0.5)
+
+
+def test_redeploy_with_new_user_config_retunes_batching(url, tiny_checkpoint, classifier):
+    from ray import serve
+
+    from sentdisc.serving import make_app
+
+    h = requests.get(url + "/healthz", timeout=30).json()
+    assert (h["max_batch_size"], h["batch_wait_timeout_s"]) == (16, 0.05)
+    args = app_args(tiny_checkpoint, classifier)
+    # serve.run gives a Python-built application a new code version, so Serve replaces the
+    # replica here; the in-place retune by `serve deploy` is tests/test_e2e_cluster.py's.
+    serve.run(make_app(args, batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.05}),
+              name=APP_NAME, route_prefix="/")
+    try:
+        h = healthz_when(url, lambda h: h["max_batch_size"] == 2)
+        assert (h.get("max_batch_size"), h.get("batch_wait_timeout_s")) == (2, 0.05), h
+        # the batcher obeys it: concurrent requests share featurize calls two at a time at most
+        with ThreadPoolExecutor(8) as pool:
+            sizes = [int(r.headers["X-Batch-Size"]) for r in pool.map(
+                lambda t: post(url, "/sentiment", {"texts": [t]}), TEXTS)]
+        assert max(sizes) == 2, sizes
+    finally:
+        serve.run(make_app(args, batching=BATCHING), name=APP_NAME, route_prefix="/")
+        assert healthz_when(url, lambda h: h["max_batch_size"] == 16).get("max_batch_size") == 16
+
+
+def test_bad_user_config_is_one_clear_error():
+    from sentdisc.serving import AppArgsError, BatchConfig, build_app
+
+    # batch settings were builder arguments once: the error says where they live now
+    with pytest.raises(AppArgsError, match="max_batch_size: a batch setting, set in the "
+                                           "deployment's user_config"):
+        build_app({"checkpoint": "anywhere", "max_batch_size": 8})
+
+    with pytest.raises(AppArgsError, match="max_batch_size: Input should be less than or equal"):
+        BatchConfig.model_validate({"max_batch_size": 5000})
+    with pytest.raises(AppArgsError, match="batch_size: Extra inputs .* Known: max_batch_size"):
+        BatchConfig.model_validate({"batch_size": 8})
+
+
+def test_old_import_path_still_works(monkeypatch):
+    import sentdisc.serving
+
+    monkeypatch.syspath_prepend(str(REPO))
+    import serve.app
+
+    assert serve.app.build_app is sentdisc.serving.build_app
+    assert serve.app.AppArgs is sentdisc.serving.AppArgs
 
 
 def test_page_is_self_contained_and_calls_the_api(url):
@@ -212,7 +279,8 @@ def test_page_in_headless_chromium(url):
     assert m, dom[-2000:]
     default = re.search(r'<textarea[^>]*>([^<]*)</textarea>', dom).group(1)
     want = post(url, "/sentiment", {"texts": [default]}).json()["results"][0]
-    assert m.group(1) == want["label"] and float(m.group(2)) == pytest.approx(want["probability"], abs=1e-3)
+    assert m.group(1) == want["label"]
+    assert float(m.group(2)) == pytest.approx(want["probability"], abs=1e-3)
     assert re.search(r'id="heat"[^>]*src="blob:', dom), dom[-2000:]
 
 
@@ -293,7 +361,7 @@ def test_burst_of_malformed_requests_leaves_service_healthy(url):
 # --- startup errors ------------------------------------------------------------------------
 
 def test_build_app_rejects_bad_arguments(tiny_checkpoint, tmp_path):
-    from serve.app import AppArgsError, build_app
+    from sentdisc.serving import AppArgsError, build_app
 
     with pytest.raises(AppArgsError, match="does not exist"):
         build_app({"checkpoint": str(tmp_path / "nope")})
@@ -328,7 +396,8 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
     if not serve_cli.exists():
         pytest.skip("serve CLI not installed next to this python")
     missing = tmp_path / "no-such-checkpoint"
-    out = subprocess.run([str(serve_cli), "run", "serve.app:build_app", f"checkpoint={missing}"],
+    out = subprocess.run([str(serve_cli), "run", "sentdisc.serving:build_app",
+                          f"checkpoint={missing}"],
                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     text = out.stdout + out.stderr
     assert out.returncode != 0
@@ -340,18 +409,19 @@ def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import AppArgs, build_app
+    from sentdisc.serving import AppArgs, BatchConfig, build_app
 
     raw = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     cfg = ServeDeploySchema.model_validate(raw)
     assert cfg.http_options.host == "127.0.0.1"
     app = cfg.applications[0]
-    assert app.import_path == "serve.app:build_app"
+    assert app.import_path == "sentdisc.serving:build_app"
     AppArgs.model_validate(app.args)  # every key is a known argument
     deployments = {d.name: d for d in app.deployments}
-    model = deployments["SentimentModel"]
+    model = deployments["SentdiscServer"]
+    batching = BatchConfig.model_validate(model.user_config)  # every key a known setting
     assert model.autoscaling_config["max_replicas"] >= model.autoscaling_config["min_replicas"] >= 1
-    assert model.max_ongoing_requests >= app.args["max_batch_size"]
+    assert model.max_ongoing_requests >= batching.max_batch_size
     assert model.ray_actor_options.num_cpus >= 1
     # the same args, pointed at a real checkpoint, build an application
     build_app({**app.args, "checkpoint": str(tiny_checkpoint), "classifier": None})

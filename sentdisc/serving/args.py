@@ -1,0 +1,156 @@
+"""What configures the served application, and the checks that run before anything deploys.
+
+Two kinds of settings, because Serve applies them differently:
+  AppArgs      the application builder's arguments (``serve run sentdisc.serving:build_app
+               key=value ...`` or a config file's ``args:``): files, request caps, device. A
+               change rebuilds the application and restarts its replicas.
+  BatchConfig  the deployment's ``user_config`` (a config file's ``deployments: - name:
+               SentdiscServer user_config:``): request batching. ``serve deploy`` with new values
+               calls ``reconfigure`` on the live replicas; nothing restarts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sentdisc.errors import InputError
+from sentdisc.probe import Probe
+
+
+class AppArgsError(click.ClickException, InputError):
+    """Bad application arguments or settings. ``serve run`` prints just the message (no
+    traceback, no crash loop of replicas that can never start); Python callers get an
+    InputError, a ValueError."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    what: ClassVar[str]
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs):
+        # Serve validates a typed builder's args with this very call (and a replica its
+        # user_config): one line naming the bad keys instead of pydantic's multi-line report.
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as e:
+            problems = "; ".join(_describe(err) for err in e.errors())
+            raise AppArgsError(f"sentdisc serve: bad {cls.what}: {problems}. "
+                               f"Known: {', '.join(cls.model_fields)}") from None
+
+
+class BatchConfig(_Settings):
+    """The deployment's user_config: how requests are coalesced into one featurize call."""
+    what: ClassVar[str] = "user_config"
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description=(
+        "requests coalesced per batch; a replica holds at most its max_ongoing_requests "
+        "(128 unless the config says otherwise), so keep this at half of that or less"))
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description=(
+        "how long an idle model waits for more requests; requests that queue while a batch "
+        "runs join the next batch without waiting"))
+
+
+class AppArgs(_Settings):
+    """Arguments of ``build_app``. Batch settings are not among them: see BatchConfig."""
+    what: ClassVar[str] = "application arguments"
+
+    checkpoint: str = Field(description="checkpoint dir: sentdisc format or OpenAI's 0..14.npy")
+    classifier: str | None = Field(None, description="classifier.json; /sentiment needs it")
+    feature_kind: Literal["cell", "hidden", "mean", "max"] | None = Field(
+        None, description="features served by /featurize; default: the classifier's, else cell")
+    layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
+                                                "else -1")
+    device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
+    featurize_batch_size: int = Field(128, ge=1, description="texts per featurize forward pass")
+    max_texts: int = Field(64, ge=1, description="texts per request (more -> 413)")
+    max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 413)")
+    max_generate_length: int = Field(1000, ge=1, description="bytes per /generate (more -> 422)")
+
+
+def _describe(err: dict) -> str:
+    where = ".".join(map(str, err["loc"])) or "args"
+    if err["type"] == "extra_forbidden" and err["loc"][0] in BatchConfig.model_fields:
+        # Batch settings used to be builder arguments; say where they went.
+        return (f"{where}: a batch setting, set in the deployment's user_config "
+                f"(deployments: - name: SentdiscServer user_config: {{{where}: ...}})")
+    return f"{where}: {err['msg']}"
+
+
+def probe_of(args: AppArgs, classifier) -> Probe:
+    """How to read the model: the classifier's rules, else the args' kind and layer."""
+    if classifier is not None:
+        return Probe.from_classifier(classifier)
+    return Probe(layer=-1 if args.layer is None else args.layer,
+                 feature_kind=args.feature_kind or "cell")
+
+
+def load_classifier(path: str):
+    from sentdisc.classifier import Classifier  # plain JSON, written by `sentdisc transfer`
+
+    return Classifier.load(path)
+
+
+def _checkpoint_config(ckpt: Path):
+    """The model config of a sentdisc checkpoint; None for OpenAI's weights, which are
+    checked when a replica loads them."""
+    from sentdisc.checkpoint import MODEL_FILE, is_openai_weights, load_config
+
+    if not ckpt.is_dir():
+        raise AppArgsError(f"sentdisc serve: checkpoint {ckpt} does not exist or is not a "
+                           "directory")
+    if is_openai_weights(ckpt):
+        return None
+    try:
+        config = load_config(ckpt)
+    except InputError as e:
+        raise AppArgsError(f"sentdisc serve: bad checkpoint: {e}") from None
+    if not (ckpt / MODEL_FILE).is_file():
+        raise AppArgsError(f"sentdisc serve: {ckpt / MODEL_FILE} is missing")
+    return config
+
+
+def _checked_classifier(path: Path, args: AppArgs, ckpt: Path, model_config):
+    if not path.is_file():
+        raise AppArgsError(f"sentdisc serve: classifier {path} does not exist")
+    try:
+        clf = load_classifier(str(path))
+    except (InputError, OSError) as e:
+        raise AppArgsError(f"sentdisc serve: cannot read classifier {path}: {e}") from None
+    if model_config is not None and clf.rnn_size != model_config.rnn_size:
+        raise AppArgsError(f"sentdisc serve: classifier {path} expects rnn_size {clf.rnn_size} "
+                           f"features, checkpoint {ckpt} has {model_config.rnn_size}")
+    probe = Probe.from_classifier(clf)
+    if args.feature_kind is not None and args.feature_kind != probe.feature_kind:
+        raise AppArgsError(f"sentdisc serve: feature_kind={args.feature_kind} but the classifier "
+                           f"was fitted on '{probe.feature_kind}' features")
+    if args.layer is not None and args.layer != probe.layer:
+        raise AppArgsError(f"sentdisc serve: layer={args.layer} but the classifier was fitted "
+                           f"on layer {probe.layer}")
+    return clf
+
+
+def check_args(args: AppArgs) -> AppArgs:
+    """Check the files ``args`` name before anything deploys. Returns the args with absolute
+    paths (replicas do not run in this folder) and the served feature kind and layer filled in:
+    the classifier's, so that the features served are the ones it was fitted on."""
+    from sentdisc.model import check_layer
+
+    ckpt = Path(args.checkpoint).expanduser().resolve()
+    model_config = _checkpoint_config(ckpt)
+    clf_path = clf = None
+    if args.classifier is not None:
+        clf_path = str(Path(args.classifier).expanduser().resolve())
+        clf = _checked_classifier(Path(clf_path), args, ckpt, model_config)
+    probe = probe_of(args, clf)
+    if model_config is not None:
+        try:
+            check_layer(probe.layer, model_config.layers)
+        except ValueError as e:
+            raise AppArgsError(f"sentdisc serve: {e} (checkpoint {ckpt})") from None
+    return args.model_copy(update={
+        "checkpoint": str(ckpt), "classifier": clf_path,
+        "feature_kind": probe.feature_kind, "layer": probe.layer})
