@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -104,7 +104,7 @@ def gemm_rate(shapes: Iterable[Shape], dtype=torch.float32, device="cpu", min_ti
         b = torch.randn(n, k, dtype=dtype, device=device).t() if tb else \
             torch.randn(k, n, dtype=dtype, device=device)
         out = torch.empty(m, n, dtype=dtype, device=device)
-        candidates = [lambda: torch.mm(a, b, out=out)]
+        candidates = [lambda a=a, b=b, out=out: torch.mm(a, b, out=out)]
         prepacked = _onednn_prepacked(a, b)
         if prepacked is not None:
             candidates.append(prepacked)
@@ -118,7 +118,7 @@ def _time_per_call(fn: Callable[[], object], min_time: float, reps: int, sync) -
     fn()
     calls = 1
     while True:  # enough calls for a measurable batch
-        t = best_time(lambda: [fn() for _ in range(calls)], reps=1, warmup=0, sync=sync)
+        t = best_time(lambda n=calls: [fn() for _ in range(n)], reps=1, warmup=0, sync=sync)
         if t >= min_time or calls >= 4096:
             break
         calls *= 4

@@ -89,8 +89,10 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("model"), dict):
-        raise CheckpointError(f"{path}: expected a sentdisc config with a 'model' object, got {str(raw)[:200]}")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT \
+            or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{path}: expected a sentdisc config with a 'model' object, "
+                              f"got {str(raw)[:200]}")
     try:
         return ModelConfig.from_dict(raw["model"], source=str(path))
     except (TypeError, ValueError) as e:

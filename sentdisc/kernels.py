@@ -306,7 +306,7 @@ def _byte_tables(embedding, wx, wmx, b, cd, sd):
     products in the compute dtype, as the per-row products they replace)."""
     V, E = embedding.shape
     E1 = torch.cat([embedding.to(sd), embedding.new_ones(V, 1, dtype=sd)], 1)
-    new = lambda n: torch.empty(V, n, dtype=sd, device=embedding.device)  # noqa: E731
+    new = lambda n: torch.empty(V, n, dtype=sd, device=embedding.device)
     x_table = _mm(new(wx.shape[1]), E1, torch.cat([wx.to(cd), b.to(cd)[None]]))
     xm_table = _mm(new(wmx.shape[1]), E1[:, :E], wmx.to(cd))
     return x_table, xm_table
@@ -350,7 +350,7 @@ class _MLSTMSequence(torch.autograd.Function):
         wx_, wh_, wmh_, b_ = wx, wh.to(cd), wmh.to(cd), b
         if fast:
             wx_, wh_, b_ = _double_u(wx, H), _double_u(wh_, H), _double_u(b, H)
-        take = lambda *s: _pool.take(s, sd, dev)  # noqa: E731
+        take = lambda *s: _pool.take(s, sd, dev)
         # G starts as X Wx + b; each step adds m Wh in place, then holds the activations.
         G, XM, HM, M, TC = take(T, B, 4 * H), take(T, B, H), take(T, B, H), take(T, B, H), take(T, B, H)
         Hs, C = take(T + 1, B, H), take(T + 1, B, H)
@@ -401,25 +401,13 @@ class _MLSTMSequence(torch.autograd.Function):
         X, keep, cd, resets = ctx.X, ctx.keep, ctx.cd, ctx.resets
         T, B, H4 = G.shape
         H, sd, dev = H4 // 4, G.dtype, G.device
-        take = lambda *s: _pool.take(s, sd, dev)  # noqa: E731
+        take = lambda *s: _pool.take(s, sd, dev)
         whT, wmhT = wh.to(cd).t(), wmh.to(cd).t()
-        I, F, O, U = G[..., :H], G[..., H:2 * H], G[..., 2 * H:3 * H], G[..., 3 * H:]
+        F = G[..., H:2 * H]
         if ctx.fast:  # TC holds sigmoid(-2c): tanh(c) = 1 - 2 TC
             TC = torch.mul(TC, -2, out=take(T, B, H)).add_(1)
 
-        # Everything the reverse loop needs that does not depend on the recurrence, for all
-        # T at once: dz = P * [dc, dc, dh, dc] and dc += dh * A.
-        P, A = take(T, B, 4 * H), take(T, B, H)
-        torch.addcmul(G, G, G, value=-1, out=P)  # g (1 - g): sigmoid derivative
-        P[..., :H].mul_(U)
-        P[..., H:2 * H].mul_(C[:-1])
-        if keep is not None:
-            P[..., H:2 * H].mul_(keep)
-        P[..., 2 * H:3 * H].mul_(TC)
-        Pu = P[..., 3 * H:]
-        torch.addcmul(I, torch.mul(I, U, out=Pu), U, value=-1, out=Pu)  # i (1 - u^2)
-        torch.addcmul(O, torch.mul(O, TC, out=A), TC, value=-1, out=A)  # o (1 - tanh(c)^2)
-
+        P, A = _step_factors(G, C, TC, keep, take)
         dZ, dM, dHM = take(T, B, 4 * H), take(T, B, H), take(T, B, H)
         dhsT = None
         if dhs is not None:  # time-major once, not a strided read per step
@@ -457,33 +445,61 @@ class _MLSTMSequence(torch.autograd.Function):
 
         dZ2, dHM2 = dZ.view(T * B, H4), dHM.view(T * B, H)
         dXM = dM.mul_(HM).view(T * B, H)  # d(x Wmx) = dm * (h Wmh)
-        lo = lambda t: t.to(cd)  # noqa: E731
-        dwh = (lo(M.view(T * B, H)).t() @ lo(dZ2)).to(wh.dtype)
-        dwmh = (lo(Hs[:-1].reshape(T * B, H)).t() @ lo(dHM2)).to(wmh.dtype)
-        dx = demb = None
-        if ctx.ids is None:
-            dwx = (X.t() @ lo(dZ2)).to(wx.dtype)
-            dwmx = (X.t() @ lo(dXM)).to(wmx.dtype)
-            db = dZ2.sum(0).to(wmx.dtype)
-            if ctx.needs_input_grad[0]:
-                dx = lo(dZ2) @ wx.to(cd).t()
-                dx = dx.addmm_(lo(dXM), wmx.to(cd).t()).to(sd)
-                dx = dx.view(T, B, -1).transpose(0, 1)
-        else:  # sum the rows of each byte value, then the products are V rows, not T*B
-            V = embedding.shape[0]
-            dTz = torch.zeros(V, H4, dtype=sd, device=dev).index_add_(0, ctx.ids, dZ2)
-            dTm = torch.zeros(V, H, dtype=sd, device=dev).index_add_(0, ctx.ids, dXM)
-            emb = embedding.to(sd)
-            dwx = (emb.t() @ dTz).to(wx.dtype)
-            dwmx = (emb.t() @ dTm).to(wmx.dtype)
-            db = dTz.sum(0).to(wmx.dtype)
-            if ctx.needs_input_grad[11]:
-                demb = (dTz @ wx.to(sd).t()).addmm_(dTm, wmx.to(sd).t()).to(embedding.dtype)
+        dwh = (M.view(T * B, H).to(cd).t() @ dZ2.to(cd)).to(wh.dtype)
+        dwmh = (Hs[:-1].reshape(T * B, H).to(cd).t() @ dHM2.to(cd)).to(wmh.dtype)
+        dx, dwx, dwmx, db, demb = _input_grads(ctx, X, dZ2, dXM, wx, wmx, embedding, cd, T)
         _pool.give([P, A, dZ, dM, dHM] + ([dhsT] if dhsT is not None else [])
                    + ([TC] if ctx.fast else []))
         _pool.give(lease.tensors, lease)
         lease.released = True
         return dx, dh, dc, dwx, dwh, dwmx, dwmh, db, None, None, None, demb
+def _step_factors(G, C, TC, keep, take):
+    """What the reverse loop needs that does not depend on the recurrence, for all T at
+    once: dz = P * [dc, dc, dh, dc] and dc += dh * A."""
+    T, B, H4 = G.shape
+    H = H4 // 4
+    I, O, U = G[..., :H], G[..., 2 * H:3 * H], G[..., 3 * H:]
+    P, A = take(T, B, 4 * H), take(T, B, H)
+    torch.addcmul(G, G, G, value=-1, out=P)  # g (1 - g): sigmoid derivative
+    P[..., :H].mul_(U)
+    P[..., H:2 * H].mul_(C[:-1])
+    if keep is not None:
+        P[..., H:2 * H].mul_(keep)
+    P[..., 2 * H:3 * H].mul_(TC)
+    Pu = P[..., 3 * H:]
+    torch.addcmul(I, torch.mul(I, U, out=Pu), U, value=-1, out=Pu)  # i (1 - u^2)
+    torch.addcmul(O, torch.mul(O, TC, out=A), TC, value=-1, out=A)  # o (1 - tanh(c)^2)
+    return P, A
+
+
+def _input_grads(ctx, X, dZ2, dXM, wx, wmx, embedding, cd, T):
+    """Gradients of the input projections (and of x, or of the embedding through the
+    per-byte tables) from dz and d(x Wmx) of all T*B rows."""
+    TB, H4 = dZ2.shape
+    H, sd, dev = H4 // 4, dZ2.dtype, dZ2.device
+    dx = demb = None
+    if ctx.ids is None:
+        dwx = (X.t() @ dZ2.to(cd)).to(wx.dtype)
+        dwmx = (X.t() @ dXM.to(cd)).to(wmx.dtype)
+        db = dZ2.sum(0).to(wmx.dtype)
+        if ctx.needs_input_grad[0]:
+            dx = dZ2.to(cd) @ wx.to(cd).t()
+            dx = dx.addmm_(dXM.to(cd), wmx.to(cd).t()).to(sd)
+            dx = dx.view(T, TB // T, -1).transpose(0, 1)
+        return dx, dwx, dwmx, db, demb
+    # Sum the rows of each byte value: the products are then V rows, not T*B.
+    V = embedding.shape[0]
+    dTz = torch.zeros(V, H4, dtype=sd, device=dev).index_add_(0, ctx.ids, dZ2)
+    dTm = torch.zeros(V, H, dtype=sd, device=dev).index_add_(0, ctx.ids, dXM)
+    emb = embedding.to(sd)
+    dwx = (emb.t() @ dTz).to(wx.dtype)
+    dwmx = (emb.t() @ dTm).to(wmx.dtype)
+    db = dTz.sum(0).to(wmx.dtype)
+    if ctx.needs_input_grad[11]:
+        demb = (dTz @ wx.to(sd).t()).addmm_(dTm, wmx.to(sd).t()).to(embedding.dtype)
+    return dx, dwx, dwmx, db, demb
+
+
 @torch.no_grad()
 def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     """The forward step without saving anything; masked rows hold their state.
@@ -500,53 +516,19 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     wx, wh, b, wmx, wmh = wx.to(cd), wh.to(cd), b.to(cd), wmx.to(cd), wmh.to(cd)
     if fast:
         wx, wh, b = _double_u(wx, H), _double_u(wh, H), _double_u(b, H)
-    XM = _pool.lend((T, B, H), sd, dev)
-    if tokens is not None:
-        ids, embedding = tokens
-        # only the byte values present: a short text uses a few dozen of the 256
-        values, ids = torch.unique(ids, return_inverse=True)
-        x_table, xm_table = _byte_tables(embedding[values], wx, wmx, b, cd, sd)
-        ids_tm = ids.t().contiguous()  # [T,B]
-        torch.index_select(xm_table, 0, ids_tm.view(-1), out=XM.view(T * B, H))
-        XA_ = M_ = None
-        ids_ = ids_tm.unbind(0)
-        m_buf = torch.empty(B, H, dtype=sd, device=dev)
-    else:
-        pad = 8  # the ones column + zeros, so m_t starts on an aligned column
-        W = torch.cat([wx, b[None], wx.new_zeros(pad - 1, 4 * H), wh])
-        XA = _time_major(x, sd, pad + H)  # m_t is written into the last H columns each step
-        _mm(XM.view(T * B, H), XA[:, :E], wmx)
-        XA3 = XA.view(T, B, -1)
-        XA_, M_ = XA3.unbind(0), XA3[..., E + pad:].unbind(0)
+    XM, XA_, M_, W, x_table, ids_ = _infer_inputs(x, wx, wmx, wh, b, tokens, cd)
+    m_buf = torch.empty(B, H, dtype=sd, device=dev)
     hs = _pool.lend((B, T, H), sd, dev)  # written in place, step by step
     c = c0.clone()
-    new = lambda *s: torch.empty(*s, dtype=sd, device=dev)  # noqa: E731
+    new = lambda *s: torch.empty(*s, dtype=sd, device=dev)
     g, hm, tc = new(B, 4 * H), new(B, H), new(B, H)
-    rows, general = [B] * T, None
-    if mask is not None:
-        mask = mask.bool()
-        live = mask.sum(0)
-        prefix = torch.arange(B, device=mask.device)[:, None] < live[None, :]
-        if bool((prefix == mask).all()):  # live rows 0..n-1: compute only those
-            rows = live.tolist()
-        else:
-            general = mask.t().unsqueeze(-1).unbind(0)  # [B,1] per step
+    rows, general = _live_rows(mask, B, T)
     resets = _reset_steps(keep, T)
     keep_ = keep.unbind(0) if keep is not None else None
     XM_ = XM.unbind(0)
     Hs_ = (h0,) + hs.unbind(1)  # Hs_[t]: the state before step t
     full = (g, g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:], hm, c, tc)
-    # Chunked callers (featurize) pass the same weights dict every call: the packed products
-    # are kept in it, so the reorder is paid once per featurize, not once per chunk.
-    # Without tokens the gate product is the concatenated W above, so Wh is not packed.
-    key = ("step_weights", fast, cd, tokens is not None)
-    if cache is not None and key in cache and _prepacks(wh, B, cached=True):
-        Wmh, Wh = cache[key]
-    else:
-        pack = _prepacks(wh, B, T)
-        Wmh, Wh = _StepWeight(wmh, pack, B), _StepWeight(wh, pack and tokens is not None, B)
-        if pack and cache is not None:
-            cache[key] = (Wmh, Wh)
+    Wmh, Wh = _infer_step_weights(wmh, wh, B, T, fast, cd, tokens is not None, cache)
     for t in range(T):
         n, hp = rows[t], Hs_[t]
         if resets[t]:
@@ -580,3 +562,54 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
             Hs_[t + 1].copy_(torch.where(general[t], Hs_[t + 1], hp))
             c.copy_(torch.where(general[t], c, c_old))
     return hs, hs[:, -1].clone(), c
+
+
+def _infer_inputs(x, wx, wmx, wh, b, tokens, cd):
+    """The input side of every step, prepared once: x Wmx for all steps (XM), and either the
+    per-byte gate table with each step's byte ids (tokens), or each step's [x_t, 1, 0.., m_t]
+    rows (XA_, with m_t written into M_) and the concatenated weight W = [Wx; b; 0..; Wh]."""
+    B, T, E = x.shape
+    H, sd, dev = wmx.shape[1], x.dtype, x.device
+    XM = _pool.lend((T, B, H), sd, dev)
+    if tokens is not None:
+        ids, embedding = tokens
+        # only the byte values present: a short text uses a few dozen of the 256
+        values, ids = torch.unique(ids, return_inverse=True)
+        x_table, xm_table = _byte_tables(embedding[values], wx, wmx, b, cd, sd)
+        ids_tm = ids.t().contiguous()  # [T,B]
+        torch.index_select(xm_table, 0, ids_tm.view(-1), out=XM.view(T * B, H))
+        return XM, None, None, None, x_table, ids_tm.unbind(0)
+    pad = 8  # the ones column + zeros, so m_t starts on an aligned column
+    W = torch.cat([wx, b[None], wx.new_zeros(pad - 1, 4 * H), wh])
+    XA = _time_major(x, sd, pad + H)  # m_t is written into the last H columns each step
+    _mm(XM.view(T * B, H), XA[:, :E], wmx)
+    XA3 = XA.view(T, B, -1)
+    return XM, XA3.unbind(0), XA3[..., E + pad:].unbind(0), W, None, None
+
+
+def _live_rows(mask, B: int, T: int):
+    """Rows to compute per step: all B, or (when the live rows are a prefix, as featurize
+    arranges) only the first n; otherwise a [B,1] mask per step for the general path."""
+    if mask is None:
+        return [B] * T, None
+    mask = mask.bool()
+    live = mask.sum(0)
+    prefix = torch.arange(B, device=mask.device)[:, None] < live[None, :]
+    if bool((prefix == mask).all()):
+        return live.tolist(), None
+    return [B] * T, mask.t().unsqueeze(-1).unbind(0)
+
+
+def _infer_step_weights(wmh, wh, B, T, fast, cd, lookup: bool, cache):
+    """The step's products. Chunked callers (featurize) pass the same weights dict every
+    call: the packed products are kept in it, so the reorder is paid once per featurize, not
+    once per chunk. Without the lookup the gate product is the concatenated W, so Wh is not
+    packed."""
+    key = ("step_weights", fast, cd, lookup)
+    if cache is not None and key in cache and _prepacks(wh, B, cached=True):
+        return cache[key]
+    pack = _prepacks(wh, B, T)
+    weights = _StepWeight(wmh, pack, B), _StepWeight(wh, pack and lookup, B)
+    if pack and cache is not None:
+        cache[key] = weights
+    return weights

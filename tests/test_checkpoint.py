@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from sentdisc import ByteLM, CheckpointError, ModelConfig, featurize, load, load_openai, save
-from sentdisc.checkpoint import (convert_openai, load_optimizer_state, load_train_state,
-                                 read_meta)
+from sentdisc.checkpoint import convert_openai, load_optimizer_state, load_train_state, read_meta
 
 
 def tiny(**kw):
@@ -61,7 +60,8 @@ def test_mismatched_config(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model"]["rnn_size"] = 32
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch .*layers.0.wh: file \[16, 64\], config expects \[32, 128\]"):
+    mismatch = r"shape mismatch .*layers.0.wh: file \[16, 64\], config expects \[32, 128\]"
+    with pytest.raises(CheckpointError, match=mismatch):
         load(d)
     cfg["model"]["rnn_type"] = "gru"
     (d / "config.json").write_text(json.dumps(cfg))
@@ -87,11 +87,11 @@ def _openai_numpy_encoder(params, text_bytes):
     """OpenAI's encoder (encoder.py, mlstm + l2-normalised weights), in NumPy float64."""
     p = [a.astype(np.float64) for a in params]
     wh = np.concatenate(p[2:6], axis=1)
-    norm = lambda w, g: w / np.sqrt((w ** 2).sum(0, keepdims=True)) * g  # noqa: E731
+    norm = lambda w, g: w / np.sqrt((w ** 2).sum(0, keepdims=True)) * g
     wx, wh, wmx, wmh = norm(p[1], p[9]), norm(wh, p[10]), norm(p[6], p[11]), norm(p[7], p[12])
     H = p[7].shape[0]
     h, c = np.zeros(H), np.zeros(H)
-    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    sig = lambda v: 1 / (1 + np.exp(-v))
     logits = []
     for b in text_bytes:
         x = p[0][b]

@@ -77,4 +77,4 @@ def test_path_fields_expand_environment_variables(tmp_path, monkeypatch):
     (out,) = parse([OutputConfig], ["--experiment_dir", "${RUNS_ROOT}/exp"])
     assert out.experiment_dir == f"{tmp_path}/exp" and out.run_dir == f"{tmp_path}/exp/default"
     with pytest.raises(ValueError, match="plain folder name"):
-        OutputConfig(str(tmp_path), "../up").run_dir
+        _ = OutputConfig(str(tmp_path), "../up").run_dir

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from sentdisc.data import DataConfig, DataError, as_data_error, build_datasets, read_dataset
-from sentdisc.labeled import read_table
 from sentdisc.data.readers import resolve_paths
 from sentdisc.data.splits import split_fraction
+from sentdisc.labeled import read_table
 from sentdisc.text import encode
 
 
@@ -130,7 +130,8 @@ def test_other_formats(ray_local, tmp_path):
     assert {r["error"] for r in rows} == {"missing_key"}
     with pytest.raises(Exception) as info:
         read_dataset(str(folder / "a.csv"), DataConfig(text_key="reviewText", strict=True)).take_all()
-    assert "a.csv:2: missing_key: no column 'reviewText' (columns: label, sentence)" in str(as_data_error(info.value))
+    assert "a.csv:2: missing_key: no column 'reviewText' (columns: label, sentence)" in str(
+        as_data_error(info.value))
 
 
 def test_shuffle_keeps_every_record_and_changes_order(ray_local, tmp_path):
@@ -159,7 +160,7 @@ def test_split_is_deterministic_disjoint_and_complete(ray_local, tmp_path):
     other = build_datasets(DataConfig(train=str(tmp_path / "s"), split="8,1,1", seed=8))
     assert {(r["file"], r["line"]) for r in other["val"].take_all()} != val
     files = np.array([f for f, _ in sorted(val)], dtype=object)
-    lines = np.array([l for _, l in sorted(val)], dtype=np.int64)
+    lines = np.array([line for _, line in sorted(val)], dtype=np.int64)
     moved = np.array([os.path.join("/elsewhere", os.path.basename(f)) for f in files], dtype=object)
     assert np.array_equal(split_fraction(files, lines, str(tmp_path / "s"), 7),
                           split_fraction(moved, lines, "/elsewhere", 7))
@@ -180,9 +181,11 @@ def test_preprocess_writes_encoded_shards_read_back_without_reencoding(ray_local
     assert manifest["counts"]["records"] == 60
     assert manifest["counts"]["skipped_missing_key"] == 4 and manifest["counts"]["skipped_bad_json"] == 1
     shards = [p for p in os.listdir(dst) if p.endswith(".parquet")]
-    assert shards and set(pq.read_schema(dst / shards[0]).names) >= {"bytes", "error", "file", "line", "label"}
+    columns = set(pq.read_schema(dst / shards[0]).names)
+    assert shards and columns >= {"bytes", "error", "file", "line", "label"}
     cfg = DataConfig(label_key="overall")
-    raw = {(os.path.basename(r["file"]), r["line"]): r for r in read_dataset(str(tmp_path / "raw"), cfg).take_all()}
+    raw = {(os.path.basename(r["file"]), r["line"]): r
+           for r in read_dataset(str(tmp_path / "raw"), cfg).take_all()}
     enc = {(r["file"], r["line"]): r for r in read_dataset(str(dst), cfg).take_all()}
     assert enc.keys() == raw.keys()
     assert all(enc[k]["bytes"] == raw[k]["bytes"] and enc[k]["error"] == raw[k]["error"] for k in raw)
@@ -190,7 +193,8 @@ def test_preprocess_writes_encoded_shards_read_back_without_reencoding(ray_local
     split = dict(split="2,1,1", seed=3)
     a = build_datasets(DataConfig(train=str(tmp_path / "raw"), **split))["val"].take_all()
     b = build_datasets(DataConfig(train=str(dst), **split))["val"].take_all()
-    assert sorted((os.path.basename(r["file"]), r["line"]) for r in a) == sorted((r["file"], r["line"]) for r in b)
+    assert sorted((os.path.basename(r["file"]), r["line"]) for r in a) == sorted(
+        (r["file"], r["line"]) for r in b)
     # refusing to mix a second run into a full folder
     assert main([str(tmp_path / "raw"), str(dst)]) == 2
 
@@ -213,7 +217,8 @@ def test_read_table(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_table(str(tmp_path / "none.csv"), "text")
     # Unlabeled rows (IMDB's null ratings) pass through for transfer's --drop_unlabeled.
-    (tmp_path / "u.json").write_text('{"reviewText": "a", "overall": null}\n{"reviewText": "b", "overall": 7}\n')
+    (tmp_path / "u.json").write_text('{"reviewText": "a", "overall": null}\n'
+                                     '{"reviewText": "b", "overall": 7}\n')
     df = read_table(str(tmp_path / "u.json"), "reviewText", "overall")
     assert df["text"].tolist() == ["a", "b"] and pd.isna(df["label"][0]) and df["label"][1] == 7
 

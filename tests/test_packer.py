@@ -114,7 +114,8 @@ def test_new_epoch_resets_every_row_and_drops_partial_streams():
         packer.new_epoch()
         second = list(packer.windows(as_batches(rows)))
         assert packer.epoch == 1
-        assert [np.array_equal(a.x.numpy(), b.x.numpy()) for a, b in zip(first, second)] == [True] * len(first)
+        same = [np.array_equal(a.x.numpy(), b.x.numpy()) for a, b in zip(first, second)]
+        assert same == [True] * len(first)
         assert bool(second[0].reset[:, 0].all()) is want_first
         assert not second[1].reset.any()  # state persists inside the epoch (persist 1 / -1)
 

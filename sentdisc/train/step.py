@@ -25,10 +25,10 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None,
-                autocast=contextlib.nullcontext(), reduction: str = "mean"):
+def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None, autocast=None,
+                reduction: str = "mean"):
     """Cross entropy of the next byte over one window (nats), and the state after it."""
-    with autocast:
+    with autocast or contextlib.nullcontext():
         logits, hidden = model(x[:, :-1], hidden, reset)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                x[:, 1:].reshape(-1), reduction=reduction)
@@ -37,7 +37,7 @@ def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None,
 
 def train_step(model, optimizer, x: torch.Tensor, reset: torch.Tensor, hidden=None, *,
                clip: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
-               autocast=contextlib.nullcontext()):
+               autocast=None):
     """Forward, loss, backward, gradient clip and optimizer (or GradScaler) step on one window.
 
     ``model`` may be DDP-wrapped (backward then all-reduces the gradients). Returns the loss as
@@ -63,7 +63,7 @@ def train_step(model, optimizer, x: torch.Tensor, reset: torch.Tensor, hidden=No
 
 
 @torch.no_grad()
-def evaluate_windows(model, windows, max_windows: int = 0, autocast=contextlib.nullcontext(),
+def evaluate_windows(model, windows, max_windows: int = 0, autocast=None,
                      device=None) -> tuple[float, int]:
     """(summed loss in nats, bytes predicted) over packed windows, state carried, no grad."""
     device = device or model.device
