@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_rate, load_note  # noqa: E402
+from _common import fmt_rate, load_note
 
 
 def _free_port() -> int:

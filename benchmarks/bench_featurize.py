@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_rate, load_note, print_table, set_threads  # noqa: E402
+from _common import fmt_rate, load_note, print_table, set_threads
 
-from sentdisc.features import featurize  # noqa: E402
-from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
-from sentdisc.text import encode_batch  # noqa: E402
+from sentdisc.features import featurize
+from sentdisc.model import ByteLM, ModelConfig
+from sentdisc.text import encode_batch
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
-from _common import (fmt_rate, gemm_rate, head_weight_count, mlstm_weight_count,  # noqa: E402
-                     print_table, training_shapes)
+from _common import fmt_rate, gemm_rate, head_weight_count, mlstm_weight_count, print_table, training_shapes  # noqa: E402
 
 from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
 from sentdisc.train import train_step  # noqa: E402

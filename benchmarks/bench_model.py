@@ -30,13 +30,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (best_time, fmt_rate, gemm_rate, head_weight_count, inference_shapes,  # noqa: E402
-                     load_note, mlstm_weight_count, print_table, set_threads, training_shapes)
+from _common import (
+    best_time,
+    fmt_rate,
+    gemm_rate,
+    head_weight_count,
+    inference_shapes,
+    load_note,
+    mlstm_weight_count,
+    print_table,
+    set_threads,
+    training_shapes,
+)
 
-from sentdisc import featurize, kernels  # noqa: E402
-from sentdisc.model import ByteLM, ModelConfig  # noqa: E402
-from sentdisc.text import encode_list  # noqa: E402
-from sentdisc.train import train_step  # noqa: E402
+from sentdisc import featurize, kernels
+from sentdisc.model import ByteLM, ModelConfig
+from sentdisc.text import encode_list
+from sentdisc.train import train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

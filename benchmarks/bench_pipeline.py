@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_rate, load_note, print_table, set_threads  # noqa: E402
+from _common import fmt_rate, load_note, print_table, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 B, T = 64, 128
@@ -166,7 +166,7 @@ def main():
         big = run_child(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    mb = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+    mb = lambda n: f"{n / 2**20:.0f} MiB"
     rows = [
         {"what": "consumed: mLSTM-512 train step", "rate": fmt_rate(consumed)},
         {"what": f"delivered: corpus ({small['bytes'] / 1e6:.1f} MB, {small['records']} records)",

@@ -124,7 +124,7 @@ def markdown(rows: list[dict], tfidf: dict, tasks) -> str:
         for k in KINDS:
             head += [f"{t} {k} all", f"{t} {k} top-1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
     for r in rows:
         cells = [r["model"], f"{r['bytes'] / 1e6:.1f} MB", f"{r['bpb']:.3f}"]
         for t in tasks:

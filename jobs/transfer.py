@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from sentdisc.recipes.transfer import main  # noqa: E402
+from sentdisc.recipes.transfer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from sentdisc.recipes.visualize import main  # noqa: E402
+from sentdisc.recipes.visualize import main
 
 if __name__ == "__main__":
     sys.exit(main())

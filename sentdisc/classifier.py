@@ -116,7 +116,7 @@ class Classifier:
         return p
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "classifier") -> "Classifier":
+    def from_dict(cls, d: dict, source: str = "classifier") -> Classifier:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ClassifierError(f"{source}: not a sentdisc classifier (expected \"format\": "
                                   f"\"{FORMAT}\")")
@@ -158,7 +158,7 @@ class Classifier:
                    meta=dict(d.get("meta") or {}), **values)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Classifier":
+    def load(cls, path: str | os.PathLike) -> Classifier:
         p = Path(path)
         if p.is_dir():
             p = p / "classifier.json"

@@ -9,7 +9,8 @@ result is in input order and equals featurizing each text alone.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 import torch

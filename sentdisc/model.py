@@ -61,7 +61,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -23,12 +23,12 @@ class Probe:
     checkpoint: str = ""         # the checkpoint the classifier was fitted on ("" if unknown)
 
     @classmethod
-    def from_classifier(cls, clf) -> "Probe":
+    def from_classifier(cls, clf) -> Probe:
         return cls(tuple(clf.neurons), tuple(clf.signs), int(clf.layer), clf.feature_kind,
                    clf.checkpoint)
 
     @classmethod
-    def load(cls, path: str) -> "Probe":
+    def load(cls, path: str) -> Probe:
         from sentdisc.classifier import Classifier
 
         return cls.from_classifier(Classifier.load(path))

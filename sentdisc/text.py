@@ -8,7 +8,7 @@ work (replace, trim, pad, UTF-8 encode) happens in C++ rather than a Python loop
 from __future__ import annotations
 
 import html
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -66,7 +66,7 @@ def preprocess_batch(texts: Sequence[str] | pa.Array, transliterate: bool = Fals
         arr = pa.array(py, type=pa.large_string())
     arr = pc.replace_substring(arr, "\n", " ")
     arr = pc.utf8_trim_whitespace(arr)
-    pad = lambda s: pa.scalar(s, pa.large_string())  # noqa: E731  (kernel needs one string type)
+    pad = lambda s: pa.scalar(s, pa.large_string())
     return pc.binary_join_element_wise(pad(FRONT_PAD), arr, pad(END_PAD), pad(""))
 
 

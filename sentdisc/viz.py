@@ -24,7 +24,8 @@ import io
 import math
 import unicodedata
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch

@@ -22,8 +22,8 @@ from __future__ import annotations
 import base64
 import itertools
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch

@@ -16,8 +16,15 @@ import os
 import sys
 import time
 
-from sentdisc.data.readers import (FORMATS, DataConfig, DataError, _root_of, as_data_error,
-                                   read_dataset, resolve_paths)
+from sentdisc.data.readers import (
+    FORMATS,
+    DataConfig,
+    DataError,
+    _root_of,
+    as_data_error,
+    read_dataset,
+    resolve_paths,
+)
 from sentdisc.runtime import ensure_ray
 
 MANIFEST = "_manifest.json"  # leading '_': resolve_paths skips it when DST is read back

@@ -21,8 +21,9 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -187,7 +188,7 @@ def _read_json_array(path, cfg):
 
 def _read_csv(path, cfg, delim):
     # surrogateescape keeps invalid bytes visible to _check_text instead of failing the file.
-    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter=delim)
         header = next(reader, None)
         if header is None:

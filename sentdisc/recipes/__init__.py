@@ -9,7 +9,7 @@ over these, so a Ray job and the command run identical code.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def run(prog: str, body: Callable[[], object]) -> int:

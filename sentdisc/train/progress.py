@@ -8,7 +8,8 @@ whoever writes the history.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from sentdisc.report import progress_line
 
@@ -68,7 +69,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
