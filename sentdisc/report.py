@@ -53,7 +53,7 @@ def write_history(rows: list[dict], path: str | Path) -> Path:
 def read_history(path: str | Path) -> list[dict]:
     """CSV written by write_history -> rows with numbers parsed back."""
     with Path(path).open(newline="") as f:
-        return [{k: _parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return [{k: parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") -> Path | None:
@@ -252,7 +252,9 @@ def _cell(v):
     return v
 
 
-def _parse(v: str):
+def parse_cell(v: str):
+    """A CSV cell as the number (or bool) it holds, else the string: rows read back from a
+    history, and CSV labels that must concatenate with JSON / Parquet labels."""
     for cast in (int, float):
         try:
             return cast(v)

@@ -1,1 +1,2 @@
-"""Ray Serve deployment of sentdisc: `serve run serve.app:build_app checkpoint=DIR classifier=FILE`."""
+"""Ray Serve config for sentdisc (`serve deploy serve/config.yaml`); the application itself is
+`sentdisc.serving` in the package: `serve run sentdisc.serving:build_app checkpoint=DIR ...`."""

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from sentdisc.data.splits import parse_split, split_filter
 from sentdisc.errors import InputError
+from sentdisc.report import parse_cell
 from sentdisc.text import END_PAD, FRONT_PAD, encode_batch
 
 FORMATS = ("auto", "loose_json", "json", "csv", "tsv", "parquet", "text", "encoded")
@@ -209,18 +210,8 @@ def _read_csv(path, cfg, delim):
                 yield (line_no, None, None, "missing_key", f"row has {len(row)} fields")
                 continue
             text, err, detail = _check_text(row[cols[cfg.text_key]])
-            label = _number(row[cols[cfg.label_key]]) if cfg.label_key else None
+            label = parse_cell(row[cols[cfg.label_key]]) if cfg.label_key else None
             yield (line_no, text, label, err, detail)
-
-
-def _number(value: str):
-    """CSV labels as numbers when they are, so they concatenate with JSON/Parquet labels."""
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def _read_text(path, cfg):
