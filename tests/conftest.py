@@ -22,6 +22,55 @@ def shared_data():
     return path
 
 
+# --- a real S3 API on 127.0.0.1 (moto's server mode), for every test and every Ray worker ---
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+_S3_SERVER = None
+
+
+def pytest_configure(config):
+    """Start the S3 server before anything starts Ray: Ray workers take the environment the
+    session's Ray was started with, endpoint and credentials included."""
+    global _S3_SERVER
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:  # tests that need it skip with a reason
+        return
+    port = free_port()
+    _S3_SERVER = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    _S3_SERVER.start()
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+
+
+def pytest_unconfigure(config):
+    if _S3_SERVER is not None:
+        _S3_SERVER.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_bucket(request):
+    """A fresh, empty bucket on the local S3 server: yields its name."""
+    if _S3_SERVER is None:
+        pytest.skip("moto[server] is not installed: no local S3 API to test against")
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http",
+                      allow_bucket_creation=True).create_dir(name)
+    return name
+
+
 def pytest_collection_modifyitems(items):
     """Train runs first, on a Ray no earlier test has touched: after other modules' Ray Data
     work in the same driver process, a Train run restarted after a killed worker was seen to
@@ -36,8 +85,9 @@ def start_local_ray():
 
     forget_stale_cluster()  # else Train's placement-group cleaner stalls on a dead address
     # address="local": always a fresh instance, never a `ray start` cluster found on the machine.
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **aws}})
 
 
 @pytest.fixture(scope="session")
