@@ -7,12 +7,15 @@ A checkpoint is a directory:
     train_state.json      optional (iteration, data position, ...)
 
 Nothing is unpickled: tensors live in safetensors, everything else in JSON. OpenAI's released
-sentiment-neuron weights (15 ``.npy`` files) load through ``load_openai``.
+sentiment-neuron weights (15 ``.npy`` files) load through ``load_openai``. A checkpoint may live
+on any storage ``sentdisc.storage`` reads (``s3://bucket/run/checkpoint_final``): ``save`` writes
+it locally and uploads it, ``load`` downloads it first.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sentdisc import storage
 from sentdisc.errors import InputError
 from sentdisc.model import ByteLM, ModelConfig
 
@@ -34,27 +38,37 @@ class CheckpointError(InputError):
 
 
 def save(model: ByteLM, directory: str | os.PathLike, optimizer_state: Optional[dict] = None,
-         train_state: Optional[dict] = None, meta: Optional[dict] = None) -> Path:
-    """Write ``model`` (and optionally an optimizer/scheduler state tree and train state)."""
+         train_state: Optional[dict] = None, meta: Optional[dict] = None) -> Path | str:
+    """Write ``model`` (and optionally an optimizer/scheduler state tree and train state) to a
+    local folder, or to a URI (written locally, then uploaded)."""
+    if storage.is_uri(directory):
+        with tempfile.TemporaryDirectory() as tmp:
+            save(model, tmp, optimizer_state, train_state, meta)
+            return storage.upload(tmp, str(directory))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # DDP wrapper
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(d / MODEL_FILE))
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(meta or {})}
-    _write_json(d / CONFIG_FILE, config)
+    storage.write_json(str(d / CONFIG_FILE), config)
     if optimizer_state is not None:
         flat: dict[str, torch.Tensor] = {}
         tree = _flatten_tensors(optimizer_state, "", flat)
         save_file(flat, str(d / OPTIM_TENSORS))
-        _write_json(d / OPTIM_META, tree)
+        storage.write_json(str(d / OPTIM_META), tree)
     if train_state is not None:
-        _write_json(d / TRAIN_STATE, train_state)
+        storage.write_json(str(d / TRAIN_STATE), train_state)
     return d
 
 
 def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ByteLM:
-    """Checkpoint directory (ours or OpenAI's 15 .npy files) -> ByteLM in eval mode."""
+    """Checkpoint directory or URI (ours or OpenAI's 15 .npy files) -> ByteLM in eval mode."""
+    if storage.is_uri(directory):
+        if not storage.is_dir(str(directory)):
+            raise CheckpointError(f"checkpoint {directory} does not exist")
+        with storage.local_dir(str(directory)) as local:
+            return load(local, map_location)
     d = Path(directory)
     if not d.exists():
         raise CheckpointError(f"checkpoint {d} does not exist")
@@ -65,7 +79,7 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
     config = load_config(d)
     weights_path = d / MODEL_FILE
     if not weights_path.exists():
-        raise CheckpointError(f"{weights_path} is missing (checkpoint holds {_listing(d)})")
+        raise CheckpointError(f"{weights_path} is missing (checkpoint holds {storage.list_dir(str(d))})")
     try:
         tensors = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
@@ -77,18 +91,17 @@ def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu")
 
 def is_openai_weights(directory: str | os.PathLike) -> bool:
     """A folder of OpenAI's released ``0.npy``..``14.npy`` rather than a sentdisc checkpoint."""
-    d = Path(directory)
-    return (d / "0.npy").exists() and not (d / MODEL_FILE).exists()
+    d = str(directory)
+    return storage.exists(storage.join(d, "0.npy")) and \
+        not storage.exists(storage.join(d, MODEL_FILE))
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
-    path = Path(directory) / CONFIG_FILE
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing (checkpoint holds {_listing(Path(directory))})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    path = storage.join(str(directory), CONFIG_FILE)
+    if not storage.exists(path):
+        raise CheckpointError(f"{path} is missing (checkpoint holds "
+                              f"{storage.list_dir(str(directory))})")
+    raw = storage.read_json(path, error=CheckpointError)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT \
             or not isinstance(raw.get("model"), dict):
         raise CheckpointError(f"{path}: expected a sentdisc config with a 'model' object, "
@@ -101,7 +114,7 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 def read_meta(directory: str | os.PathLike) -> dict:
     """The whole config.json (model config plus whatever metadata the writer added)."""
-    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+    return storage.read_json(storage.join(str(directory), CONFIG_FILE), error=CheckpointError)
 
 
 def load_optimizer_state(directory: str | os.PathLike) -> Optional[dict]:
@@ -223,13 +236,3 @@ def _unflatten_tensors(tree: Any, tensors: dict) -> Any:
     if isinstance(tree, list):
         return [_unflatten_tensors(v, tensors) for v in tree]
     return tree
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _listing(d: Path) -> list:
-    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []

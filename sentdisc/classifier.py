@@ -8,7 +8,6 @@ no pickle is stored, so loading a classifier someone sent you runs no code.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sentdisc import storage
 from sentdisc.errors import InputError
 
 FORMAT, VERSION = "sentdisc-classifier", 1
@@ -107,13 +107,11 @@ class Classifier:
             "rnn_size": int(self.rnn_size), "checkpoint": self.checkpoint, "meta": self.meta,
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, p)  # a reader (the server) never sees half a file
-        return p
+    def save(self, path: str | os.PathLike) -> Path | str:
+        """Write classifier.json to a local path or URI, atomically (a server reading it never
+        sees half a file)."""
+        storage.write_json(str(path), self.to_dict(), indent=1)
+        return path if storage.is_uri(path) else Path(path)
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "classifier") -> Classifier:
@@ -159,16 +157,11 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Classifier:
-        p = Path(path)
-        if p.is_dir():
-            p = p / "classifier.json"
-        if not p.exists():
-            raise ClassifierError(f"classifier file {p} does not exist")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ClassifierError(f"{p} is not valid JSON: {e}") from None
-        return cls.from_dict(d, str(p))
+        """classifier.json from a local path or URI (or the folder holding it)."""
+        p = str(path)
+        if storage.is_dir(p):
+            p = storage.join(p, "classifier.json")
+        return cls.from_dict(storage.read_json(p, error=ClassifierError, what="classifier file"), p)
 
 
 def fit_result_to_classifier(coef, intercept, C, neurons, top_coef, top_intercept, top_C,

@@ -7,14 +7,18 @@ validation split off train when no validation file is given.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
+from sentdisc import storage
 from sentdisc.data.readers import _EXT_FORMATS, DataError
 from sentdisc.errors import InputError
+
+# what pandas and pyarrow call the codecs a labeled file may be compressed with
+_COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 
 
 def read_table(path: str, text_key: str, label_key: str | None = None,
@@ -27,23 +31,28 @@ def read_table(path: str, text_key: str, label_key: str | None = None,
     """
     import pandas as pd
 
-    if not os.path.isfile(path):
+    if not storage.is_file(path):
         raise DataError(f"{path}: no such file")
+    name = path.lower()
+    compression = next((c for ext, c in _COMPRESSED.items() if name.endswith(ext)), None)
+    if compression:
+        name = name.rsplit(".", 1)[0]
     fmt = data_format
     if fmt == "auto":
-        ext = os.path.splitext(path.lower())[1]
+        ext = os.path.splitext(name)[1]
         fmt = _EXT_FORMATS.get(ext, "json" if ext == ".json" else "csv")
+    raw = storage.read_bytes(path)  # a labeled set is small: one read, from any storage
     try:
         if fmt in ("csv", "tsv"):
             sep = delim or ("\t" if fmt == "tsv" else ",")
-            df = pd.read_csv(path, sep=sep, dtype={text_key: str}, keep_default_na=False,
-                             encoding="utf-8")
+            df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype={text_key: str},
+                             keep_default_na=False, encoding="utf-8", compression=compression)
         elif fmt in ("json", "loose_json"):
-            with open(path, "rb") as f:
-                head = f.read(4096).lstrip()
-            df = pd.read_json(path, lines=not head.startswith(b"["), dtype=False)
+            text = _decompressed(raw, compression)
+            df = pd.read_json(io.BytesIO(text), lines=not text[:4096].lstrip().startswith(b"["),
+                              dtype=False)
         elif fmt == "parquet":
-            df = pd.read_parquet(path)
+            df = pd.read_parquet(io.BytesIO(raw))
         else:
             raise DataError(f"{path}: read_table reads csv/tsv/json/loose_json/parquet, "
                             f"not {fmt!r}")
@@ -129,8 +138,23 @@ def rating_midpoint(labels: np.ndarray) -> float:
     return (float(np.min(labels)) + float(np.max(labels))) / 2.0
 
 
+def _decompressed(raw: bytes, compression: str | None) -> bytes:
+    if compression in ("gzip", "bz2", "xz"):
+        import bz2
+        import gzip
+        import lzma
+
+        return {"gzip": gzip, "bz2": bz2, "xz": lzma}[compression].decompress(raw)
+    if compression == "zstd":
+        import pyarrow as pa
+
+        with pa.input_stream(pa.py_buffer(raw), compression="zstd") as f:
+            return f.read()
+    return raw
+
+
 def _read(path: str, cfg: LabeledDataConfig, label_key: str | None, role: str):
-    if not Path(path).exists():
+    if not storage.exists(path):
         raise TransferError(f"{role} file {path} does not exist")
     try:
         return read_table(path, cfg.text_key, label_key, data_format=cfg.data_format,

@@ -3,11 +3,13 @@
 Pretraining: the metrics history as CSV, the loss curve, one progress line per report.
 Transfer: featurize progress, the report of NVIDIA's transfer.py, the sweep as CSV, the neuron
 weight and histogram plots, per-sample results. Pure functions of rows, dicts and arrays (no
-torch), so the driver of any job can reuse them.
+torch), so the driver of any job can reuse them. Files are written through ``sentdisc.storage``
+(any local path or URI, atomically).
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import time
@@ -15,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from sentdisc import storage
 
 
 def merge_rows(rows: list[dict], new: Iterable[dict], key: str = "iteration") -> list[dict]:
@@ -34,26 +38,39 @@ def merge_rows(rows: list[dict], new: Iterable[dict], key: str = "iteration") ->
     return out
 
 
-def write_history(rows: list[dict], path: str | Path) -> Path:
+def write_history(rows: list[dict], path: str | Path) -> str | Path:
     """Rows -> CSV with the union of their columns (first-seen order); missing cells empty."""
-    path = Path(path)
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-    tmp.replace(path)
-    return path
+    return write_csv(path, columns, [{k: _cell(v) for k, v in row.items()} for row in rows])
 
 
 def read_history(path: str | Path) -> list[dict]:
     """CSV written by write_history -> rows with numbers parsed back."""
-    with Path(path).open(newline="") as f:
-        return [{k: parse_cell(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    text = storage.read_text(str(path))
+    return [{k: parse_cell(v) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict | Sequence]
+              ) -> str | Path:
+    """Rows (dicts by column, or sequences in column order) -> a CSV file on any storage."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, dict) else row)
+    storage.write_text(str(path), buf.getvalue())
+    return path
+
+
+def save_figure(fig, path: str | Path, **kw) -> str | Path:
+    """A matplotlib figure -> PNG on any storage; the figure is closed."""
+    data = storage.savefig_bytes(fig, **kw)
+    _pyplot().close(fig)
+    storage.write_bytes(str(path), data)
+    return path
 
 
 def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") -> Path | None:
@@ -76,9 +93,7 @@ def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def progress_line(row: dict) -> str:
@@ -168,16 +183,12 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_tune_csv(path: Path, rows: Sequence[dict], chosen_C: float) -> None:
+def write_tune_csv(path: str | Path, rows: Sequence[dict], chosen_C: float) -> None:
     cols = ["C", "val_acc", "train_acc", "nnz", "converged", "fit_s", "trial_id", "chosen"]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "chosen": int(r["C"] == chosen_C)})
+    write_csv(path, cols, [{**r, "chosen": int(r["C"] == chosen_C)} for r in rows])
 
 
-def plot_neuron_weights(path: Path, coef: np.ndarray, neurons: Sequence[int], C: float) -> None:
+def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[int], C: float) -> None:
     plt = _pyplot()
     coef = np.asarray(coef).reshape(-1)
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -192,11 +203,10 @@ def plot_neuron_weights(path: Path, coef: np.ndarray, neurons: Sequence[int], C:
     ax.set_title(f"Neuron weights (C={C:g}, {int(np.sum(coef != 0))} non-zero); "
                  f"top {len(neurons)} highlighted")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-def plot_neuron_histogram(path: Path, values: np.ndarray, labels: np.ndarray, neuron: int,
+def plot_neuron_histogram(path: str | Path, values: np.ndarray, labels: np.ndarray, neuron: int,
                           boundary: float | None, split: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -211,24 +221,20 @@ def plot_neuron_histogram(path: Path, values: np.ndarray, labels: np.ndarray, ne
     ax.set_title(f"Neuron {neuron} on {split}, by label")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-def write_results_csv(path: Path, texts, labels, feats: np.ndarray, clf,
+def write_results_csv(path: str | Path, texts, labels, feats: np.ndarray, clf,
                       neurons: Sequence[int]) -> None:
     """Per sample: P(positive) with all neurons (``clf``, a ``sentdisc.classifier.Classifier``),
     with its top neurons, and the values of ``neurons``."""
     p_all, p_top = clf.predict_proba(feats), clf.predict_proba_top(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text"] + (["label"] if labels is not None else []) +
-                   ["prob_all", f"prob_top{len(clf.neurons)}"] + [f"neuron_{n}" for n in neurons])
-        for i, text in enumerate(texts):
-            w.writerow([text] + ([int(labels[i])] if labels is not None else []) +
-                       [f"{p_all[i]:.6f}", f"{p_top[i]:.6f}"] +
-                       [f"{feats[i, n]:.6f}" for n in neurons])
+    columns = (["text"] + (["label"] if labels is not None else []) +
+               ["prob_all", f"prob_top{len(clf.neurons)}"] + [f"neuron_{n}" for n in neurons])
+    write_csv(path, columns, (
+        [text] + ([int(labels[i])] if labels is not None else []) +
+        [f"{p_all[i]:.6f}", f"{p_top[i]:.6f}"] + [f"{feats[i, n]:.6f}" for n in neurons]
+        for i, text in enumerate(texts)))
 
 
 def _pyplot():

@@ -104,10 +104,14 @@ def s3_endpoint() -> str:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
 
 
-def storage_filesystem(uri: str) -> Optional[pafs.FileSystem]:
-    """The filesystem to hand Ray Train / Ray Data for ``uri`` (None: a local path, which they
-    resolve themselves)."""
-    return filesystem(uri)[0] if is_uri(uri) else None
+def for_ray(uri: str) -> tuple[str, Optional[pafs.FileSystem]]:
+    """``(path, filesystem)`` to hand Ray Train (``storage_path``, ``storage_filesystem``) or
+    Ray Data (paths, ``filesystem``) so they reach ``uri`` with this layer's settings; a local
+    path goes as it is, with no filesystem."""
+    if not is_uri(uri):
+        return absolute(uri), None
+    fs, path = filesystem(uri)
+    return path, fs
 
 
 # --- checks: one clear line before any worker starts --------------------------------------------
@@ -305,14 +309,23 @@ def remove_tree(uri: str) -> None:
 
 def copy_tree(src: str, dst: str) -> str:
     """Copy a folder (any storage to any storage); ``dst`` is replaced."""
-    src_fs, src_path = filesystem(src)
+    return copy_from(*filesystem(src), dst)
+
+
+def copy_from(src_fs: pafs.FileSystem, src_path: str, dst: str) -> str:
+    """Copy a folder given as (filesystem, path), e.g. a Ray Train checkpoint's, to ``dst``
+    (replaced), on any storage."""
     dst_fs, dst_path = filesystem(dst)
     remove_tree(dst)
     try:
+        dst_fs.create_dir(dst_path, recursive=True)  # a local destination needs its folders
+        for info in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+            if info.type == pafs.FileType.Directory:
+                dst_fs.create_dir(dst_path + info.path[len(src_path):], recursive=True)
         pafs.copy_files(src_path, dst_path, source_filesystem=src_fs,
                         destination_filesystem=dst_fs)
     except OSError as e:
-        raise _storage_error(src, e) from None
+        raise _storage_error(dst, e) from None
     return dst
 
 

@@ -11,6 +11,9 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``, composed fro
 4. ``sentdisc.report``: the printed report, tune_results.csv, the neuron plots; then
    classifier.json (``sentdisc.classifier.Classifier``) and results.json.
 
+Every input (``--load_model``, the tables, ``--write_results``) and every output may be a local
+path or a storage URI (``sentdisc.storage``).
+
 With ``standardize`` (the default) each feature is scaled to zero mean and unit variance on
 train before the sweep, and the scaling is folded back into the saved weights, so the classifier
 applies to raw features. Without it the regression sees raw values, as in the original tool;
@@ -19,12 +22,11 @@ Importing this module does not import torch (loading the checkpoint does, when i
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sentdisc import storage
 from sentdisc.config import OutputConfig
 from sentdisc.features_ray import featurize_texts
 from sentdisc.labeled import LabeledDataConfig, TransferError, prepare_data
@@ -92,9 +94,12 @@ class TransferConfig(LabeledDataConfig):
             raise ValueError("featurize_replicas and cpus_per_replica must be >= 1")
 
 
-def output_dir(cfg: TransferConfig, out: OutputConfig) -> Path:
-    name = cfg.dataset or Path(cfg.train).resolve().parent.name or "dataset"
-    return Path(out.run_dir) / "transfer" / name
+def output_dir(cfg: TransferConfig, out: OutputConfig) -> str:
+    """<experiment_dir>/<experiment_name>/transfer/<dataset> on any storage; the dataset is
+    named after the train file's folder unless --dataset says otherwise."""
+    folder = storage.absolute(cfg.train).rstrip("/").rsplit("/", 1)[0]
+    name = cfg.dataset or storage.basename(folder) or "dataset"
+    return storage.join(out.run_dir, "transfer", name)
 
 
 def load_checkpoint(cfg: TransferConfig):
@@ -127,10 +132,13 @@ def featurize_sets(data: dict, model, cfg: TransferConfig, log=print) -> tuple[d
     return feats, stats
 
 
-def sweep_config(cfg: TransferConfig, run_dir: Path) -> SweepConfig:
+def sweep_config(cfg: TransferConfig, run_dir: str) -> SweepConfig:
+    # Tune's trial folders are scratch: beside the outputs when those are local, else in a
+    # temporary folder (the sweep's results go to tune_results.csv on any storage).
+    scratch = None if storage.is_uri(run_dir) else Path(run_dir) / "tune_runs"
     return SweepConfig(Cs=c_grid(cfg.num_samples, cfg.seed), seed=cfg.seed,
                        max_iter=cfg.max_iter, solver=cfg.solver, backend="tune",
-                       storage=run_dir / "tune_runs", cpus_per_trial=cfg.cpus_per_trial,
+                       storage=scratch, cpus_per_trial=cfg.cpus_per_trial,
                        standardize=cfg.standardize, num_neurons=cfg.num_neurons)
 
 
@@ -142,7 +150,7 @@ def fit_classifier(feats: dict, labels: dict, cfg: TransferConfig, sweep: SweepC
     clf, res = train_classifier(
         feats["train"], labels["train"], feats["val"], labels["val"], feats["test"],
         labels["test"], sweep, feature_kind=cfg.feature_kind, layer=cfg.layer,
-        checkpoint=str(Path(cfg.load_model).resolve()), log=log)
+        checkpoint=storage.absolute(cfg.load_model), log=log)
     for r in res["sweep"]:
         log(f"  C={r['C']:<10.4g} val {100 * r['val_acc']:.2f}  train {100 * r['train_acc']:.2f}"
             f"  non-zero {r['nnz']}{'' if r['converged'] else '  (not converged)'}")
@@ -150,14 +158,14 @@ def fit_classifier(feats: dict, labels: dict, cfg: TransferConfig, sweep: SweepC
     return clf, res
 
 
-def write_outputs(run_dir: Path, cfg: TransferConfig, data: dict, feats: dict, labels: dict,
+def write_outputs(run_dir: str, cfg: TransferConfig, data: dict, feats: dict, labels: dict,
                   clf, res: dict, boundary, log=print) -> dict:
     """tune_results.csv, the two neuron plots and --write_results; returns {name: path},
     results.json and classifier.json included (``run_transfer`` writes those last)."""
-    files = {"results": run_dir / "results.json", "classifier": run_dir / "classifier.json",
-             "tune_results": run_dir / "tune_results.csv",
-             "neuron_weights": run_dir / "neuron_weights.png",
-             "neuron_histogram": run_dir / "neuron_histogram.png"}
+    files = {name: storage.join(run_dir, file) for name, file in (
+        ("results", "results.json"), ("classifier", "classifier.json"),
+        ("tune_results", "tune_results.csv"), ("neuron_weights", "neuron_weights.png"),
+        ("neuron_histogram", "neuron_histogram.png"))}
     write_tune_csv(files["tune_results"], res["sweep"], res["all_neurons"]["C"])
     plot_neuron_weights(files["neuron_weights"], clf.coef, clf.neurons, clf.C)
     hist_role = "test" if labels["test"] is not None else "val"
@@ -165,7 +173,7 @@ def write_outputs(run_dir: Path, cfg: TransferConfig, data: dict, feats: dict, l
                           labels[hist_role], clf.neuron, boundary, hist_role)
     if cfg.write_results:
         role = "test" if feats["test"] is not None else "val"
-        files["write_results"] = Path(cfg.write_results)
+        files["write_results"] = cfg.write_results
         write_results_csv(files["write_results"], data[role].texts, labels[role], feats[role],
                           clf, top_neurons(clf.coef, min(5, len(clf.coef))))
         log(f"wrote per-sample {role} results to {cfg.write_results}")
@@ -176,10 +184,10 @@ def _inputs(cfg: TransferConfig, model, data: dict) -> dict:
     """results.json on what went in: the checkpoint, the features, the labeled sets."""
     from sentdisc.checkpoint import read_meta
 
-    has_meta = (Path(cfg.load_model) / "config.json").exists()
+    has_meta = storage.exists(storage.join(cfg.load_model, "config.json"))
     ckpt_meta = read_meta(cfg.load_model) if has_meta else {}
     return {
-        "checkpoint": str(Path(cfg.load_model).resolve()),
+        "checkpoint": storage.absolute(cfg.load_model),
         "model": ckpt_meta.get("model", model.config.to_dict()),
         "feature_kind": cfg.feature_kind, "layer": cfg.layer,
         "rnn_size": model.config.rnn_size, "sizes": _sizes(data), "val_source": data["val_source"],
@@ -207,7 +215,7 @@ def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print) -> dict:
     model = load_checkpoint(cfg)
     data = prepare_data(cfg)
     run_dir = output_dir(cfg, out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(run_dir)
     log(f"writing results to {run_dir}")
     sizes = _sizes(data)
     log(f"train {sizes['train']}, val {sizes['val']} ({data['val_source']}), test {sizes['test']}"
@@ -221,17 +229,16 @@ def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print) -> dict:
                                       res["top_neurons"]["C"], sweep)
     files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, boundary, log)
 
-    results = {"dataset": run_dir.name, **_inputs(cfg, model, data),
+    dataset = storage.basename(run_dir)
+    results = {"dataset": dataset, **_inputs(cfg, model, data),
                **_outcome(clf, res, boundary), "featurize": feat_stats,
                "seconds": round(time.perf_counter() - t_start, 3),
                "files": {k: str(v) for k, v in files.items()},
                "config": {**asdict(cfg), **asdict(out)}}  # every flag of the command line
-    clf.meta = {"dataset": run_dir.name, "accuracy": {
+    clf.meta = {"dataset": dataset, "accuracy": {
         "all": {k: res["all_neurons"][f"{k}_acc"] for k in ROLES},
         "top": {k: res["top_neurons"][f"{k}_acc"] for k in ROLES}}}
     clf.save(files["classifier"])
-    tmp = files["results"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, files["results"])  # a reader never sees half a file
+    storage.write_json(files["results"], results, indent=1)
     log(f"results successfully written to {run_dir}")
     return results

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sentdisc import viz
+from sentdisc import storage, viz
 from sentdisc.config import OutputConfig, build_parser, parse
 from sentdisc.errors import InputError
 from sentdisc.probe import TRACE_KINDS, Probe
@@ -75,8 +75,8 @@ def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
     text = cfg.text
     if cfg.text_file:
         try:
-            text = Path(cfg.text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
+            text = storage.read_text(cfg.text_file)
+        except (InputError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read --text_file {cfg.text_file}: {e}") from None
     bad = sorted(set(cfg.formats) - set(FORMATS))
     if bad or not cfg.formats:
@@ -144,12 +144,14 @@ def run(cfg: VisualizeConfig, out: OutputConfig | None = None) -> dict:
 
     cfg, out = resolve(cfg), out or OutputConfig()
     t = trace(cfg, load(cfg.load_model, map_location=cfg.device))
-    folder = Path(out.run_dir) / "heatmaps"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = storage.join(out.run_dir, "heatmaps")
     paths = []
     for fmt in cfg.formats:
-        path = contained_path(folder, safe_filename(cfg.text, f"{t['suffix']}.{fmt}"))
-        path.write_bytes(render(cfg, t, fmt))
+        name = safe_filename(cfg.text, f"{t['suffix']}.{fmt}")
+        # On a local disk a symlink could sit at the name; an object store has none.
+        path = storage.join(folder, name) if storage.is_uri(folder) else \
+            contained_path(folder, name)
+        storage.write_bytes(str(path), render(cfg, t, fmt))
         paths.append(path)
     return {"paths": paths, "chars": t["chars"], "values": t["values"],
             "prompt_end": t["prompt_end"], "config": cfg, "generated": t["generated"]}

@@ -22,7 +22,6 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 import sentdisc
+from sentdisc import storage
 from sentdisc.errors import InputError
 from sentdisc.serving.args import AppArgs, BatchConfig, check_args, load_classifier, probe_of
 from sentdisc.serving.schemas import (
@@ -234,7 +234,7 @@ class SentdiscServer:
                 "device": self.device, "classifier": self.classifier is not None,
                 "neuron": self.probe.neuron,
                 "neuron_sign": -1 if self.probe.negate(self.probe.neuron) else 1,
-                "checkpoint": Path(self.args.checkpoint).name,
+                "checkpoint": storage.basename(self.args.checkpoint),
                 **self.batch.model_dump(),  # what reconfigure() last gave the batcher
                 # which replica process answered: a retune must not restart it
                 "replica": serve.get_replica_context().replica_tag, "pid": os.getpid()}

@@ -10,12 +10,12 @@ Two kinds of settings, because Serve applies them differently:
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sentdisc import storage
 from sentdisc.errors import InputError
 from sentdisc.probe import Probe
 
@@ -58,8 +58,10 @@ class AppArgs(_Settings):
     """Arguments of ``build_app``. Batch settings are not among them: see BatchConfig."""
     what: ClassVar[str] = "application arguments"
 
-    checkpoint: str = Field(description="checkpoint dir: sentdisc format or OpenAI's 0..14.npy")
-    classifier: str | None = Field(None, description="classifier.json; /sentiment needs it")
+    checkpoint: str = Field(description="checkpoint folder or storage URI (s3://...): sentdisc "
+                                        "format or OpenAI's 0..14.npy")
+    classifier: str | None = Field(None, description="classifier.json (a path or URI); "
+                                                     "/sentiment needs it")
     feature_kind: Literal["cell", "hidden", "mean", "max"] | None = Field(
         None, description="features served by /featurize; default: the classifier's, else cell")
     layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
@@ -94,27 +96,35 @@ def load_classifier(path: str):
     return Classifier.load(path)
 
 
-def _checkpoint_config(ckpt: Path):
-    """The model config of a sentdisc checkpoint; None for OpenAI's weights, which are
-    checked when a replica loads them."""
+def _checkpoint_config(ckpt: str):
+    """The model config of a sentdisc checkpoint (a folder or a storage URI); None for
+    OpenAI's weights, which are checked when a replica loads them."""
     from sentdisc.checkpoint import MODEL_FILE, is_openai_weights, load_config
 
-    if not ckpt.is_dir():
-        raise AppArgsError(f"sentdisc serve: checkpoint {ckpt} does not exist or is not a "
-                           "directory")
-    if is_openai_weights(ckpt):
-        return None
     try:
+        storage.check_access(ckpt, "checkpoint")
+        if not storage.is_dir(ckpt):
+            raise AppArgsError(f"sentdisc serve: checkpoint {ckpt} does not exist or is not a "
+                               "directory")
+        if is_openai_weights(ckpt):
+            return None
         config = load_config(ckpt)
+    except AppArgsError:
+        raise
     except InputError as e:
         raise AppArgsError(f"sentdisc serve: bad checkpoint: {e}") from None
-    if not (ckpt / MODEL_FILE).is_file():
-        raise AppArgsError(f"sentdisc serve: {ckpt / MODEL_FILE} is missing")
+    if not storage.is_file(storage.join(ckpt, MODEL_FILE)):
+        raise AppArgsError(f"sentdisc serve: {storage.join(ckpt, MODEL_FILE)} is missing")
     return config
 
 
-def _checked_classifier(path: Path, args: AppArgs, ckpt: Path, model_config):
-    if not path.is_file():
+def _checked_classifier(path: str, args: AppArgs, ckpt: str, model_config):
+    try:
+        storage.check_access(path, "classifier")
+        found = storage.is_file(path)
+    except InputError as e:
+        raise AppArgsError(f"sentdisc serve: {e}") from None
+    if not found:
         raise AppArgsError(f"sentdisc serve: classifier {path} does not exist")
     try:
         clf = load_classifier(str(path))
@@ -139,12 +149,12 @@ def check_args(args: AppArgs) -> AppArgs:
     the classifier's, so that the features served are the ones it was fitted on."""
     from sentdisc.model import check_layer
 
-    ckpt = Path(args.checkpoint).expanduser().resolve()
+    ckpt = storage.absolute(args.checkpoint)
     model_config = _checkpoint_config(ckpt)
     clf_path = clf = None
     if args.classifier is not None:
-        clf_path = str(Path(args.classifier).expanduser().resolve())
-        clf = _checked_classifier(Path(clf_path), args, ckpt, model_config)
+        clf_path = storage.absolute(args.classifier)
+        clf = _checked_classifier(clf_path, args, ckpt, model_config)
     probe = probe_of(args, clf)
     if model_config is not None:
         try:

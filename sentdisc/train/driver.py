@@ -3,19 +3,20 @@
 A bad path or config fails here, before any worker starts. The run's length (for the linear
 learning-rate decay and the ETA) is ``max_iters``, else counted from the corpus when that is
 cheap. The driver, not the workers, writes ``run_config.json``, ``history.csv``, ``loss.png``,
-``summary.json`` and ``checkpoint_final`` under ``<experiment_dir>/<experiment_name>/``.
+``summary.json`` and ``checkpoint_final`` under ``<experiment_dir>/<experiment_name>/``, on any
+storage (``experiment_dir`` may be ``s3://bucket/exp``: it is Ray Train's ``storage_path``
+too, which every node must see on a multi-node cluster).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 from sentdisc import checkpoint as ckpt_io
+from sentdisc import storage
 from sentdisc.config import OutputConfig
 from sentdisc.errors import InputError
 from sentdisc.model import ModelConfig
@@ -33,90 +34,102 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     """Run a pretraining job on the current Ray cluster (started locally if none)."""
     from sentdisc.data.readers import build_datasets
 
-    output = output or OutputConfig()
-    model_cfg, tc, storage, run_dir = _prepare(model_cfg, train_cfg, output)
+    model_cfg, tc, output = _prepare(model_cfg, train_cfg, output or OutputConfig())
+    run_dir = output.run_dir
     # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
     ensure_ray(include_dashboard=False, log_to_driver=False)
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prior = read_history(run_dir / "history.csv") if (
-        (run_dir / "history.csv").exists() and any(run_dir.glob("checkpoint_*"))) else []
-    (run_dir / "run_config.json").write_text(json.dumps({
+    storage.makedirs(run_dir)
+    prior = _prior_history(run_dir)
+    storage.write_json(storage.join(run_dir, "run_config.json"), {
         "model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
         "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
-        "total_iters": total_iters}, indent=2))
+        "total_iters": total_iters})
     loop_config = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
                    "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
-                   "total_iters": total_iters, "run_dir": str(run_dir),
+                   "total_iters": total_iters, "run_dir": run_dir,
                    "eval_splits": [k for k in datasets if k != "train"]}
     t0 = time.perf_counter()
     with Progress(printed=progress) as watch:
-        result = _trainer(tc, output, storage, loop_config, datasets, watch.callback).fit()
+        result = _trainer(tc, output, loop_config, datasets, watch.callback).fit()
     return _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
 
 
 def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
-    """Where outputs go, and the architecture (a resumed checkpoint's weights decide it)."""
-    remote = "://" in output.experiment_dir
-    storage = output.experiment_dir if remote else str(Path(output.experiment_dir).resolve())
-    if "runtime_resources" in str(Path.cwd()) and not remote \
-            and not Path(output.experiment_dir).is_absolute():
-        print(f"[pretrain] note: experiment_dir {output.experiment_dir!r} is inside this Ray "
-              f"job's temporary working directory ({storage}); pass an absolute "
+    """Where outputs go (checked now), and the architecture (a resumed checkpoint's weights
+    decide it)."""
+    exp = output.experiment_dir
+    storage.check_access(exp, "--experiment_dir")
+    if "runtime_resources" in str(Path.cwd()) and not storage.is_uri(exp) \
+            and not Path(exp).is_absolute():
+        print(f"[pretrain] note: experiment_dir {exp!r} is inside this Ray job's temporary "
+              f"working directory ({storage.absolute(exp)}); pass an absolute "
               f"--experiment_dir or a storage URI to keep the outputs", flush=True)
     if tc.resume:
+        storage.check_access(tc.resume, "--resume")
         model_cfg = ckpt_io.load_config(tc.resume)
-        tc = dataclasses.replace(tc, resume=str(Path(tc.resume).resolve()))
+        tc = dataclasses.replace(tc, resume=storage.absolute(tc.resume))
+    output = dataclasses.replace(output, experiment_dir=storage.absolute(exp))
     output.run_dir  # noqa: B018 -- checks the name is a plain folder name
-    return model_cfg, tc, storage, Path(storage) / output.experiment_name
+    return model_cfg, tc, output
 
 
-def _trainer(tc: TrainConfig, output: OutputConfig, storage: str, loop_config: dict,
-             datasets: dict, callback):
+def _prior_history(run_dir: str) -> list:
+    """The history of an earlier run of this experiment, if it left checkpoints to resume."""
+    history = storage.join(run_dir, "history.csv")
+    if storage.exists(history) and any(n.startswith("checkpoint_")
+                                       for n in storage.list_dir(run_dir)):
+        return read_history(history)
+    return []
+
+
+def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets: dict,
+             callback):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from sentdisc.train.loop import train_loop
 
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    storage_path, storage_fs = storage.for_ray(output.experiment_dir)
     return TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            storage_path=storage, name=output.experiment_name,
+            storage_path=storage_path, storage_filesystem=storage_fs,
+            name=output.experiment_name,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             callbacks=[callback]))
 
 
-def _write_outputs(run_dir: Path, output: OutputConfig, prior: list, rows: list, result,
+def _write_outputs(run_dir: str, output: OutputConfig, prior: list, rows: list, result,
                    wall: float) -> dict:
     history = merge_rows(prior, rows)
-    write_history(history, run_dir / "history.csv")
-    plot = plot_loss(history, run_dir / "loss.png",
+    history_path = write_history(history, storage.join(run_dir, "history.csv"))
+    plot = plot_loss(history, storage.join(run_dir, "loss.png"),
                      title=f"{output.experiment_name}: bits per byte")
-    final_dir = run_dir / "checkpoint_final"
+    final_dir = storage.join(run_dir, "checkpoint_final")
     if result.checkpoint is not None:
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        result.checkpoint.to_directory(str(final_dir))
+        ckpt = result.checkpoint
+        storage.copy_from(ckpt.filesystem, ckpt.path, final_dir)
     final = next((r for r in reversed(rows) if r.get("final")), {})
     last = next((r for r in reversed(history) if r.get("bpb") is not None), {})
     summary = {
-        "checkpoint": str(final_dir) if result.checkpoint is not None else None,
+        "checkpoint": final_dir if result.checkpoint is not None else None,
         "ray_checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
-        "history": str(run_dir / "history.csv"), "loss_plot": str(plot) if plot else None,
+        "history": history_path, "loss_plot": plot,
         "val_bpb": final.get("val_bpb"), "test_bpb": final.get("test_bpb"),
         "train_bpb": last.get("bpb"), "iterations": last.get("iteration"),
         "bytes_seen": last.get("bytes_seen"), "wall_s": wall,
         "skipped_total": last.get("skipped_total"), "records": last.get("records"),
         "rows": rows,
     }
-    (run_dir / "summary.json").write_text(json.dumps(
-        {k: v for k, v in summary.items() if k != "rows"}, indent=2))
+    storage.write_json(storage.join(run_dir, "summary.json"),
+                       {k: v for k, v in summary.items() if k != "rows"})
     return summary
 
 

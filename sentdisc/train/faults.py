@@ -1,14 +1,16 @@
 """Fault injection for tests: a worker that dies without any cleanup, once per run.
 
 ``TrainConfig.fail_at_iter = N`` makes the last rank SIGKILL itself after iteration N, the way
-a lost node or an OOM-killed process ends. A marker file in the run's folder records that it
-happened, so the restarted worker group does not die again, and tells the test it did.
+a lost node or an OOM-killed process ends. A marker file in the run's folder (on any storage)
+records that it happened, so the restarted worker group does not die again, and tells the test
+it did.
 """
 from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
+
+from sentdisc import storage
 
 MARKER = ".fail_at_iter_done"
 
@@ -19,10 +21,10 @@ class KillOnce:
     def __init__(self, at_iter: int, rank: int, world: int, run_dir: str):
         self.at_iter, self.rank = at_iter, rank
         self.armed = bool(at_iter) and rank == world - 1
-        self.marker = Path(run_dir) / MARKER
+        self.marker = storage.join(run_dir, MARKER)
 
     def __call__(self, iteration: int) -> None:
-        if not self.armed or iteration != self.at_iter or self.marker.exists():
+        if not self.armed or iteration != self.at_iter or storage.exists(self.marker):
             return
         import ray.train
 
@@ -30,6 +32,5 @@ class KillOnce:
         # before a real crash, then die.
         ray.train.get_all_reported_checkpoints(
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(f"killed rank {self.rank} at iteration {iteration}\n")
+        storage.write_text(self.marker, f"killed rank {self.rank} at iteration {iteration}\n")
         os.kill(os.getpid(), signal.SIGKILL)

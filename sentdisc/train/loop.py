@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from sentdisc import checkpoint as ckpt_io
+from sentdisc import storage
 from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.config import TrainConfig, make_optimizer
 from sentdisc.train.faults import KillOnce
@@ -74,8 +75,11 @@ class PretrainWorker:
         state = {"iteration": 0, "epoch": 0, "bytes_seen": 0, "epoch_done": False, "workers": None}
         checkpoint = ray.train.get_checkpoint()
         with contextlib.ExitStack() as stack:
-            source = stack.enter_context(checkpoint.as_directory()) if checkpoint else \
-                self.tc.resume or None
+            source = None  # a local folder: Ray's checkpoint, or --resume (any storage) fetched
+            if checkpoint:
+                source = stack.enter_context(checkpoint.as_directory())
+            elif self.tc.resume:
+                source = stack.enter_context(storage.local_dir(self.tc.resume))
             torch.manual_seed(self.seed)  # same initial weights on every rank (DDP broadcasts too)
             model = ckpt_io.load(source, map_location=self.device) if source else \
                 ByteLM(self.model_cfg)
