@@ -133,6 +133,63 @@ def load_train_state(directory: str | os.PathLike) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# --- which checkpoint to continue from -------------------------------------------------------
+
+def incomplete_reason(directory: str | os.PathLike) -> Optional[str]:
+    """Why a saved training checkpoint cannot be resumed (a file missing, a safetensors file
+    cut short: a process killed while it was being written or uploaded), or None when it is
+    whole. Reads only the JSON files and the safetensors headers."""
+    d = str(directory)
+    names = set(storage.list_dir(d))
+    missing = [n for n in (MODEL_FILE, CONFIG_FILE, TRAIN_STATE) if n not in names]
+    if OPTIM_META in names and OPTIM_TENSORS not in names:
+        missing.append(OPTIM_TENSORS)
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        for name in (CONFIG_FILE, TRAIN_STATE) + ((OPTIM_META,) if OPTIM_META in names else ()):
+            storage.read_json(storage.join(d, name), error=CheckpointError)
+        for name in (MODEL_FILE,) + ((OPTIM_TENSORS,) if OPTIM_TENSORS in names else ()):
+            _check_safetensors_length(storage.join(d, name))
+    except InputError as e:
+        return str(e)
+    return None
+
+
+def _check_safetensors_length(uri: str) -> None:
+    """A safetensors file is 8 bytes of header length, the JSON header, then the tensors: the
+    header says where the last tensor ends, so a truncated file shows without reading it."""
+    fs, path = storage.filesystem(uri)
+    size = fs.get_file_info(path).size
+    with fs.open_input_file(path) as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        header = json.loads(f.read(n)) if 0 < n < size else None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{uri}: not a safetensors file")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + n + end != size:
+        raise CheckpointError(f"{uri}: {size} bytes, its header describes {8 + n + end}")
+
+
+def newest_complete(run_dir: str, log=print) -> Optional[str]:
+    """The newest whole ``checkpoint_<iteration>*`` folder of a run (by iteration), saying why
+    any newer one was passed over; None when there is none."""
+    found = []
+    for name in storage.list_dir(run_dir):
+        digits = name[len("checkpoint_"):].split("_")[0]
+        if name.startswith("checkpoint_") and digits.isdigit():
+            found.append((int(digits), name))
+    for _, name in sorted(found, reverse=True):
+        path = storage.join(run_dir, name)
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path
+        log(f"[pretrain] skipping {path}: incomplete ({reason})")
+    return None
+
+
 # --- OpenAI's released weights ---------------------------------------------------------------
 
 def load_openai(directory: str | os.PathLike) -> ByteLM:

@@ -1,10 +1,15 @@
-"""The one base class of input errors: what a command reports in one line and exits 2 for.
+"""The error classes a command reports in one line: exit 2 for bad input, 1 for a diagnosed failure.
 
 Every error a user can cause with a flag, a file or a request (a missing path, a malformed
 record in strict mode, a bad checkpoint, a classifier of the wrong size) derives from
-``InputError``; anything else is a failure of the system and keeps its traceback.
+``InputError``. ``RunFailed`` is a failure the system has diagnosed itself (a stalled run, with
+what it waited for). Anything else is a failure of the system and keeps its traceback.
 """
 
 
 class InputError(ValueError):
     """Bad input, reported as one line naming the file, field or flag at fault."""
+
+
+class RunFailed(RuntimeError):
+    """A run that failed for a reason already diagnosed in the message (exit 1, one line)."""

@@ -191,7 +191,9 @@ def test_lr_schedules():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=10, num_workers=4), "divisible"),
+    (dict(batch_size=3, num_workers="2-4"), "must be >= the most workers"),
+    (dict(num_workers="4-2"), "MIN-MAX"),
+    (dict(num_workers="two"), "MIN-MAX"),
     (dict(optimizer_type="Adamm"), "not a torch.optim optimizer"),
     (dict(precision="fp16"), "needs use_gpu"),
     (dict(lr_scheduler="cosine"), "lr_scheduler"),
@@ -220,6 +222,17 @@ def test_configs_parse_and_paths_expand(monkeypatch, tmp_path):
     assert expand("${NO_SUCH_VAR_X:-/fallback}/a") == "/fallback/a"
     with pytest.raises(ValueError, match="NO_SUCH_VAR_X"):
         expand("$NO_SUCH_VAR_X/a")
+
+
+def test_the_total_batch_is_kept_on_any_number_of_workers():
+    from sentdisc.train.config import per_worker_batch
+
+    for world in range(1, 9):
+        shares = [per_worker_batch(10, world, r) for r in range(world)]
+        assert sum(shares) == 10 and max(shares) - min(shares) <= 1, (world, shares)
+    tc = TrainConfig(batch_size=8, num_workers="2-4")
+    assert (tc.min_workers, tc.max_workers, tc.scaling) == (2, 4, (2, 4))
+    assert TrainConfig(num_workers="3-3", batch_size=6).scaling == 3
 
 
 def test_history_rows_after_a_restart_replace_the_dead_attempt():

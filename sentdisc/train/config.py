@@ -34,9 +34,19 @@ class TrainConfig:
     eval_iters: int = field(default=0, metadata={
         "help": "windows per worker when evaluating val/test after training (0 = all)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU)"})
-    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks)"})
+    num_workers: int | str = field(default=1, metadata={
+        "help": "Ray Train workers (DDP ranks): N, or MIN-MAX for elastic training (the run "
+                "continues on as few as MIN when nodes are lost, and grows back to MAX)"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL"})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per worker"})
+    cpus_per_worker: float = field(default=1.0, metadata={
+        "help": "Ray CPUs reserved per worker (fractions allowed: 0.5 packs two per CPU)"})
+    ingest_cpus: float = field(default=1.0, metadata={
+        "help": "CPUs left free for Ray Data's read and preprocess tasks; the run fails at "
+                "once, with the numbers, when the cluster cannot leave them"})
+    stall_warn_s: float = field(default=300.0, metadata={
+        "help": "no report for this long: print what the cluster is waiting for"})
+    stall_fail_s: float = field(default=1800.0, metadata={
+        "help": "no report for this long: fail the run with that diagnosis (0 = never)"})
     threads_per_worker: int = field(default=0, metadata={
         "help": "torch threads per worker (0 = the CPUs Ray gives it)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "newest checkpoints kept"})
@@ -49,8 +59,9 @@ class TrainConfig:
         "help": "fault injection for tests: the last rank SIGKILLs itself once at this iteration"})
 
     def __post_init__(self):
+        self.num_workers = _worker_range(self.num_workers)
         positive = ("batch_size", "seq_length", "epochs", "log_interval", "save_iters",
-                    "num_workers", "keep_checkpoints")
+                    "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -68,14 +79,52 @@ class TrainConfig:
                              f"got {self.precision!r}")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("TrainConfig.precision fp16 needs use_gpu (on CPU use bf16 or fp32)")
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"TrainConfig.batch_size {self.batch_size} must be divisible by "
-                             f"num_workers {self.num_workers} (it is the total over workers)")
+        if self.batch_size < self.max_workers:
+            raise ValueError(f"TrainConfig.batch_size {self.batch_size} is the total over workers: "
+                             f"it must be >= the most workers ({self.max_workers}), one stream "
+                             f"each at least")
+        if self.cpus_per_worker <= 0 or self.ingest_cpus < 0:
+            raise ValueError("TrainConfig.cpus_per_worker must be > 0 and ingest_cpus >= 0")
         optimizer_class(self.optimizer_type)
 
     @property
     def schedule(self) -> str:
         return SCHEDULES[self.lr_scheduler.lower()]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else \
+            int(self.num_workers.split("-")[0])
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else \
+            int(self.num_workers.split("-")[1])
+
+    @property
+    def scaling(self) -> int | tuple[int, int]:
+        """Ray Train's ``num_workers``: a number, or (min, max) for elastic training."""
+        if self.min_workers == self.max_workers:
+            return self.min_workers
+        return self.min_workers, self.max_workers
+
+
+def _worker_range(value) -> int | str:
+    """N or "MIN-MAX" -> N (an int) or "MIN-MAX" (normalised); anything else is an error."""
+    text = str(value).strip()
+    parts = text.split("-")
+    if not all(p.isdigit() for p in parts) or len(parts) > 2 or int(parts[0]) < 1 \
+            or int(parts[-1]) < int(parts[0]):
+        raise ValueError(f"TrainConfig.num_workers must be N or MIN-MAX with 1 <= MIN <= MAX, "
+                         f"got {value!r}")
+    lo, hi = int(parts[0]), int(parts[-1])
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def per_worker_batch(batch_size: int, world: int, rank: int) -> int:
+    """This rank's share of the total batch: as even as it can be (the first ranks take one
+    more stream when it does not divide), so the total stays batch_size on any world size."""
+    return batch_size // world + (rank < batch_size % world)
 
 
 def optimizer_class(name: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,12 +19,13 @@ from typing import Optional
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
 from sentdisc.config import OutputConfig
-from sentdisc.errors import InputError
+from sentdisc.errors import InputError, RunFailed
 from sentdisc.model import ModelConfig
 from sentdisc.report import merge_rows, plot_loss, read_history, write_history
 from sentdisc.runtime import ensure_ray
 from sentdisc.train.config import TrainConfig
 from sentdisc.train.progress import Progress
+from sentdisc.train.resources import check_fits
 
 # Above this many input bytes the driver does not read the corpus once just to size the run.
 COUNT_LIMIT_BYTES = 2 * 1024 ** 3
@@ -38,6 +40,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     run_dir = output.run_dir
     # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
     ensure_ray(include_dashboard=False, log_to_driver=False)
+    check_fits(tc)
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
     storage.makedirs(run_dir)
@@ -51,9 +54,28 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
                    "total_iters": total_iters, "run_dir": run_dir,
                    "eval_splits": [k for k in datasets if k != "train"]}
     t0 = time.perf_counter()
-    with Progress(printed=progress) as watch:
-        result = _trainer(tc, output, loop_config, datasets, watch.callback).fit()
+    history = storage.join(run_dir, "history.csv")
+    watch = Progress(printed=progress, stall_warn_s=tc.stall_warn_s,
+                     stall_fail_s=tc.stall_fail_s,
+                     # appended as reports arrive, so a killed driver leaves its curve behind
+                     on_rows=lambda _: write_history(merge_rows(prior, watch.rows), history))
+    result = _fit(_trainer(tc, output, loop_config, datasets, watch.callback), watch)
     return _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
+
+
+def _fit(trainer, watch: Progress):
+    """``trainer.fit()`` with the progress channel running; a run the watchdog stopped fails
+    with its diagnosis. Ray Train installs its own Ctrl-C handler: the caller's comes back."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with watch:
+            return trainer.fit()
+    except (KeyboardInterrupt, SystemExit, Exception):
+        if watch.stalled:
+            raise RunFailed(watch.stalled) from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
@@ -66,12 +88,21 @@ def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
         print(f"[pretrain] note: experiment_dir {exp!r} is inside this Ray job's temporary "
               f"working directory ({storage.absolute(exp)}); pass an absolute "
               f"--experiment_dir or a storage URI to keep the outputs", flush=True)
+    output = dataclasses.replace(output, experiment_dir=storage.absolute(exp))
+    if not tc.resume:  # a rerun of the same experiment continues its newest whole checkpoint
+        newest = ckpt_io.newest_complete(output.run_dir)
+        if newest:
+            print(f"[pretrain] resuming from {newest}, the newest complete checkpoint of "
+                  f"{output.run_dir}", flush=True)
+            tc = dataclasses.replace(tc, resume=newest)
     if tc.resume:
         storage.check_access(tc.resume, "--resume")
+        reason = ckpt_io.incomplete_reason(tc.resume) if storage.exists(
+            storage.join(tc.resume, ckpt_io.TRAIN_STATE)) else None
+        if reason:
+            raise ckpt_io.CheckpointError(f"--resume {tc.resume} is incomplete: {reason}")
         model_cfg = ckpt_io.load_config(tc.resume)
         tc = dataclasses.replace(tc, resume=storage.absolute(tc.resume))
-    output = dataclasses.replace(output, experiment_dir=storage.absolute(exp))
-    output.run_dir  # noqa: B018 -- checks the name is a plain folder name
     return model_cfg, tc, output
 
 
@@ -96,7 +127,7 @@ def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets:
     return TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.scaling, use_gpu=tc.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             storage_path=storage_path, storage_filesystem=storage_fs,
@@ -108,6 +139,7 @@ def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets:
 
 def _write_outputs(run_dir: str, output: OutputConfig, prior: list, rows: list, result,
                    wall: float) -> dict:
+    """The final history, loss plot, checkpoint_final and summary.json, by the driver."""
     history = merge_rows(prior, rows)
     history_path = write_history(history, storage.join(run_dir, "history.csv"))
     plot = plot_loss(history, storage.join(run_dir, "loss.png"),

@@ -23,7 +23,7 @@ import torch
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
 from sentdisc.model import ByteLM, ModelConfig
-from sentdisc.train.config import TrainConfig, make_optimizer
+from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce
 from sentdisc.train.step import LN2, autocast_for, evaluate_windows, train_step
 
@@ -54,7 +54,9 @@ class PretrainWorker:
         self.dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if tc.threads_per_worker:
             torch.set_num_threads(tc.threads_per_worker)
-        self.per_worker = tc.batch_size // self.world
+        self.per_worker = per_worker_batch(tc.batch_size, self.world, self.rank)
+        # DDP averages gradients over ranks: weight each by its share of the streams.
+        self.loss_scale = self.world * self.per_worker / tc.batch_size
         self.autocast = autocast_for(tc.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.after_step = KillOnce(tc.fail_at_iter, self.rank, self.world, config["run_dir"])
@@ -73,13 +75,8 @@ class PretrainWorker:
         from sentdisc.data.packer import BytePacker
 
         state = {"iteration": 0, "epoch": 0, "bytes_seen": 0, "epoch_done": False, "workers": None}
-        checkpoint = ray.train.get_checkpoint()
         with contextlib.ExitStack() as stack:
-            source = None  # a local folder: Ray's checkpoint, or --resume (any storage) fetched
-            if checkpoint:
-                source = stack.enter_context(checkpoint.as_directory())
-            elif self.tc.resume:
-                source = stack.enter_context(storage.local_dir(self.tc.resume))
+            source = self._newest_source(stack)
             torch.manual_seed(self.seed)  # same initial weights on every rank (DDP broadcasts too)
             model = ckpt_io.load(source, map_location=self.device) if source else \
                 ByteLM(self.model_cfg)
@@ -100,6 +97,23 @@ class PretrainWorker:
         self.ddp_model = ray.train.torch.prepare_model(self.model)
         self.packer = BytePacker(self.per_worker, self.tc.seq_length, self.persist_state)
         self.mid_epoch = self._restore_data_position(state)
+
+    def _newest_source(self, stack: contextlib.ExitStack):
+        """A local folder holding the checkpoint to continue from, or None: the newer (by
+        iteration) of Ray's latest (a restarted worker group) and --resume (which the driver
+        sets, on a rerun, to the newest complete checkpoint it found)."""
+        import ray.train
+
+        candidates = []
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            candidates.append(stack.enter_context(checkpoint.as_directory()))
+        if self.tc.resume:
+            candidates.append(stack.enter_context(storage.local_dir(self.tc.resume)))
+        if not candidates:
+            return None
+        return max(candidates, key=lambda d: (ckpt_io.load_train_state(d) or {}).get(
+            "iteration", 0))
 
     def _restore_data_position(self, state: dict) -> bool:
         """Put the packer where the checkpoint left it; True if the epoch was under way."""
@@ -166,7 +180,7 @@ class PretrainWorker:
         reset = window.reset.to(self.device, non_blocking=True)
         loss, self.hidden = train_step(self.ddp_model, self.optimizer, x, reset, self.hidden,
                                        clip=self.tc.clip, scaler=self.scaler,
-                                       autocast=self.autocast)
+                                       autocast=self.autocast, loss_scale=self.loss_scale)
         self.scheduler.step()
         self.iteration += 1
         self.interval.add(loss, x[:, 1:].numel(), window.n_bytes)

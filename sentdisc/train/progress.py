@@ -1,23 +1,29 @@
-"""The driver's view of a running job: every report's metrics, as they happen.
+"""The driver's view of a running job: every report's metrics, as they happen, and a watchdog.
 
 Ray Train reports go to its controller, not to the driver. A controller callback forwards the
-first rank's row (with every rank's parameter checksum) to a small actor; a thread on the
-driver polls that actor once a second, prints a progress line per row and hands the rows to
-whoever writes the history.
+first rank's row (with every rank's parameter checksum) to a small actor on the driver's node
+(where the controller lives too, so losing another node loses neither); a thread on the driver
+polls that actor once a second, prints a progress line per row and hands the rows to whoever
+writes the history. The same thread is the stall watchdog: no report for ``stall_warn_s`` and
+it prints what the cluster is waiting for; for ``stall_fail_s`` and it stops the run (as Ctrl-C
+would) so that ``pretrain`` fails with that diagnosis instead of waiting forever.
 """
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Optional
 
-from sentdisc.report import progress_line
+from sentdisc.report import human_time, progress_line
 
 
 def _metrics_log_class():
     import ray
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_restarts=0)
     class MetricsLog:
         """Rows reported by the workers, for the driver to print and write out."""
 
@@ -58,18 +64,29 @@ def _forward_callback(log):
 
 class Progress:
     """Rows from the workers while a Train run is fitted: ``callback`` goes into the RunConfig,
-    ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen."""
+    ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen, and
+    ``stalled`` the watchdog's diagnosis if it stopped the run."""
 
     def __init__(self, prefix: str = "[pretrain]", printed: bool = True,
-                 on_rows: Optional[Callable[[list], None]] = None, every_s: float = 1.0):
+                 on_rows: Optional[Callable[[list], None]] = None, every_s: float = 1.0,
+                 stall_warn_s: float = 0.0, stall_fail_s: float = 0.0):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         self.prefix, self.printed, self.on_rows, self.every_s = prefix, printed, on_rows, every_s
-        self.log = _metrics_log_class().remote()
+        self.stall_warn_s, self.stall_fail_s = stall_warn_s, stall_fail_s
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.log = _metrics_log_class().options(scheduling_strategy=here).remote()
         self.callback = _forward_callback(self.log)
         self.rows: list[dict] = []
+        self.stalled: Optional[str] = None
+        self._last = time.monotonic()
+        self._warned_at = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> Progress:
+        self._last = time.monotonic()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -85,6 +102,24 @@ class Progress:
     def _poll(self) -> None:
         while not self._stop.wait(self.every_s):
             self.drain()
+            self._watch()
+
+    def _watch(self) -> None:
+        """Say what the cluster waits for when no report came for a while; stop the run
+        when it has been too long."""
+        from sentdisc.train.resources import waiting_for
+
+        quiet = time.monotonic() - self._last
+        if self.stall_fail_s and quiet >= self.stall_fail_s and self.stalled is None:
+            self.stalled = (f"no report from the workers for {human_time(quiet)} "
+                            f"(--stall_fail_s {self.stall_fail_s:g}): {waiting_for()}")
+            print(f"{self.prefix} stopping the run: {self.stalled}", flush=True)
+            os.kill(os.getpid(), signal.SIGINT)  # Ray Train aborts the run, as on Ctrl-C
+        elif self.stall_warn_s and quiet >= self.stall_warn_s and \
+                quiet - self._warned_at >= self.stall_warn_s:
+            self._warned_at = quiet
+            print(f"{self.prefix} no report for {human_time(quiet)}: waiting for the cluster: "
+                  f"{waiting_for()}", flush=True)
 
     def drain(self) -> None:
         import ray
@@ -92,6 +127,7 @@ class Progress:
         new = ray.get(self.log.since.remote(len(self.rows)))
         if not new:
             return
+        self._last, self._warned_at = time.monotonic(), 0.0
         self.rows.extend(new)
         if self.printed:
             for row in new:

@@ -37,20 +37,23 @@ def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None, autoca
 
 def train_step(model, optimizer, x: torch.Tensor, reset: torch.Tensor, hidden=None, *,
                clip: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
-               autocast=None):
+               autocast=None, loss_scale: float = 1.0):
     """Forward, loss, backward, gradient clip and optimizer (or GradScaler) step on one window.
 
-    ``model`` may be DDP-wrapped (backward then all-reduces the gradients). Returns the loss as
-    a 0-d tensor (reading it synchronises, so callers read it only when they need the number)
-    and the new hidden state, detached.
+    ``model`` may be DDP-wrapped (backward then all-reduces the gradients, averaging over
+    ranks); ``loss_scale`` weights this rank's gradient when ranks hold different numbers of
+    streams, so the average is the gradient of the mean over all of them. Returns the loss (the
+    mean over this window, unscaled) as a 0-d tensor (reading it synchronises, so callers read
+    it only when they need the number) and the new hidden state, detached.
     """
     loss, hidden = window_loss(model, x, reset, hidden, autocast)
     optimizer.zero_grad(set_to_none=True)
+    objective = loss * loss_scale if loss_scale != 1.0 else loss
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     else:
-        loss.backward()
+        objective.backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                        clip)

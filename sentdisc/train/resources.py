@@ -1,0 +1,91 @@
+"""Will the run fit on this cluster? Checked before it starts; and, while it runs, what it waits for.
+
+A Train run reserves ``num_workers x cpus_per_worker`` CPUs (and a GPU each) for the whole
+run. Ray Data's read and preprocess tasks feed it from what is left: if nothing is left they
+are never scheduled and the workers wait for data forever (Ray's own "may hang forever" warning
+lands in a worker's log, not in the job's output). So the driver checks, within seconds, that
+the cluster can hold the workers and leave ``ingest_cpus`` for Ray Data, and otherwise fails
+with the numbers and the ways out; an autoscaling cluster is trusted to grow.
+"""
+from __future__ import annotations
+
+from sentdisc.errors import InputError
+from sentdisc.train.config import TrainConfig
+
+
+class ResourceError(InputError):
+    """The run cannot fit on the cluster as configured."""
+
+
+def can_autoscale() -> bool:
+    """Whether an autoscaler may add nodes (Ray records its cluster config in the GCS)."""
+    try:
+        import ray._private.state
+
+        return bool(ray._private.state.state.get_max_resources_from_cluster_config())
+    except Exception:  # an older Ray without it: assume a fixed cluster (checked strictly)
+        return False
+
+
+def check_fits(tc: TrainConfig) -> None:
+    """Fail now, with the numbers and a fix, if the run cannot be scheduled."""
+    import ray
+
+    if can_autoscale():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    workers, per = tc.min_workers, tc.cpus_per_worker
+    where = f"{_num(cpus)} CPUs" + (f" and {_num(gpus)} GPUs" if gpus else "") + \
+        f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, no autoscaler)"
+    if tc.use_gpu and gpus < workers:
+        raise ResourceError(f"the run needs {workers} GPUs (one per worker) but the cluster has "
+                            f"{where}: use fewer --num_workers or add GPU nodes")
+    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=0.0)
+    if per > largest:
+        raise ResourceError(f"one worker needs {_num(per)} CPUs but the largest node has "
+                            f"{_num(largest)}: lower --cpus_per_worker")
+    need = workers * per + tc.ingest_cpus
+    if need > cpus + 1e-9:
+        fixes = [f"--num_workers {max(1, int((cpus - tc.ingest_cpus) // per))}"
+                 if cpus - tc.ingest_cpus >= per else None,
+                 f"--cpus_per_worker {_num((cpus - tc.ingest_cpus) / workers)}"
+                 if cpus - tc.ingest_cpus > 0 else None,
+                 "add a node (ray start --address=HEAD:6379)"]
+        raise ResourceError(
+            f"the run needs {_num(need)} CPUs: {workers} worker{'s' if workers != 1 else ''} x "
+            f"{_num(per)} CPU + {_num(tc.ingest_cpus)} for Ray Data's read and preprocess tasks "
+            f"(--ingest_cpus), but the cluster has {where}, so the data would never be read. "
+            f"Use {', or '.join(f for f in fixes if f)}")
+
+
+def waiting_for() -> str:
+    """One line on what the cluster is waiting for: free CPUs/GPUs and the demands that cannot
+    be scheduled (tasks, actors, placement groups), from the GCS (no dashboard needed)."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    parts = [f"{k} {_num(free.get(k, 0.0))}/{_num(total[k])} free" for k in ("CPU", "GPU")
+             if k in total]
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+        for d in demands.ray_task_actor_demand:
+            for b in d.bundles_by_count:
+                parts.append(f"{b.count} task(s)/actor(s) waiting for {_bundle(b.bundle)}")
+        for d in demands.placement_group_demand:
+            parts.append(f"a placement group waiting for "
+                         f"{', '.join(_bundle(b.bundle) for b in d.bundles_by_count)}")
+    except Exception as e:  # the diagnosis must never be what fails
+        parts.append(f"(pending demands unavailable: {type(e).__name__})")
+    return "; ".join(parts)
+
+
+def _bundle(bundle: dict) -> str:
+    return "{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(bundle.items())) + "}"
+
+
+def _num(v: float) -> str:
+    return f"{v:g}"
