@@ -35,7 +35,7 @@ def write_shards(folder, n_shards=3, per_shard=40, bad=False):
             f.write(b'{"reviewText": "   "}\n')                        # empty_text
             f.write(b'{"reviewText": "caf\xe9 latin-1"}\n')            # invalid_utf8
             f.write(b'{"reviewText": "lone \\ud800 surrogate"}\n')     # invalid_utf8
-            f.write(b'\n')                                             # blank: not a record
+            f.write(b'\n')                                             # blank
             f.write(b'{"reviewText": "still read after bad lines"}\n')
     return texts
 
@@ -86,7 +86,7 @@ def test_malformed_records_kept_as_counted_rows_and_strict_names_file_line(ray_l
     bad = {(os.path.basename(r["file"]), r["line"]): r["error"] for r in rows if r["error"]}
     assert bad == {("reviews-0.json", 6): "bad_json", ("reviews-0.json", 7): "missing_key",
                    ("reviews-0.json", 8): "empty_text", ("reviews-0.json", 9): "invalid_utf8",
-                   ("reviews-0.json", 10): "invalid_utf8"}
+                   ("reviews-0.json", 10): "invalid_utf8", ("reviews-0.json", 11): "blank"}
     assert all(r["bytes"] == b"" for r in rows if r["error"])
     assert sum(1 for r in rows if not r["error"]) == 11  # 10 good + the one after the bad lines
     assert any(r["line"] == 12 and r["bytes"] == encode("still read after bad lines").tobytes()

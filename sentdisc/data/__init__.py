@@ -1,15 +1,16 @@
 """Corpora -> Ray Datasets of preprocessed bytes -> packed "transposed" training windows.
 
-Names load lazily: Ray Data tasks import ``sentdisc.data.readers`` only, and should not pay
-for torch (which the packer needs) in every worker process.
+Names load lazily: Ray Data tasks import the reading modules only, and should not pay for
+torch (which the packer needs) in every worker process.
 """
 import importlib
 
 _EXPORTS = {
     "BytePacker": "packer", "Window": "packer",
-    "DataConfig": "readers", "DataError": "readers", "as_data_error": "readers",
-    "build_datasets": "readers", "read_dataset": "readers",
-    "resolve_paths": "readers",
+    "DataConfig": "config", "DataError": "config", "REASONS": "config",
+    "as_data_error": "readers", "build_datasets": "readers", "read_dataset": "readers",
+    "list_corpus": "paths", "resolve_paths": "paths",
+    "survey": "readers", "synthesize": "synth",
 }
 __all__ = list(_EXPORTS)
 

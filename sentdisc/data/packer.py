@@ -28,6 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+# Always present; skipped_<reason> keys appear as those reasons are met.
+COUNTS = ("records", "bytes", "dropped_bytes", "windows", "capped_records", "capped_bytes")
+
 
 @dataclass
 class Window:
@@ -36,15 +39,13 @@ class Window:
     n_bytes: int         # bytes predicted in this window (B * T)
 
 
-def _rows(batch) -> tuple[list, list | None]:
-    """A batch (dict of numpy arrays, or a pyarrow Table) -> (bytes values, error values)."""
+def _rows(batch) -> tuple[list, list | None, list | None]:
+    """A batch (dict of numpy arrays, or a pyarrow Table) -> (bytes, error, capped) values."""
     if hasattr(batch, "column_names"):  # pyarrow Table / RecordBatch
-        data = batch.column("bytes").to_pylist()
-        errors = batch.column("error").to_pylist() if "error" in batch.column_names else None
-        return data, errors
-    data = batch["bytes"]
-    errors = batch["error"] if "error" in batch else None
-    return list(data), (list(errors) if errors is not None else None)
+        col = lambda name: batch.column(name).to_pylist() if name in batch.column_names else None
+        return batch.column("bytes").to_pylist(), col("error"), col("capped")
+    col = lambda name: list(batch[name]) if name in batch else None
+    return list(batch["bytes"]), col("error"), col("capped")
 
 
 class BytePacker:
@@ -56,7 +57,7 @@ class BytePacker:
         if persist_state not in (-1, 0, 1):
             raise ValueError(f"persist_state must be -1, 0 or 1, got {persist_state}")
         self.B, self.T, self.persist_state = batch_size, seq_length, persist_state
-        self.counts: dict = {"records": 0, "bytes": 0, "dropped_bytes": 0, "windows": 0}
+        self.counts: dict = dict.fromkeys(COUNTS, 0)
         self.epoch = 0
         self._consumed = 0      # rows taken from this epoch's input, bad ones included
         self._skip = 0          # rows to pass over after load_state_dict (already consumed)
@@ -84,9 +85,10 @@ class BytePacker:
         self._clear_streams()
 
     def _records(self, batches: Iterable) -> Iterator[bytes]:
-        """Good records in input order; bad rows counted as skipped_<reason>."""
+        """Good records in input order; bad rows counted as skipped_<reason>, records cut to
+        max_record_bytes as capped_records (and the bytes cut as capped_bytes)."""
         for batch in batches:
-            data, errors = _rows(batch)
+            data, errors, capped = _rows(batch)
             for i, value in enumerate(data):
                 if self._skip:
                     self._skip -= 1
@@ -102,6 +104,9 @@ class BytePacker:
                     continue
                 self.counts["records"] += 1
                 self.counts["bytes"] += len(value)
+                if capped is not None and capped[i]:
+                    self.counts["capped_records"] += 1
+                    self.counts["capped_bytes"] += int(capped[i])
                 yield bytes(value)
 
     def windows(self, batches: Iterable) -> Iterator[Window]:
@@ -173,7 +178,7 @@ class BytePacker:
         self._consumed = 0
         self._skip = int(state["records_consumed"])
         self._reset_all = bool(state["reset_all"])
-        self.counts = dict(state["counts"])
+        self.counts = {**dict.fromkeys(COUNTS, 0), **state["counts"]}  # older states lack some
         self._buf = [bytearray(base64.b64decode(s)) for s in state["streams"]]
         self._starts = [deque(int(v) for v in s) for s in state["starts"]]
         self._carried = bool(state.get("carried", True))

@@ -3,86 +3,86 @@
 The original tool's ``-preprocess``: parsing JSON and running the text preprocessing costs
 more than reading bytes, so a corpus read for many epochs (or many runs) is encoded once with
 Ray Data, in parallel over its files. Training then points ``--train`` at DST and reads the
-``bytes`` column directly (``data_format`` auto-detects it). Bad records are written too, with
-their ``error``, so the counts still reach the training metrics; ``file`` holds the source
-name relative to SRC, so a split of DST equals the same split of SRC.
+``bytes`` column directly (``data_format`` auto-detects it). SRC and DST may be on any two
+storages (``s3://in`` -> ``s3://out`` included) and SRC may be compressed (the dump's
+``.json.gz``). Bad records are written too, with their ``error``, so the counts still reach
+the training metrics; ``file`` holds the source name relative to SRC's root, which the split
+key also uses (compression suffix dropped), so a split of DST equals the same split of SRC.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
+import re
 import sys
 import time
 
-from sentdisc.data.readers import (
-    FORMATS,
-    DataConfig,
-    DataError,
-    _root_of,
-    as_data_error,
-    read_dataset,
-    resolve_paths,
-)
+from sentdisc import storage
+from sentdisc.data.config import FORMATS, DataConfig, DataError
+from sentdisc.data.paths import corpus_root, list_corpus
+from sentdisc.data.readers import as_data_error, read_dataset, read_files, survey
+from sentdisc.errors import InputError
 from sentdisc.runtime import ensure_ray
 
-MANIFEST = "_manifest.json"  # leading '_': resolve_paths skips it when DST is read back
+MANIFEST = "_manifest.json"  # leading '_': listing skips it when DST is read back
 
 
 def _relative_names(root: str):
+    """The ``file`` column relative to SRC's root: the corpus's own names, as split keys are."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    prefix = root.rstrip(os.sep) + os.sep
+    prefix = root.rstrip("/") + "/"
 
     def rel(batch: pa.Table) -> pa.Table:
-        names = pc.replace_substring(batch.column("file"), prefix, "", max_replacements=1)
+        names = pc.replace_substring_regex(batch.column("file"), "^" + re.escape(prefix), "")
         return batch.set_column(batch.schema.get_field_index("file"), "file", names)
 
     return rel
 
 
-def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -> dict:
-    """Read SRC with ``cfg``, write encoded Parquet shards to DST; return the manifest."""
-    import pyarrow.parquet as pq
-
-    files = resolve_paths(src)
-    if os.path.isdir(dst) and any(not f.startswith(".") for f in os.listdir(dst)) and not overwrite:
+def _prepare_dst(dst: str, overwrite: bool) -> None:
+    shards = [uri for uri, _ in storage.list_files(dst)] if storage.is_dir(dst) else []
+    if shards and not overwrite:
         raise DataError(f"{dst}: folder is not empty (pass --overwrite to replace its shards)")
-    if overwrite and os.path.isdir(dst):
-        for name in os.listdir(dst):
-            if name.endswith(".parquet") or name == MANIFEST:
-                os.remove(os.path.join(dst, name))
-    os.makedirs(dst, exist_ok=True)
+    fs, _ = storage.filesystem(dst)
+    for uri in shards:
+        if uri.endswith(".parquet"):
+            fs.delete_file(storage.filesystem(uri)[1])
+    storage.makedirs(dst)
+
+
+def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -> dict:
+    """Read SRC with ``cfg``, write encoded Parquet shards to DST (any two storages); return
+    the manifest, also written to DST/_manifest.json."""
+    files = list_corpus(src)  # every path problem, on both sides, before any Ray task
+    if storage.is_uri(dst):
+        storage.check_access(dst, "output")
+    dst = storage.absolute(dst)
+    _prepare_dst(dst, overwrite)
     ensure_ray(include_dashboard=False, log_to_driver=False)
     cfg = dataclasses.replace(cfg, shuffle=False)
+    root = corpus_root([uri for uri, _ in files])
     start = time.time()
-    ds = read_dataset(files, cfg).map_batches(_relative_names(_root_of(files)),
-                                              batch_format="pyarrow", batch_size=None)
+    ds = read_files(files, cfg).map_batches(_relative_names(root), batch_format="pyarrow",
+                                             batch_size=None)
+    fs, path = storage.filesystem(dst)
     try:
-        ds.write_parquet(dst)
+        ds.write_parquet(path, filesystem=fs)
+        # The counts, read back from what was written: the error, bytes and capped columns.
+        counts = survey(read_dataset(dst, DataConfig(data_format="encoded")))
     except Exception as e:  # strict mode: one clear line instead of Ray's traceback
         err = as_data_error(e)
         if err is None:
             raise
         raise err from None
-    counts: dict = {"records": 0, "bytes": 0}
-    shards = sorted(f for f in os.listdir(dst) if f.endswith(".parquet"))
-    for name in shards:  # the error and bytes columns only: cheap next to the write
-        table = pq.read_table(os.path.join(dst, name), columns=["bytes", "error"])
-        for err in table.column("error").to_pylist():
-            key = f"skipped_{err}" if err else "records"
-            counts[key] = counts.get(key, 0) + 1
-        import pyarrow.compute as pc
-        counts["bytes"] += int(pc.sum(pc.binary_length(table.column("bytes"))).as_py() or 0)
-    manifest = {"source": [os.path.abspath(f) for f in files], "shards": len(shards),
+    manifest = {"source": [uri for uri, _ in files], "root": root,
+                "shards": sum(uri.endswith(".parquet") for uri, _ in storage.list_files(dst)),
                 "counts": counts, "seconds": round(time.time() - start, 2),
                 "config": {k: v for k, v in dataclasses.asdict(cfg).items()
-                           if k in ("text_key", "label_key", "data_format", "delim",
-                                    "loose_json", "transliterate", "strict")}}
-    with open(os.path.join(dst, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+                           if k in ("text_key", "label_key", "data_format", "delim", "loose_json",
+                                    "transliterate", "strict", "max_record_bytes")}}
+    storage.write_json(storage.join(dst, MANIFEST), manifest)
     return manifest
 
 
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     defaults = DataConfig()
     p = argparse.ArgumentParser(prog="sentdisc data preprocess",
                                 description="Encode a corpus once into Parquet shards of bytes")
-    p.add_argument("src", help="files, folders, globs or a comma list")
-    p.add_argument("dst", help="output folder of Parquet shards")
+    p.add_argument("src", help="files, folders, globs or a comma list; local or URIs (s3://...)")
+    p.add_argument("dst", help="output folder of Parquet shards, local or a URI")
     p.add_argument("--text_key", default=defaults.text_key)
     p.add_argument("--label_key", default=None)
     p.add_argument("--data_format", default="auto", choices=[f for f in FORMATS if f != "encoded"])
@@ -99,18 +99,20 @@ def main(argv=None) -> int:
     p.add_argument("--loose_json", action=argparse.BooleanOptionalAction, default=defaults.loose_json)
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--transliterate", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--max_record_bytes", type=int, default=defaults.max_record_bytes)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
     args = p.parse_args(argv)
     cfg = DataConfig(text_key=args.text_key, label_key=args.label_key,
                      data_format=args.data_format, delim=args.delim, loose_json=args.loose_json,
-                     strict=args.strict, transliterate=args.transliterate)
+                     strict=args.strict, transliterate=args.transliterate,
+                     max_record_bytes=args.max_record_bytes)
     try:
         manifest = preprocess_corpus(args.src, args.dst, cfg, overwrite=args.overwrite)
-    except DataError as e:
+    except InputError as e:  # a DataError, or a StorageError naming the URI
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = manifest["counts"]
-    skipped = {k: v for k, v in c.items() if k.startswith("skipped_")}
+    skipped = {k: v for k, v in c.items() if k.startswith("skipped_") and v}
     print(f"wrote {manifest['shards']} shards to {args.dst}: {c['records']} records, "
           f"{c['bytes'] / 1e6:.1f} MB in {manifest['seconds']} s"
           + (f"; skipped {skipped}" if skipped else ""))

@@ -2,7 +2,9 @@
 
 A record's split follows from a hash of (its file relative to the corpus root, its line), so
 every run, every worker and every copy of the corpus (moved, preprocessed) put a record in the
-same split, whatever the block layout or read order.
+same split, whatever the block layout or read order. The name is the corpus's own: relative to
+its root whether that is a local folder or a URI (``s3://bucket/reviews``), with a compression
+suffix dropped, so ``x.json.gz`` on S3 splits exactly like ``x.json`` on disk.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import numpy as np
 import pyarrow as pa
 
+from sentdisc.data.config import strip_compression
 from sentdisc.errors import InputError
 
 
@@ -39,6 +42,18 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+def split_key(name: str, root: str) -> str:
+    """A file's name in the corpus: relative to ``root``, '/'-separated, compression dropped."""
+    base = root.rstrip("/")
+    if name.startswith(base + "/"):
+        rel = name[len(base) + 1:]
+    elif os.path.isabs(name) and "://" not in name:
+        rel = os.path.relpath(name, root).replace(os.sep, "/")
+    else:
+        rel = name  # already relative (the file column of preprocessed shards)
+    return strip_compression(rel)
+
+
 def split_fraction(files: np.ndarray, lines: np.ndarray, root: str, seed: int) -> np.ndarray:
     """A deterministic uniform number in [0, 1) per record from (file relative to root, line).
 
@@ -49,8 +64,7 @@ def split_fraction(files: np.ndarray, lines: np.ndarray, root: str, seed: int) -
     files = np.asarray(files, dtype=object)
     for name in set(files.tolist()):
         sel = files == name
-        rel = os.path.relpath(name, root) if os.path.isabs(name) else name
-        h = _mix64(_file_hash(rel.replace(os.sep, "/"), seed)
+        h = _mix64(_file_hash(split_key(name, root), seed)
                    ^ _mix64(np.asarray(lines[sel], dtype=np.uint64)))
         out[sel] = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return out
