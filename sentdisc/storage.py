@@ -282,7 +282,8 @@ def write_bytes(uri: str, data: bytes) -> str:
                 f.write(data)
             os.replace(tmp, path)
         else:  # an object store: one PUT, visible only once complete
-            with fs.open_output_stream(path) as f:
+            # compression=None: pyarrow's default ('detect') would gzip a .gz name again
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
     except OSError as e:
         raise _storage_error(uri, e) from None
