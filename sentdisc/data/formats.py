@@ -55,11 +55,24 @@ def damage(line: int, e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- lines
 
-def _as_lines(buf: bytes, ends: np.ndarray) -> pa.LargeBinaryArray:
-    """Lines buf[0:ends[0]], buf[ends[0]:ends[1]], ... without copying buf."""
-    offsets = np.concatenate(([0], ends)).astype(np.int64)
+def _as_lines(buf: bytes, start: int, ends: np.ndarray) -> pa.LargeBinaryArray:
+    """Lines buf[start:ends[0]], buf[ends[0]:ends[1]], ... without copying buf."""
+    offsets = np.concatenate(([start], ends)).astype(np.int64)
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(ends),
                                             [None, pa.py_buffer(offsets), pa.py_buffer(buf)])
+
+
+def _lines_or_too_long(buf: bytes, ends: np.ndarray, too_long: tuple) -> Iterator:
+    """The whole lines of buf (ending at ``ends``), each over MAX_LINE_BYTES as ``too_long``."""
+    starts = np.concatenate(([0], ends[:-1]))
+    prev = 0
+    for i in np.flatnonzero(ends - starts > MAX_LINE_BYTES):  # rare: a loop is fine
+        if i > prev:
+            yield _as_lines(buf, int(starts[prev]), ends[prev:i])
+        yield too_long
+        prev = i + 1
+    if prev < len(ends):
+        yield _as_lines(buf, int(starts[prev]), ends[prev:])
 
 
 def line_arrays(f, limit: int | None = None, read_bytes: int = READ_BYTES,
@@ -85,7 +98,7 @@ def line_arrays(f, limit: int | None = None, read_bytes: int = READ_BYTES,
             if skipping:
                 yield too_long
             elif tail:
-                yield _as_lines(tail, np.array([len(tail)]))
+                yield from _lines_or_too_long(tail, np.array([len(tail)]), too_long)
             return
         buf = tail + chunk if tail else chunk
         ends = np.flatnonzero(np.frombuffer(buf, np.uint8) == 10) + 1
@@ -101,8 +114,7 @@ def line_arrays(f, limit: int | None = None, read_bytes: int = READ_BYTES,
         if limit is not None:  # lines starting at or past the limit belong to the next range
             starts = offset + np.concatenate(([0], ends[:-1]))
             ends = ends[: np.searchsorted(starts, limit)]
-        if len(ends):
-            yield _as_lines(buf, ends)
+        yield from _lines_or_too_long(buf, ends, too_long)
         cut = int(ends[-1]) if len(ends) else 0
         tail, offset = buf[cut:], offset + cut
         if len(tail) > MAX_LINE_BYTES:

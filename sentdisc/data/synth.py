@@ -28,7 +28,7 @@ import numpy as np
 
 from sentdisc import storage
 from sentdisc.data.config import COMPRESSIONS, REASONS, DataConfig
-from sentdisc.data.records import PAD
+from sentdisc.text import END_PAD, FRONT_PAD
 
 MANIFEST = "_synth.json"
 BAD_KINDS = ("bad_json", "nul_byte", "missing_key", "not_text", "empty_text", "invalid_utf8", "blank")
@@ -123,16 +123,23 @@ def _shard(rng: np.random.Generator, salad: _Salad, n_lines: int, bad_fraction: 
             lines.append(_bad_line(kinds[i], rec, info["injected"][kinds[i]]))
             info["injected"][kinds[i]] += 1
             continue
-        size = len(text.encode()) + PAD  # the text has no '&', newline or edge space: exact
-        if size > cap:
+        size, kept = _encoded_size(text, cap)
+        if kept < size:
             info["injected"]["over_long"] += 1
-            info["capped_bytes"] += size - cap
+            info["capped_bytes"] += size - kept
         info["records"] += 1
-        info["bytes"] += min(size, cap)
+        info["bytes"] += kept
         lines.append(json.dumps(rec).encode())
     data = b"\n".join(lines) + b"\n"
     info["uncompressed_bytes"] = len(data)
     return data, info
+
+
+def _encoded_size(text: str, cap: int) -> tuple[int, int]:
+    """(encoded size, size once capped) of a text with no '&', newline or edge space, which
+    the preprocessing only pads; the cap never splits a character."""
+    data = (FRONT_PAD + text + END_PAD).encode()
+    return len(data), len(data[:cap].decode("utf-8", "ignore").encode())
 
 
 def _compress(data: bytes, compression: str | None) -> bytes:
