@@ -56,9 +56,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3_bucket(request):
-    """A fresh, empty bucket on the local S3 server: yields its name."""
+def new_bucket() -> str:
+    """A fresh, empty bucket on the local S3 server (any fixture scope); its name."""
     if _S3_SERVER is None:
         pytest.skip("moto[server] is not installed: no local S3 API to test against")
     import uuid
@@ -69,6 +68,12 @@ def s3_bucket(request):
     pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http",
                       allow_bucket_creation=True).create_dir(name)
     return name
+
+
+@pytest.fixture
+def s3_bucket():
+    """A fresh, empty bucket on the local S3 server: its name."""
+    return new_bucket()
 
 
 def pytest_collection_modifyitems(items):

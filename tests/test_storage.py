@@ -11,6 +11,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import requests
+from conftest import new_bucket
 
 from sentdisc import storage
 from sentdisc.checkpoint import load
@@ -44,8 +45,7 @@ def root(request, tmp_path_factory):
     """The base URI of one storage kind, holding shards/ (gzipped loose JSON) and sst/."""
     kind = request.param
     if kind == "s3":
-        bucket = request.getfixturevalue("s3_bucket")
-        base = f"s3://{bucket}"
+        base = f"s3://{new_bucket()}"
     else:
         folder = tmp_path_factory.mktemp(f"store-{kind}")
         base = str(folder) if kind == "local" else f"file://{folder}"
@@ -81,7 +81,15 @@ def test_pretrain_writes_checkpoints_history_and_plot_to_the_storage(root, train
     assert load(trained["checkpoint"]).config.rnn_size == 32
 
 
+def _remote_only(root):
+    # Local checkpoints are resumed (tests/test_train.py) and served (tests/test_serve.py)
+    # already; a Train run or a Serve app costs ~20 s, so these run on the bucket only.
+    if not root.startswith("s3://"):
+        pytest.skip("covered for local folders by test_train.py / test_serve.py")
+
+
 def test_resume_from_a_checkpoint_on_the_storage(root, trained):
+    _remote_only(root)
     source = storage.join(root, "exp", "run", "checkpoint_00000004")
     assert storage.is_dir(source), storage.list_dir(storage.join(root, "exp", "run"))
     summary = pretrain(ModelConfig(embed_size=8, rnn_size=32),
@@ -120,9 +128,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_loads_checkpoint_and_classifier_from_the_storage(ray_local, trained, transferred):
+def test_serve_loads_checkpoint_and_classifier_from_the_storage(ray_local, root, trained,
+                                                                transferred):
     from ray import serve
 
+    _remote_only(root)
     from sentdisc.serving import build_app
 
     port = _free_port()
