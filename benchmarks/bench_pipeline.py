@@ -1,18 +1,26 @@
-"""Does Ray Data keep one training worker fed, and does its memory stay flat as the corpus grows?
+"""Does Ray Data keep one training worker fed from the dump as it ships, on disk or on S3, and
+does memory stay flat as the corpus grows?
 
-    python benchmarks/bench_pipeline.py                       # the shared Amazon corpus, 10x copy
-    python benchmarks/bench_pipeline.py --corpus DIR --factor 10
+    python benchmarks/bench_pipeline.py             # 100 gzipped shards, >= 1 GB of text; 1x, 10x
+    python benchmarks/bench_pipeline.py --quick     # 8 small shards: a smoke run of every row
+
+The corpus is ``sentdisc data synth``'s (Amazon-shaped loose JSON, word-salad reviews of
+realistic length, 1% bad lines of every kind), generated into a temporary folder and uploaded
+to a local S3 server (moto's ThreadedMotoServer, started here on a free port). The 10x corpus
+is the same shards listed 10 times: hard links in 10 folders on disk, 10 prefixes of
+server-side copies on S3, so 10x costs no generation.
 
 Rows:
-* delivered: record bytes/s that Ray Data (read_dataset: loose JSON parse + encode_batch on Ray tasks)
-  hands one worker's BytePacker (batch 64 x seq 128), timed over a full pass, Ray start
-  excluded; once for the corpus and once for a copy ``factor`` times larger;
-* consumed: bytes/s one training step eats (sentdisc ByteLM mLSTM-512, embed 64, batch 64,
-  seq 128, Adam, the reset mask passed, 2 threads): the rate the pipeline has to beat;
-* peak RSS of the consumer process and of its whole process tree (driver + this run's Ray
-  processes, object store pages included where they are touched), sampled every 0.2 s.
-Each corpus runs in its own subprocess with its own local Ray (address="local", num_cpus=2),
-so the peaks do not mix. The larger copy is written to a temp dir and deleted afterwards.
+* consumed: bytes/s one training step eats (``sentdisc.train.train_step``, mLSTM-512, embed 64,
+  batch 64 x seq 128, Adam, the reset mask, 2 threads): the rate the pipeline has to beat;
+* delivered: good record bytes/s that Ray Data (list on the driver, read + gunzip + split
+  lines, then JSON parse + encode in a separate stage) hands one worker's BytePacker
+  (batch 64 x seq 128) over a full pass, Ray start excluded; first window: seconds from
+  building the dataset to the packer's first window;
+* peak RSS of the consumer (driver) process, of its largest Ray worker process, and of the
+  whole process tree (object store pages included where touched), sampled every 0.5 s.
+Each pass runs in its own subprocess with its own local Ray (address="local", num_cpus=2), so
+peaks do not mix; the packer's counts are checked against the generator's injected numbers.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,30 +42,49 @@ from _common import fmt_rate, load_note, print_table, set_threads
 
 REPO = Path(__file__).resolve().parents[1]
 B, T = 64, 128
+FACTOR = 10
 
 
-def _tree_rss(pid: int) -> int:
-    """RSS in bytes of pid and its descendants, from /proc (no psutil needed)."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, name) for every process, from /proc (no psutil needed)."""
+    out = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-    return total
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    head, tail = f.read().rsplit(")", 1)
+                out[int(entry)] = (int(tail.split()[1]), head.split("(", 1)[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _sample_peaks(peak: dict, done: threading.Event) -> None:
+    """Peak RSS of this process's tree and of its largest Ray worker ("ray::..." processes)."""
+    me = os.getpid()
+    while not done.is_set():
+        procs = _processes()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in procs.items():
+            children.setdefault(ppid, []).append(pid)
+        tree, todo = [], [me]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        rss = {pid: _rss(pid) for pid in tree}
+        peak["tree"] = max(peak["tree"], sum(rss.values()))
+        workers = [rss[p] for p in tree if procs.get(p, (0, ""))[1].startswith("ray::")]
+        peak["worker"] = max([peak["worker"], *workers])
+        time.sleep(0.5)
 
 
 def measure(corpus: str) -> dict:
@@ -65,38 +93,30 @@ def measure(corpus: str) -> dict:
 
     from sentdisc.data import BytePacker, DataConfig, read_dataset
 
-    peak = {"tree": 0}
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak["tree"] = max(peak["tree"], _tree_rss(os.getpid()))
-            time.sleep(0.2)
-
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **aws}})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
-    sampler = threading.Thread(target=sample, daemon=True)
+    peak, done = {"tree": 0, "worker": 0}, threading.Event()
+    sampler = threading.Thread(target=_sample_peaks, args=(peak, done), daemon=True)
     sampler.start()
     packer = BytePacker(B, T, persist_state=0)
     start = time.perf_counter()
     ds = read_dataset(corpus, DataConfig())
     trained, first = 0, None
     for window in packer.windows(ds.iter_batches(batch_size=256, batch_format="numpy")):
-        if first is None:  # Ray Data's start-up (tasks launched, first blocks parsed)
+        if first is None:  # listing, Ray Data's start-up, the first blocks read and parsed
             first = time.perf_counter() - start
         trained += window.n_bytes
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
     ray.shutdown()
-    return {"seconds": seconds, "first": first, "bytes": packer.counts["bytes"], "trained": trained,
-            "steady": (trained - B * T) / max(seconds - first, 1e-9),
-            "records": packer.counts["records"],
+    return {"seconds": seconds, "first": first, "counts": packer.counts,
             "rate": packer.counts["bytes"] / seconds,
             "driver_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "tree_rss": peak["tree"]}
+            "worker_rss": peak["worker"], "tree_rss": peak["tree"]}
 
 
 def consume_rate(steps: int = 2) -> float:
@@ -122,68 +142,124 @@ def consume_rate(steps: int = 2) -> float:
     return B * T / best
 
 
-def make_copies(src: str, dst: str, factor: int) -> int:
-    """``factor`` copies of every shard of src (review ids changed), as separate shards."""
-    total = 0
-    for name in sorted(os.listdir(src)):
-        if not name.endswith(".json"):
-            continue
-        data = Path(src, name).read_bytes()
-        for k in range(factor):
-            out = Path(dst, f"{Path(name).stem}-copy{k:02d}.json")
-            out.write_bytes(data.replace(b'"reviewerID": "', f'"reviewerID": "c{k}-'.encode()))
-            total += out.stat().st_size
-    return total
+# ----------------------------------------------------------------------------- the corpora
+
+def start_s3():
+    """A local S3 API (moto) on a free port; the AWS_* environment the children inherit."""
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], scheme="http",
+                      allow_bucket_creation=True).create_dir("bench")
+    return server
+
+
+def listed_copies(src: str, dst: str, factor: int) -> str:
+    """``factor`` prefixes of the same shards: hard links on disk, server-side copies on S3."""
+    from sentdisc import storage
+
+    fs, _ = storage.filesystem(dst)
+    for k in range(factor):
+        for uri, _ in storage.list_files(src):
+            copy = storage.join(dst, f"copy{k:02d}", uri.rsplit("/", 1)[1])
+            if storage.is_uri(dst):
+                fs.copy_file(storage.filesystem(uri)[1], storage.filesystem(copy)[1])
+            else:
+                os.makedirs(os.path.dirname(copy), exist_ok=True)
+                os.link(uri, copy)
+    return dst
 
 
 def run_child(corpus: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--_measure", corpus], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         text=True, timeout=4 * 3600, env={**os.environ, "PYTHONPATH": str(REPO)})
     for line in out.stdout.splitlines()[::-1]:
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError(f"measurement of {corpus} failed:\n{out.stderr[-3000:]}")
 
 
+def counts_match(counts: dict, expected: dict, factor: int) -> str:
+    """Whether the packer counted what the generator injected (times the copies)."""
+    keys = ["records", "capped_records", "capped_bytes"] + [k for k in expected if k.startswith("skipped_")]
+    wrong = [k for k in keys if counts.get(k, 0) != expected[k] * factor]
+    return "yes" if not wrong else "NO: " + ", ".join(
+        f"{k} {counts.get(k, 0)} != {expected[k] * factor}" for k in wrong)
+
+
+# ----------------------------------------------------------------------------- report
+
+def report(consumed: float, results: dict, corpus_mb: float) -> None:
+    mb = lambda n: f"{n / 2**20:.0f} MiB"
+    rows = [{"what": "consumed: mLSTM-512 train step", "rate": fmt_rate(consumed)}]
+    for name, r in results.items():
+        rows.append({"what": f"delivered: {name} ({r['counts']['bytes'] / 1e6:.0f} MB of records)",
+                     "rate": fmt_rate(r["rate"]), "x": f"{r['rate'] / consumed:.0f}x consumed",
+                     "first": f"{r['first']:.1f}", "driver": mb(r["driver_rss"]),
+                     "worker": mb(r["worker_rss"]), "tree": mb(r["tree_rss"]),
+                     "s": f"{r['seconds']:.0f}", "ok": r["check"]})
+    print_table(rows, [("what", "pipeline"), ("rate", "bytes/s"), ("x", "vs training"),
+                       ("first", "s to 1st window"), ("driver", "peak RSS driver"),
+                       ("worker", "peak RSS worker"), ("tree", "peak RSS tree"), ("s", "seconds"),
+                       ("ok", "counts = injected")])
+    print(f"(corpus 1x: {corpus_mb:.0f} MB of loose JSON uncompressed)")
+    for where in ("disk", "S3"):
+        small, big = results[f"{where} 1x"], results[f"{where} {FACTOR}x"]
+        ratios = {k: big[f"{k}_rss"] / small[f"{k}_rss"] for k in ("driver", "worker", "tree")}
+        flat = "flat" if max(ratios.values()) <= 1.2 else "NOT flat"
+        print(f"{where}: peak RSS {FACTOR}x / 1x: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+              + f" ({flat} within 1.2x; the corpus grew "
+              f"{big['counts']['bytes'] / small['counts']['bytes']:.1f}x)")
+
+
 def main():
-    default = os.environ.get("SENTDISC_DATA", str(REPO.parent / "shared" / "data"))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=os.path.join(default, "amazon_blitzer", "reviews"))
-    p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="8 small shards: a smoke run")
     p.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._measure:
         print(json.dumps(measure(args._measure)))
         return
-    if not os.path.isdir(args.corpus):
-        sys.exit(f"corpus {args.corpus} not found: pass --corpus or set SENTDISC_DATA")
-    print(f"bench_pipeline: {args.corpus}, packer batch {B} x seq {T}, {load_note()}")
+    from sentdisc import storage
+    from sentdisc.data.synth import synthesize
+
+    shards, records = (8, 1500) if args.quick else (100, 12000)
+    print(f"bench_pipeline: {shards} gzipped dump shards x {records} lines, 1x and {FACTOR}x, disk "
+          f"and S3 (moto), packer batch {B} x seq {T}, {load_note()}")
     consumed = consume_rate()
-    small = run_child(args.corpus)
     tmp = tempfile.mkdtemp(prefix="sentdisc-bench-")
+    server = start_s3()
     try:
-        size = make_copies(args.corpus, tmp, args.factor)
-        big = run_child(tmp)
+        t0 = time.time()
+        manifest = synthesize(os.path.join(tmp, "x1"), shards, records, bad_fraction=0.01, seed=0)
+        print(f"generated {manifest['uncompressed_bytes'] / 1e9:.2f} GB in {time.time() - t0:.0f} s")
+        local = os.path.join(tmp, "x1")
+        storage.upload(local, "s3://bench/x1")
+        corpora = {"disk 1x": local,
+                   f"disk {FACTOR}x": listed_copies(local, os.path.join(tmp, "x10"), FACTOR),
+                   "S3 1x": "s3://bench/x1",
+                   f"S3 {FACTOR}x": listed_copies("s3://bench/x1", "s3://bench/x10", FACTOR)}
+        results = {}
+        for name, corpus in corpora.items():
+            results[name] = run_child(corpus)
+            factor = FACTOR if name.endswith(f"{FACTOR}x") else 1
+            results[name]["check"] = counts_match(results[name]["counts"], manifest["expected"], factor)
+            print(f"  {name}: {results[name]['seconds']:.0f} s, {load_note()}", flush=True)
     finally:
+        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    mb = lambda n: f"{n / 2**20:.0f} MiB"
-    rows = [
-        {"what": "consumed: mLSTM-512 train step", "rate": fmt_rate(consumed)},
-        {"what": f"delivered: corpus ({small['bytes'] / 1e6:.1f} MB, {small['records']} records)",
-         "rate": fmt_rate(small["rate"]), "x": f"{small['rate'] / consumed:.0f}x consumed",
-         "driver": mb(small["driver_rss"]), "tree": mb(small["tree_rss"]), "s": f"{small['seconds']:.1f}",
-         "first": f"{small['first']:.1f}", "steady": fmt_rate(small["steady"])},
-        {"what": f"delivered: {args.factor}x corpus ({big['bytes'] / 1e6:.1f} MB, {size / 1e6:.0f} MB json)",
-         "rate": fmt_rate(big["rate"]), "x": f"{big['rate'] / consumed:.0f}x consumed",
-         "driver": mb(big["driver_rss"]), "tree": mb(big["tree_rss"]), "s": f"{big['seconds']:.1f}",
-         "first": f"{big['first']:.1f}", "steady": fmt_rate(big["steady"])},
-    ]
-    print_table(rows, [("what", "pipeline"), ("rate", "bytes/s"), ("x", "vs training"),
-                       ("first", "s to 1st window"), ("steady", "after 1st window"),
-                       ("driver", "peak RSS driver"), ("tree", "peak RSS tree"), ("s", "seconds")])
-    print(f"peak RSS {args.factor}x / 1x: driver {big['driver_rss'] / small['driver_rss']:.2f}, "
-          f"process tree {big['tree_rss'] / small['tree_rss']:.2f} "
-          f"(corpus grew {big['bytes'] / small['bytes']:.1f}x)")
+    report(consumed, results, manifest["uncompressed_bytes"] / 1e6)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,12 @@ def test_large_file_read_as_byte_ranges_with_exact_line_numbers(ray_local, tmp_p
     source = CorpusDatasource([(inner[0], files[0][1])], ranged_cfg, fs)
     assert len(source.get_read_tasks(200)) == len(pieces)  # one read task per range
     assert rows_by_key(read_dataset(path, ranged_cfg), root) == rows_by_key(whole, root)
+    # gzipped, the same file has no ranges: one read task streams it, the parsing is a stage apart
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "reviews-000.json.gz").write_bytes(gzip.compress(open(path, "rb").read(), 1))
+    streamed = read_dataset(str(tmp_path / "gz"), ranged_cfg)
+    assert rows_by_key(streamed, str(tmp_path / "gz")) == rows_by_key(whole, root)
+    assert "ReadCorpus->MapBatches" not in streamed.stats()
 
 
 def test_s3_shards_read_and_split_as_the_local_copy(ray_local, dump, s3_bucket):

@@ -80,6 +80,7 @@ class CorpusDatasource(FileBasedDatasource):
         if cfg.shuffle:  # file order, seeded: every run and every epoch read the same order
             pieces = [pieces[i] for i in np.random.default_rng(cfg.seed).permutation(len(pieces))]
         self._pieces_ref = ray.put(pieces)
+        self.num_pieces = len(pieces)
 
     def get_name(self) -> str:
         return "Corpus"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import lzma
 from collections.abc import Callable, Iterator
@@ -27,7 +26,6 @@ from sentdisc.data.config import MAX_LINE_BYTES, DataConfig, DataError
 from sentdisc.report import parse_cell
 
 READ_BYTES = 1 << 20     # one read; on a damaged archive what the failing read held is lost
-BLOCK_BYTES = 8 << 20    # raw lines per block: a parse task of ~0.2 s, far above its overhead
 CHUNK_RECORDS = 8192     # records per block for the formats parsed here
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, pa.ArrowInvalid, csv.Error)
 
@@ -123,22 +121,17 @@ def line_arrays(f, limit: int | None = None, read_bytes: int = READ_BYTES,
 
 def line_blocks(f, uri: str, first_line: int, is_json: bool, limit: int | None = None,
                 transient: Callable[[BaseException], bool] = lambda e: False) -> Iterator[pa.Table]:
-    """``line_arrays`` gathered into blocks of ~BLOCK_BYTES, numbered from ``first_line``."""
-    line, pending, size = first_line, [], 0
-    for item in itertools.chain(line_arrays(f, limit, transient=transient), [None]):
-        if pending and (item is None or isinstance(item, tuple) or size >= BLOCK_BYTES):
-            lines = pa.concat_arrays(pending)
-            yield raw_block(uri, np.arange(line, line + len(lines)), lines, is_json)
-            line, pending, size = line + len(lines), [], 0
+    """``line_arrays`` as raw blocks numbered from ``first_line`` (Ray Data's output buffer
+    gathers them into blocks of the dataset's target size)."""
+    line = first_line
+    for item in line_arrays(f, limit, transient=transient):
         if isinstance(item, tuple):
             reason, detail = item
-            if reason == "corrupt_file":
-                detail = damage(line, detail)
-            yield error_block(uri, line, reason, detail)
+            yield error_block(uri, line, reason, damage(line, detail) if reason == "corrupt_file" else detail)
             line += 1
-        elif item is not None:
-            pending.append(item)
-            size += item.nbytes
+        else:
+            yield raw_block(uri, np.arange(line, line + len(item)), item, is_json)
+            line += len(item)
 
 
 # ----------------------------------------------------------------------------- records

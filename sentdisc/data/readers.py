@@ -11,15 +11,29 @@ against 0.2 s for a small corpus, and every epoch is a pass).
 The pipeline::
 
     list_corpus (driver: sentdisc.storage; every path error here, before any task)
-      -> ray.data.read_datasource(CorpusDatasource)      read: bytes -> raw lines/records
-      -> map_batches(parse_records)                     parse: JSON + encode_batch -> rows
+      -> ray.data.read_datasource(CorpusDatasource)   read: bytes -> raw lines / records
+      -> map_batches(parse_records)                  parse: JSON + encode_batch -> rows
 
-The two stages are two operators on purpose: Ray Data fuses a read with the map after it when
-their remote args agree (``operator_fusion.py``), and fused, a compressed file's parsing runs
-in its one read task. Read tasks ask for half a CPU (they stream, decompress and split lines:
-~250 MB/s of gunzip against ~35 MB/s of JSON parsing + encoding per core), so the parse stage
-is its own operator whose tasks take the raw blocks onto every core. Measured on 2 cores with
-``benchmarks/bench_pipeline.py``'s synthetic dump (see its docstring for the figures).
+Blocks are 8 MiB (``BLOCK_BYTES``, set on the dataset's own DataContext, not the global one),
+so a read streams into the parse stage as it goes rather than in Ray's default 128 MiB steps,
+and a block in flight stays small whatever the file size.
+
+Fused or not: Ray Data fuses a read with the map after it when their remote args agree
+(``operator_fusion.py``). Measured on this 2-core machine (shared, load ~3; MB/s of encoded
+records into the driver, best of 3, ``sentdisc data synth`` shards, 8 MiB blocks):
+
+    corpus                              fused   parse as its own stage
+    1 gzipped file, 140 MB of JSON       50       50   (read 0.7 s, then 18 parse tasks)
+    16 gzipped files, 170 MB             48       39
+    400 gzipped files, 140 MB            42       32
+
+Fused costs nothing where there are files enough to spread, and saves a trip through the
+object store; but fused, a compressed file is parsed in its one read task, on one core
+(~50 MB/s), since it has no byte ranges to split. So the stages are fused unless the corpus
+holds a compressed line file over ``read_task_bytes``: then read tasks ask for half a CPU
+(they stream and decompress: gunzip runs at ~250 MB/s against ~70 MB/s of parsing per core),
+which keeps the parse stage its own operator, and each piece is one read task, so Ray
+does not re-split the 8 MiB blocks into sub-MiB parse tasks (that halved the rate above).
 
 Rows: ``bytes``, ``error``, ``file``, ``line``, ``capped`` (+ ``label``): see
 ``sentdisc.data.records``. Splits: ``sentdisc.data.splits``, by (file relative to the corpus
@@ -39,16 +53,20 @@ import pyarrow.compute as pc
 from sentdisc.data.config import (  # noqa: F401  (re-exported: the names callers import from here)
     _EXT_FORMATS,
     FORMATS,
+    LINE_FORMATS,
     REASONS,
     DataConfig,
     DataError,
+    compression_of,
     file_format,
 )
 from sentdisc.data.paths import corpus_root, list_corpus, on_one_filesystem, resolve_paths  # noqa: F401
 from sentdisc.data.splits import parse_split, split_filter
 
-# CPUs a read task reserves: below the parse stage's 1, which keeps the two stages apart.
-READ_CPUS = 0.5
+BLOCK_BYTES = 8 << 20
+# What a read task reserves when the parse stage must be its own operator: less than the
+# parse stage's 1 CPU, and unequal remote args are what keeps Ray Data from fusing them.
+STREAM_READ_CPUS = 0.5
 ENCODED_COLUMNS = ["bytes", "error", "file", "line"]
 
 
@@ -61,8 +79,7 @@ def read_dataset(paths, cfg: DataConfig):
 
 
 def read_files(files: list[tuple[str, int]], cfg: DataConfig):
-    import ray
-
+    """``read_dataset`` of files listed already (``list_corpus``)."""
     from sentdisc.data.datasource import CorpusDatasource
     from sentdisc.data.records import check_encoded, parse_records
 
@@ -73,11 +90,23 @@ def read_files(files: list[tuple[str, int]], cfg: DataConfig):
     sized = list(zip(paths, [size for _, size in files]))
     if _is_encoded(formats, fs, paths[0], cfg):  # already rows: no parse stage
         cfg = _encoded(fs, paths[0], cfg)
-        return ray.data.read_datasource(CorpusDatasource(sized, cfg, fs, prefix)).map_batches(
+        return _read(CorpusDatasource(sized, cfg, fs, prefix)).map_batches(
             check_encoded(cfg), batch_format="pyarrow", batch_size=None)
     source = CorpusDatasource(sized, cfg, fs, prefix)
-    return ray.data.read_datasource(source, num_cpus=READ_CPUS).map_batches(
-        parse_records(cfg), batch_format="pyarrow", batch_size=None, zero_copy_batch=True)
+    big_stream = any(compression_of(uri) and file_format(uri, cfg) in LINE_FORMATS
+                     and size > cfg.read_task_bytes for uri, size in files)
+    ds = _read(source, num_cpus=STREAM_READ_CPUS, override_num_blocks=source.num_pieces) \
+        if big_stream else _read(source)
+    return ds.map_batches(parse_records(cfg), batch_format="pyarrow", batch_size=None,
+                          zero_copy_batch=True)
+
+
+def _read(source, **kw):
+    import ray
+
+    ds = ray.data.read_datasource(source, **kw)
+    ds.context.target_max_block_size = BLOCK_BYTES  # this dataset's context, a copy
+    return ds
 
 
 def _is_encoded(formats: set, fs, first: str, cfg: DataConfig) -> bool:
