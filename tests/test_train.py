@@ -173,12 +173,16 @@ def test_count_train_bytes_matches_the_encoded_good_records(ddp_run):
     assert count_train_bytes(read_dataset(str(tmp / "corpus"), DataConfig())) == expected
 
 
-def test_linear_schedule_needs_run_length_for_uncountable_data():
+def test_linear_schedule_needs_run_length_for_uncountable_data(ddp_run, monkeypatch):
+    from sentdisc.train import driver
+
+    tmp, _, _ = ddp_run
+    monkeypatch.setattr(driver, "COUNT_LIMIT_BYTES", 0)  # as if the corpus were terabytes
+    corpus = DataConfig(train=str(tmp / "corpus"))
     with pytest.raises(ValueError, match="max_iters"):
-        plan_iterations(DataConfig(train="s3://bucket/amazon"), TrainConfig(), None)
-    assert plan_iterations(DataConfig(train="s3://bucket/amazon"),
-                           TrainConfig(lr_scheduler="none"), None) is None
-    assert plan_iterations(DataConfig(train="s3://x"), TrainConfig(max_iters=7), None) == 7
+        plan_iterations(corpus, TrainConfig(), None)
+    assert plan_iterations(corpus, TrainConfig(lr_scheduler="none"), None) is None
+    assert plan_iterations(corpus, TrainConfig(max_iters=7), None) == 7
 
 
 def test_lr_schedules():
@@ -242,3 +246,49 @@ def test_history_rows_after_a_restart_replace_the_dead_attempt():
     assert [(r["iteration"], r.get("resumed_from")) for r in rows] == [
         (5, None), (10, None), (15, 10), (20, None), (20, None)]
     assert rows[-1]["final"]
+
+
+def test_a_corpus_of_only_bad_records_fails_on_the_driver_with_the_counts(ray_local, tmp_path,
+                                                                          capsys):
+    import time
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.json").write_bytes(b"".join(BAD_LINES * 5) + b'{"reviewText": 12345}\n\n')
+    t0 = time.time()
+    code = recipe.main(["--train", str(folder), "--rnn_size", "16", "--max_iters", "5",
+                        "--experiment_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "every record of --train" in err and str(folder) in err
+    for reason in ("5 bad_json", "5 missing_key", "5 empty_text", "5 invalid_utf8", "1 not_text",
+                   "1 blank"):
+        assert reason in err, (reason, err)
+    assert time.time() - t0 < 60
+
+
+def test_an_over_long_record_is_capped_and_the_run_sized_to_what_the_packer_uses(ray_local,
+                                                                                 tmp_path):
+    from sentdisc.data import BytePacker, read_dataset
+    from sentdisc.data.readers import survey
+
+    rng = random.Random(3)
+    folder = tmp_path / "long"
+    folder.mkdir()
+    with open(folder / "a.json", "w") as f:
+        for i in range(30_000):  # ~3 MB of reviews: much more than batch x max_record_bytes
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))
+            f.write(json.dumps({"reviewText": text}) + "\n")
+            if i == 200:  # one 5 MB record, as the corpus fuzz found
+                f.write(json.dumps({"reviewText": "spam " * 1_000_000}) + "\n")
+    cfg = DataConfig(train=str(folder), split="1,0,0")
+    tc = TrainConfig(batch_size=4, seq_length=32, lr_scheduler="linear")
+    ds = read_dataset(str(folder), cfg)
+    planned = plan_iterations(cfg, tc, ds)
+    counts = survey(ds)
+    assert counts["capped_records"] == 1 and counts["capped_bytes"] > 4_000_000
+    packer = BytePacker(4, 32)
+    windows = sum(1 for _ in packer.windows(ds.iter_batches(batch_format="numpy")))
+    # the linear schedule reaches 0 where the epoch really ends, not 40x later
+    assert abs(planned - windows) <= 0.05 * windows, (planned, windows, packer.counts)
+    assert packer.counts["capped_records"] == 1

@@ -10,7 +10,6 @@ too, which every node must see on a multi-node cluster).
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import time
 from pathlib import Path
@@ -168,47 +167,72 @@ def _write_outputs(run_dir: str, output: OutputConfig, prior: list, rows: list, 
 # --- the run's length --------------------------------------------------------------------------
 
 def count_train_bytes(ds) -> int:
-    """Bytes of well-formed training text, with one streaming pass of Ray Data."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """Bytes of well-formed training text the packer can use (after capping), in one
+    streaming pass."""
+    from sentdisc.data.readers import survey
 
-    def lengths(table: pa.Table) -> pa.Table:
-        ok = pc.equal(table["error"], "") if "error" in table.column_names else None
-        n = pc.binary_length(table["bytes"])
-        if ok is not None:
-            n = pc.if_else(ok, n, 0)
-        return pa.table({"n": [pc.sum(n).as_py() or 0]})
-
-    return int(ds.map_batches(lengths, batch_format="pyarrow").sum("n") or 0)
+    return survey(ds)["bytes"]
 
 
-def _input_bytes(spec: str) -> Optional[int]:
-    """Size on disk of the files a data path names; None for remote URIs."""
-    from sentdisc.data.readers import resolve_paths
+def _input_bytes(spec: str) -> int:
+    """Size on storage of the files a data path names (compressed size for compressed files)."""
+    from sentdisc.data.readers import list_corpus
 
-    if not spec or "://" in spec:
-        return None
-    return sum(os.path.getsize(p) for p in resolve_paths(spec))
+    return sum(size for _, size in list_corpus(spec))
 
 
 def plan_iterations(data_cfg, tc: TrainConfig, train_ds) -> Optional[int]:
-    """Total iterations of the run: max_iters, else counted from the corpus when cheap."""
+    """Total iterations of the run: max_iters, else counted from the corpus when that is cheap.
+    A corpus in which every record is malformed fails here, before any worker starts, with
+    the counts by reason."""
+    from sentdisc.data.readers import survey
+
+    def sample_check():
+        if train_ds is not None:
+            _check_some_good(survey(train_ds.limit(SAMPLE_ROWS)), data_cfg, sample=True)
+
     if tc.max_iters:
+        sample_check()
         return tc.max_iters
     size = _input_bytes(data_cfg.train)
-    if size is None or size > COUNT_LIMIT_BYTES:
+    if size > COUNT_LIMIT_BYTES:
         if tc.schedule == "linear":
             raise InputError(
                 "lr_scheduler=linear decays to 0 over the run, so it needs the run's length: set "
-                f"max_iters (the training data at {data_cfg.train} is "
-                f"{'remote' if size is None else f'{size / 1e9:.1f} GB'}, too large to count "
-                f"cheaply)")
+                f"max_iters (the training data at {data_cfg.train} is {size / 1e9:.1f} GB, too "
+                f"large to count cheaply)")
+        sample_check()
         return None
-    print(f"[pretrain] sizing the run: counting training bytes ({size / 1e6:.1f} MB on disk) "
-          f"(set max_iters to skip)", flush=True)
-    n = count_train_bytes(train_ds)
+    print(f"[pretrain] sizing the run: counting training bytes ({size / 1e6:.1f} MB on "
+          f"storage) (set max_iters to skip)", flush=True)
+    counts = survey(train_ds)
+    _check_some_good(counts, data_cfg, sample=False)
     per_iter = tc.batch_size * tc.seq_length
-    total = max(1, n // per_iter) * tc.epochs
-    print(f"[pretrain] {n / 1e6:.2f} MB of text -> about {total} iterations "
-          f"({tc.epochs} epoch(s) of batch {tc.batch_size} x seq {tc.seq_length})", flush=True)
+    total = max(1, counts["bytes"] // per_iter) * tc.epochs
+    print(f"[pretrain] {counts['bytes'] / 1e6:.2f} MB of text in {counts['records']} records "
+          f"-> about {total} iterations ({tc.epochs} epoch(s) of batch {tc.batch_size} x seq "
+          f"{tc.seq_length}){_skipped(counts)}", flush=True)
     return total
+
+
+SAMPLE_ROWS = 20_000  # rows read to check a corpus too large to count has good records at all
+
+
+def _check_some_good(counts: dict, data_cfg, sample: bool) -> None:
+    if counts["records"]:
+        return
+    if sample and counts["lines"] >= SAMPLE_ROWS:  # only a sample: say so, do not fail
+        print(f"[pretrain] warning: the first {counts['lines']} rows of {data_cfg.train} are all "
+              f"malformed{_skipped(counts)}", flush=True)
+        return
+    raise InputError(f"every record of --train {data_cfg.train} is malformed: "
+                     f"{counts['lines']} rows, none trainable{_skipped(counts)}")
+
+
+def _skipped(counts: dict) -> str:
+    reasons = {k[len("skipped_"):]: v for k, v in counts.items()
+               if k.startswith("skipped_") and v}
+    parts = [f"{v} {k}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    if counts.get("capped_records"):
+        parts.append(f"{counts['capped_records']} capped at max_record_bytes")
+    return f"; skipped: {', '.join(parts)}" if parts else ""

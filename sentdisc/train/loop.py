@@ -22,13 +22,14 @@ import torch
 
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
+from sentdisc.data.config import REASONS
 from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce
 from sentdisc.train.step import LN2, autocast_for, evaluate_windows, train_step
 
-SKIP_REASONS = ("bad_json", "missing_key", "empty_text", "invalid_utf8")
-COUNT_KEYS = ("records", "dropped_bytes") + tuple(f"skipped_{r}" for r in SKIP_REASONS)
+COUNT_KEYS = ("records", "dropped_bytes", "capped_records", "capped_bytes") + tuple(
+    f"skipped_{r}" for r in REASONS)
 
 
 def train_loop(config: dict) -> None:
@@ -231,7 +232,7 @@ class PretrainWorker:
             "bytes_per_s": interval_bytes / elapsed if elapsed > 0 else 0.0,
             "bytes_seen": self.bytes_seen, "elapsed_s": run_s, "total_iters": total,
             "eta_s": (total - self.iteration) * run_s / done if total and done else None,
-            **counts, "skipped_total": sum(counts[f"skipped_{r}"] for r in SKIP_REASONS),
+            **counts, "skipped_total": sum(counts[f"skipped_{r}"] for r in REASONS),
             "param_checksum": _checksum(self.model), "resumed_from": self.resumed_from,
             "world_size": self.world, **(final_eval or {}),
         }
