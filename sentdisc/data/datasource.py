@@ -13,10 +13,11 @@ What we add is the unit of work:
   each range its first line number.
 * A compressed file is one piece: a deflate stream has no random access. It streams through
   pyarrow's decompressing reader in 1 MiB reads, so memory stays flat whatever its size, and
-  it yields raw lines only: the parsing is the next stage's (``sentdisc.data.records``),
-  which Ray Data runs in other tasks, on other cores.
+  it yields raw lines only: the parsing is the parse stage's (``sentdisc.data.records``),
+  which for a big compressed file runs in tasks of its own, on every core (see readers).
 
-Read tasks hold consecutive pieces (Ray's ``parallelism`` of them at most), in order.
+Read tasks hold consecutive pieces (Ray's ``parallelism`` of them at most), in order; with
+``shuffle`` the pieces are in a seeded order, the same every run.
 """
 from __future__ import annotations
 

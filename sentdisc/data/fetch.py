@@ -2,17 +2,15 @@
 
 A small registry of the files a new user needs: the binary SST-2 splits that the paper and
 NVIDIA's reproduction report on, and a sample of the Amazon review dump (loose JSON,
-``reviewText``) to pretrain on. Every file is checked against its SHA-256; a mismatch deletes
+``reviewText``, kept gzipped as it ships: the readers read ``.json.gz``) to pretrain on. Every file is checked against its SHA-256; a mismatch deletes
 the download and says so. A file whose hash is not pinned yet is refused unless
 ``--allow_unpinned``, and its hash is printed so it can be pinned.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import os
-import shutil
 import socket
 import sys
 import urllib.error
@@ -25,8 +23,7 @@ from typing import Optional
 class RemoteFile:
     url: str
     sha256: Optional[str]   # of the downloaded file; None = not pinned yet
-    name: str               # file name under --dest/<dataset>/
-    gunzip: bool = False    # store decompressed (the readers take plain files)
+    name: str               # file name under --dest/<dataset>/ (kept as shipped: .gz is read)
 
 
 _NVIDIA_SST = "https://raw.githubusercontent.com/NVIDIA/sentiment-discovery/master/data/binary_sst"
@@ -50,7 +47,7 @@ REGISTRY: dict[str, dict] = {
         "files": [
             RemoteFile("http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
                        "reviews_Musical_Instruments_5.json.gz", None,
-                       "reviews_Musical_Instruments_5.json", gunzip=True),
+                       "reviews_Musical_Instruments_5.json.gz"),
         ],
     },
 }
@@ -79,10 +76,10 @@ def download(remote: RemoteFile, dest_dir: str, allow_unpinned: bool = False,
     """Fetch one file into dest_dir, verify it, return its final path."""
     os.makedirs(dest_dir, exist_ok=True)
     final = os.path.join(dest_dir, remote.name)
-    if os.path.exists(final) and remote.sha256 and not remote.gunzip and sha256_of(final) == remote.sha256:
+    if os.path.exists(final) and remote.sha256 and sha256_of(final) == remote.sha256:
         progress(f"{final}: present, hash ok")
         return final
-    part = final + (".gz" if remote.gunzip else "") + ".part"
+    part = final + ".part"
     try:
         with urllib.request.urlopen(remote.url, timeout=timeout) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
@@ -113,13 +110,7 @@ def download(remote: RemoteFile, dest_dir: str, allow_unpinned: bool = False,
         _remove(part)
         raise FetchError(f"{remote.url}: SHA-256 mismatch (expected {remote.sha256}, got {digest}); "
                          "the download was deleted")
-    if remote.gunzip:
-        with gzip.open(part, "rb") as src, open(final + ".tmp", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        _remove(part)
-        os.replace(final + ".tmp", final)
-    else:
-        os.replace(part, final)
+    os.replace(part, final)
     return final
 
 

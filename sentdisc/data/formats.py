@@ -3,10 +3,11 @@
 A raw block has the columns ``file``, ``line`` (1-based physical line; the record number for
 JSON arrays and Parquet), ``raw`` (large_binary), ``json`` (whether ``raw`` is a JSON object or
 a text line), ``error`` and ``detail``. Line formats (loose JSON, text) are only split into
-lines here, with numpy over 1 MiB reads, so a read task costs about what decompressing costs;
-parsing and encoding are the next stage's (``sentdisc.data.records``), which Ray Data runs in
-parallel. CSV, JSON arrays and Parquet cannot be split without parsing, so their records are
-parsed here and handed on re-expressed as small JSON objects: one parse stage serves all.
+lines here, with numpy over 1 MiB reads, so reading costs about what decompressing costs;
+parsing and encoding are the parse stage's (``sentdisc.data.records``), which Ray Data fuses
+into the read tasks or, for a big compressed file, runs as tasks of its own (see readers).
+CSV, JSON arrays and Parquet cannot be split without parsing, so their records are parsed
+here and handed on re-expressed as small JSON objects: one parse stage serves every format.
 
 A read error that Ray Data would not retry (a truncated or damaged archive) ends the file with
 one ``corrupt_file`` row at the first line not read; the lines before it are kept.

@@ -16,6 +16,10 @@ b's state before reading input ``x[b, t]``:
 
 Batches are pulled from the iterator only when a stream needs bytes, so memory is the current
 Ray batch plus B partial records whatever the corpus size.
+
+``counts``: ``records`` and ``bytes`` packed, ``dropped_bytes`` (partial streams at an epoch's
+end), ``windows``, ``capped_records`` / ``capped_bytes`` (records cut to max_record_bytes, from
+the ``capped`` column) and ``skipped_<reason>`` per bad row, reasons from ``REASONS``.
 """
 from __future__ import annotations
 
