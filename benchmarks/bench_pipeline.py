@@ -17,8 +17,9 @@ Rows:
   lines, then JSON parse + encode in a separate stage) hands one worker's BytePacker
   (batch 64 x seq 128) over a full pass, Ray start excluded; first window: seconds from
   building the dataset to the packer's first window;
-* peak RSS of the consumer (driver) process, of its largest Ray worker process, and of the
-  whole process tree (object store pages included where touched), sampled every 0.5 s.
+* peak memory, sampled every 0.5 s: private RSS (RssAnon) of the consumer (driver) process
+  and of its largest Ray worker, and of the whole process tree with the object store's
+  shared pages counted once (plain RSS counts them again in every process that read a block).
 Each pass runs in its own subprocess with its own local Ray (address="local", num_cpus=2), so
 peaks do not mix; the packer's counts are checked against the generator's injected numbers.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -59,16 +59,28 @@ def _processes() -> dict[int, tuple[int, str]]:
     return out
 
 
-def _rss(pid: int) -> int:
+def _memory(pid: int) -> tuple[int, int]:
+    """(private resident bytes, resident shared-memory bytes) of a process, from /proc.
+
+    Ray's object store is shared memory: every process that reads a block maps its pages, so
+    plain RSS counts the same store pages in the driver and in each worker. The private part
+    (RssAnon) is each process's own; the store is counted once, as the largest RssShmem.
+    """
+    fields = {}
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssShmem:")):
+                    key, value = line.split(":")
+                    fields[key] = int(value.split()[0]) * 1024
     except OSError:
-        return 0
+        pass
+    return fields.get("RssAnon", 0), fields.get("RssShmem", 0)
 
 
 def _sample_peaks(peak: dict, done: threading.Event) -> None:
-    """Peak RSS of this process's tree and of its largest Ray worker ("ray::..." processes)."""
+    """Peak private memory of this process (the driver), of its largest Ray worker ("ray::..."
+    processes) and of the whole tree with the object store's pages counted once."""
     me = os.getpid()
     while not done.is_set():
         procs = _processes()
@@ -80,10 +92,12 @@ def _sample_peaks(peak: dict, done: threading.Event) -> None:
             pid = todo.pop()
             tree.append(pid)
             todo += children.get(pid, [])
-        rss = {pid: _rss(pid) for pid in tree}
-        peak["tree"] = max(peak["tree"], sum(rss.values()))
-        workers = [rss[p] for p in tree if procs.get(p, (0, ""))[1].startswith("ray::")]
+        mem = {pid: _memory(pid) for pid in tree}
+        peak["driver"] = max(peak["driver"], mem[me][0])
+        workers = [mem[p][0] for p in tree if procs.get(p, (0, ""))[1].startswith("ray::")]
         peak["worker"] = max([peak["worker"], *workers])
+        peak["tree"] = max(peak["tree"], sum(m[0] for m in mem.values())
+                           + max(m[1] for m in mem.values()))
         time.sleep(0.5)
 
 
@@ -98,7 +112,7 @@ def measure(corpus: str) -> dict:
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **aws}})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
-    peak, done = {"tree": 0, "worker": 0}, threading.Event()
+    peak, done = {"driver": 0, "tree": 0, "worker": 0}, threading.Event()
     sampler = threading.Thread(target=_sample_peaks, args=(peak, done), daemon=True)
     sampler.start()
     packer = BytePacker(B, T, persist_state=0)
@@ -115,8 +129,7 @@ def measure(corpus: str) -> dict:
     ray.shutdown()
     return {"seconds": seconds, "first": first, "counts": packer.counts,
             "rate": packer.counts["bytes"] / seconds,
-            "driver_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "worker_rss": peak["worker"], "tree_rss": peak["tree"]}
+            "driver_rss": peak["driver"], "worker_rss": peak["worker"], "tree_rss": peak["tree"]}
 
 
 def consume_rate(steps: int = 2) -> float:

@@ -162,6 +162,17 @@ def test_gzip_corpus_reads_packs_and_splits_as_its_decompressed_copy(ray_local, 
     assert val[0] == val[1] and 300 < len(val[0]) < 1000
 
 
+@pytest.mark.parametrize("codec", ["bz2", "zstd", "lz4", "xz"])
+def test_every_compression_reads_as_the_plain_file(ray_local, tmp_path, codec):
+    plain = synthesize(str(tmp_path / "plain"), shards=1, records_per_shard=300, bad_fraction=0.05,
+                       seed=8, compression="none")
+    packed = synthesize(str(tmp_path / codec), shards=1, records_per_shard=300, bad_fraction=0.05,
+                        seed=8, compression=codec)
+    assert packed["files"][0]["name"] != plain["files"][0]["name"]
+    assert rows_by_key(read_dataset(str(tmp_path / codec), DataConfig()), str(tmp_path / codec)) == \
+        rows_by_key(read_dataset(str(tmp_path / "plain"), DataConfig()), str(tmp_path / "plain"))
+
+
 @pytest.mark.timeout(120)
 def test_corrupt_gzip_named_in_strict_mode_counted_otherwise(ray_local, tmp_path):
     manifest = synthesize(str(tmp_path / "c"), shards=2, records_per_shard=3000, bad_fraction=0, seed=2)
