@@ -223,15 +223,15 @@ def report(consumed: float, results: dict, corpus_mb: float) -> None:
                      "worker": mb(r["worker_rss"]), "tree": mb(r["tree_rss"]),
                      "s": f"{r['seconds']:.0f}", "ok": r["check"]})
     print_table(rows, [("what", "pipeline"), ("rate", "bytes/s"), ("x", "vs training"),
-                       ("first", "s to 1st window"), ("driver", "peak RSS driver"),
-                       ("worker", "peak RSS worker"), ("tree", "peak RSS tree"), ("s", "seconds"),
+                       ("first", "s to 1st window"), ("driver", "peak driver"),
+                       ("worker", "peak worker"), ("tree", "peak tree"), ("s", "seconds"),
                        ("ok", "counts = injected")])
     print(f"(corpus 1x: {corpus_mb:.0f} MB of loose JSON uncompressed)")
     for where in ("disk", "S3"):
         small, big = results[f"{where} 1x"], results[f"{where} {FACTOR}x"]
         ratios = {k: big[f"{k}_rss"] / small[f"{k}_rss"] for k in ("driver", "worker", "tree")}
         flat = "flat" if max(ratios.values()) <= 1.2 else "NOT flat"
-        print(f"{where}: peak RSS {FACTOR}x / 1x: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+        print(f"{where}: peak memory {FACTOR}x / 1x: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
               + f" ({flat} within 1.2x; the corpus grew "
               f"{big['counts']['bytes'] / small['counts']['bytes']:.1f}x)")
 
