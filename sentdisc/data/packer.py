@@ -18,8 +18,14 @@ Batches are pulled from the iterator only when a stream needs bytes, so memory i
 Ray batch plus B partial records whatever the corpus size.
 
 ``counts``: ``records`` and ``bytes`` packed, ``dropped_bytes`` (partial streams at an epoch's
-end), ``windows``, ``capped_records`` / ``capped_bytes`` (records cut to max_record_bytes, from
-the ``capped`` column) and ``skipped_<reason>`` per bad row, reasons from ``REASONS``.
+end, or dropped when a run resumes on another number of workers), ``windows``,
+``capped_records`` / ``capped_bytes`` (records cut to max_record_bytes, from the ``capped``
+column), ``resumed_past`` (rows a restored run passed over: taken before its checkpoint) and
+``skipped_<reason>`` per bad row, reasons from ``REASONS``.
+
+Where the epoch is: ``position`` (``sentdisc.data.position``), the (file, line) ranges of every
+row taken, when rows carry ``file`` and ``line`` (the readers' do); rows without them are
+counted instead (``records_consumed``), which resumes exactly only for the same input order.
 """
 from __future__ import annotations
 
@@ -32,8 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sentdisc.data.position import Position, split_membership
+
 # Always present; skipped_<reason> keys appear as those reasons are met.
-COUNTS = ("records", "bytes", "dropped_bytes", "windows", "capped_records", "capped_bytes")
+COUNTS = ("records", "bytes", "dropped_bytes", "windows", "capped_records", "capped_bytes",
+          "resumed_past")
 
 
 @dataclass
@@ -43,19 +52,26 @@ class Window:
     n_bytes: int         # bytes predicted in this window (B * T)
 
 
-def _rows(batch) -> tuple[list, list | None, list | None]:
-    """A batch (dict of numpy arrays, or a pyarrow Table) -> (bytes, error, capped) values."""
+def _rows(batch) -> tuple[list, list | None, list | None, list | None, list | None]:
+    """A batch (dict of numpy arrays, or a pyarrow Table) -> (bytes, error, capped, file, line)
+    values (None for a column the batch lacks)."""
     if hasattr(batch, "column_names"):  # pyarrow Table / RecordBatch
         col = lambda name: batch.column(name).to_pylist() if name in batch.column_names else None
-        return batch.column("bytes").to_pylist(), col("error"), col("capped")
-    col = lambda name: list(batch[name]) if name in batch else None
-    return list(batch["bytes"]), col("error"), col("capped")
+    else:
+        col = lambda name: list(batch[name]) if name in batch else None
+    return col("bytes"), col("error"), col("capped"), col("file"), col("line")
 
 
 class BytePacker:
-    """Packs a stream of record batches into [B, T+1] windows with a reset mask."""
+    """Packs a stream of record batches into [B, T+1] windows with a reset mask.
 
-    def __init__(self, batch_size: int, seq_length: int, persist_state: int = 0):
+    ``split``: {lo, hi, root, seed} of the split being read (``readers.train_split``), so the
+    position's ranges can span other splits' lines; ``trace``: called with (file, line) of each
+    record as it enters a stream (tests of the data position).
+    """
+
+    def __init__(self, batch_size: int, seq_length: int, persist_state: int = 0,
+                 split: dict | None = None, trace=None):
         if batch_size < 1 or seq_length < 1:
             raise ValueError(f"batch_size and seq_length must be >= 1, got {batch_size}, {seq_length}")
         if persist_state not in (-1, 0, 1):
@@ -63,8 +79,12 @@ class BytePacker:
         self.B, self.T, self.persist_state = batch_size, seq_length, persist_state
         self.counts: dict = dict.fromkeys(COUNTS, 0)
         self.epoch = 0
-        self._consumed = 0      # rows taken from this epoch's input, bad ones included
-        self._skip = 0          # rows to pass over after load_state_dict (already consumed)
+        self._in_split = split_membership(**split) if split else None
+        self.position = Position(in_split=self._in_split)  # rows taken this epoch, by name
+        self._past = Position()  # rows a restored epoch passes over (every rank's, taken before)
+        self._consumed = 0       # rows taken from this epoch's input, bad ones included
+        self._skip = 0           # rows to pass over by count (inputs without file and line)
+        self._trace = trace
         self._reset_all = persist_state != -1
         self._clear_streams()
 
@@ -81,6 +101,7 @@ class BytePacker:
         self.epoch += 1
         self._consumed = 0
         self._skip = 0
+        self.position, self._past = Position(in_split=self._in_split), Position()
         self._reset_all = self.persist_state != -1
 
     def _drop_partial(self):
@@ -92,12 +113,18 @@ class BytePacker:
         """Good records in input order; bad rows counted as skipped_<reason>, records cut to
         max_record_bytes as capped_records (and the bytes cut as capped_bytes)."""
         for batch in batches:
-            data, errors, capped = _rows(batch)
+            data, errors, capped, files, lines = _rows(batch)
             for i, value in enumerate(data):
                 if self._skip:
                     self._skip -= 1
                     self._consumed += 1
                     continue
+                if files is not None:
+                    name = (files[i], int(lines[i]))
+                    if name in self._past:
+                        self.counts["resumed_past"] += 1
+                        continue
+                    self.position.take(*name)
                 self._consumed += 1
                 reason = errors[i] if errors is not None else ""
                 if not reason and (value is None or len(value) == 0):
@@ -111,6 +138,8 @@ class BytePacker:
                 if capped is not None and capped[i]:
                     self.counts["capped_records"] += 1
                     self.counts["capped_bytes"] += int(capped[i])
+                if self._trace is not None and files is not None:
+                    self._trace(files[i], int(lines[i]))
                 yield bytes(value)
 
     def windows(self, batches: Iterable) -> Iterator[Window]:
@@ -160,29 +189,43 @@ class BytePacker:
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict:
-        """JSON-able position: rows consumed this epoch plus each stream's pending bytes.
+        """JSON-able: where the epoch is (the rows taken: ``position``, or their count) plus
+        each stream's pending bytes.
 
-        Resuming feeds the same epoch's input from its start; ``load_state_dict`` makes the
-        packer pass over the consumed rows, so windows continue exactly where they stopped
-        when the input order is deterministic (Ray Data: ``preserve_order=True``).
-        """
+        Resuming feeds the same epoch's input from its start; the packer passes over what was
+        taken, so windows continue exactly where they stopped (``load_state_dict``), or, on
+        another number of workers, from every rank's taken rows at once (``resume``)."""
+        past = Position.union([self._past.state(), self.position.state()])
         return {
             "batch_size": self.B, "seq_length": self.T, "persist_state": self.persist_state,
             "epoch": self.epoch, "records_consumed": self._consumed,
+            "position": past.state(),
             "reset_all": self._reset_all, "counts": dict(self.counts),
             "streams": [base64.b64encode(bytes(b)).decode("ascii") for b in self._buf],
             "starts": [list(s) for s in self._starts], "carried": self._carried,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, position: dict | None = None) -> None:
+        """Continue this packer's own epoch exactly: its streams and what it had taken (or
+        ``position``: what every rank had taken, of which this one's is a part)."""
         if (state["batch_size"], state["seq_length"]) != (self.B, self.T):
             raise ValueError(f"packer state is for batch {state['batch_size']} x seq "
                              f"{state['seq_length']}, this packer is {self.B} x {self.T}")
-        self.epoch = int(state["epoch"])
-        self._consumed = 0
-        self._skip = int(state["records_consumed"])
+        position = state.get("position") or {} if position is None else position
+        self.resume(state["epoch"], position, state["counts"])
+        if not state.get("position"):  # inputs without file and line: pass over by count
+            self._skip = int(state["records_consumed"])
         self._reset_all = bool(state["reset_all"])
-        self.counts = {**dict.fromkeys(COUNTS, 0), **state["counts"]}  # older states lack some
         self._buf = [bytearray(base64.b64decode(s)) for s in state["streams"]]
         self._starts = [deque(int(v) for v in s) for s in state["starts"]]
         self._carried = bool(state.get("carried", True))
+
+    def resume(self, epoch: int, position: dict, counts: dict | None = None) -> None:
+        """Continue an epoch from the rows every rank had taken (``Position.union`` of their
+        states), with fresh streams: what this rank's streams held of partly packed records is
+        lost (at most batch_size records), and nothing is read twice."""
+        self.epoch = int(epoch)
+        self._consumed, self._skip = 0, 0
+        self._past = Position(position)
+        self.position = Position(in_split=self._in_split)
+        self.counts = {**dict.fromkeys(COUNTS, 0), **(counts or {})}  # older states lack some

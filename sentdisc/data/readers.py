@@ -141,32 +141,54 @@ def build_datasets(cfg: DataConfig) -> dict:
     """
     if not cfg.train:
         raise DataError("no training data: set --train")
-    props = parse_split(cfg.split)
-    explicit = {"val": cfg.valid, "test": cfg.test}
-    listed = {}
-    for i, name in ((1, "val"), (2, "test")):
-        if explicit[name]:
-            props[i] = 0.0
-            listed[name] = list_corpus(explicit[name])  # fail on the driver, before any task
-    total = sum(props)
-    props = [p / total for p in props]
+    listed = {name: list_corpus(getattr(cfg, attr))  # fail on the driver, before any task
+              for name, attr in (("val", "valid"), ("test", "test")) if getattr(cfg, attr)}
     files = list_corpus(cfg.train)
     root = corpus_root([uri for uri, _ in files])
     base = read_files(files, cfg)
     out = {}
-    edges = np.cumsum([0.0] + props)
-    for i, name in enumerate(("train", "val", "test")):
+    for name, bounds in split_bounds(cfg).items():
         if name in listed:
             out[name] = read_files(listed[name], cfg)
-        elif props[i] == 0:
+        elif bounds is None:
             out[name] = None
-        elif props[i] == 1:
+        elif bounds == (0.0, ALL):
             out[name] = base
         else:
-            hi = 1.0 + 1e-9 if i == 2 or props[i + 1:] == [0.0] * (2 - i) else edges[i + 1]
-            out[name] = base.map_batches(split_filter(edges[i], hi, root, cfg.seed),
+            out[name] = base.map_batches(split_filter(*bounds, root, cfg.seed),
                                          batch_format="pyarrow", batch_size=None)
     return out
+
+
+ALL = 1.0 + 1e-9  # the upper bound of a split that takes everything above its lower one
+
+
+def split_bounds(cfg: DataConfig) -> dict:
+    """{"train", "val", "test"}: the [lo, hi) of split_fraction each takes of --train, None
+    for a split of proportion 0 (an explicit --valid / --test takes its proportion's place)."""
+    props = parse_split(cfg.split)
+    for i, attr in ((1, "valid"), (2, "test")):
+        if getattr(cfg, attr):
+            props[i] = 0.0
+    total = sum(props)
+    props = [p / total for p in props]
+    edges = np.cumsum([0.0] + props)
+    out = {}
+    for i, name in enumerate(("train", "val", "test")):
+        last = i == 2 or props[i + 1:] == [0.0] * (2 - i)
+        out[name] = None if props[i] == 0 else (float(edges[i]), ALL if last else float(edges[i + 1]))
+    return out
+
+
+def train_split(cfg: DataConfig) -> dict:
+    """What a worker needs to tell the training split's lines from the others' (the data
+    position's ranges span the gaps the split leaves): {lo, hi, root, seed}, or {} when the
+    training split is the whole corpus."""
+    bounds = split_bounds(cfg)["train"]
+    if bounds == (0.0, ALL):
+        return {}
+    root = corpus_root([uri for uri, _ in list_corpus(cfg.train)])
+    return {"lo": bounds[0], "hi": bounds[1], "root": root, "seed": cfg.seed}
 
 
 # ----------------------------------------------------------------------------- survey

@@ -57,6 +57,9 @@ class TrainConfig:
         "path": True})
     fail_at_iter: int = field(default=0, metadata={
         "help": "fault injection for tests: the last rank SIGKILLs itself once at this iteration"})
+    trace_records: bool = field(default=False, metadata={
+        "help": "for tests of the data position: each rank writes the (file, line) of every "
+                "record it packs, with the iteration, to <run>/trace/"})
 
     def __post_init__(self):
         self.num_workers = _worker_range(self.num_workers)

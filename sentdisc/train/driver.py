@@ -33,7 +33,7 @@ COUNT_LIMIT_BYTES = 2 * 1024 ** 3
 def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
              output: Optional[OutputConfig] = None, progress: bool = True) -> dict:
     """Run a pretraining job on the current Ray cluster (started locally if none)."""
-    from sentdisc.data.readers import build_datasets
+    from sentdisc.data.readers import build_datasets, train_split
 
     model_cfg, tc, output = _prepare(model_cfg, train_cfg, output or OutputConfig())
     run_dir = output.run_dir
@@ -51,6 +51,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     loop_config = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
                    "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
                    "total_iters": total_iters, "run_dir": run_dir,
+                   "train_split": train_split(data_cfg),
                    "eval_splits": [k for k in datasets if k != "train"]}
     t0 = time.perf_counter()
     history = storage.join(run_dir, "history.csv")

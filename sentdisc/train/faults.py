@@ -1,14 +1,17 @@
-"""Fault injection for tests: a worker that dies without any cleanup, once per run.
+"""Hooks for tests of failure and recovery: a worker that dies, and a record of what was trained.
 
 ``TrainConfig.fail_at_iter = N`` makes the last rank SIGKILL itself after iteration N, the way
 a lost node or an OOM-killed process ends. A marker file in the run's folder (on any storage)
 records that it happened, so the restarted worker group does not die again, and tells the test
-it did.
+it did. ``TrainConfig.trace_records`` makes each rank write the (file, line) of every record it
+packs, with the iteration it was packed for, so a test can check that across restarts and
+resizes no record is trained twice and none is skipped.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from sentdisc import storage
 
@@ -34,3 +37,19 @@ class KillOnce:
             consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         storage.write_text(self.marker, f"killed rank {self.rank} at iteration {iteration}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordTrace:
+    """The (file, line, iteration) of every record this rank packs in this attempt, written
+    to ``<run>/trace/<attempt>-rank<r>.json`` at each report (on any storage)."""
+
+    def __init__(self, run_dir: str, rank: int, world: int, resumed_from: int):
+        self.path = storage.join(run_dir, "trace", f"{time.time_ns()}-rank{rank}.json")
+        self.head = {"rank": rank, "world": world, "resumed_from": resumed_from}
+        self.records: list = []
+
+    def take(self, file: str, line: int, iteration: int) -> None:
+        self.records.append([file, line, iteration])
+
+    def flush(self) -> None:
+        storage.write_json(self.path, {**self.head, "records": self.records}, indent=None)

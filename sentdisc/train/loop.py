@@ -12,6 +12,7 @@ are ``get_context``, ``get_checkpoint``, ``prepare_model``, ``get_dataset_shard`
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import tempfile
@@ -23,9 +24,10 @@ import torch
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
 from sentdisc.data.config import REASONS
+from sentdisc.data.position import Position
 from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
-from sentdisc.train.faults import KillOnce
+from sentdisc.train.faults import KillOnce, RecordTrace
 from sentdisc.train.step import LN2, autocast_for, evaluate_windows, train_step
 
 COUNT_KEYS = ("records", "dropped_bytes", "capped_records", "capped_bytes") + tuple(
@@ -60,7 +62,8 @@ class PretrainWorker:
         self.loss_scale = self.world * self.per_worker / tc.batch_size
         self.autocast = autocast_for(tc.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-        self.after_step = KillOnce(tc.fail_at_iter, self.rank, self.world, config["run_dir"])
+        self.run_dir, self.train_split = config["run_dir"], config.get("train_split") or None
+        self.after_step = KillOnce(tc.fail_at_iter, self.rank, self.world, self.run_dir)
         self.interval = Interval(self.device)
         self.hidden = None
         self.last_loss: Optional[float] = None
@@ -96,7 +99,12 @@ class PretrainWorker:
         # Dropout masks differ across ranks and across restarts.
         torch.manual_seed(self.seed + 1000 * self.rank + self.resumed_from)
         self.ddp_model = ray.train.torch.prepare_model(self.model)
-        self.packer = BytePacker(self.per_worker, self.tc.seq_length, self.persist_state)
+        self.trace = RecordTrace(self.run_dir, self.rank, self.world, self.resumed_from) \
+            if self.tc.trace_records else None
+        self.packer = BytePacker(
+            self.per_worker, self.tc.seq_length, self.persist_state, split=self.train_split,
+            trace=(lambda f, line: self.trace.take(f, line, self.iteration + 1))
+            if self.trace else None)
         self.mid_epoch = self._restore_data_position(state)
 
     def _newest_source(self, stack: contextlib.ExitStack):
@@ -117,20 +125,35 @@ class PretrainWorker:
             "iteration", 0))
 
     def _restore_data_position(self, state: dict) -> bool:
-        """Put the packer where the checkpoint left it; True if the epoch was under way."""
+        """Put the packer where the checkpoint left the epoch; True if it was under way.
+
+        Every rank passes over the records any rank had taken (the position is global: Ray
+        Data hands blocks to whichever rank asks). On the same number of workers each rank also
+        keeps its own partial streams, so the windows continue exactly; on another number they
+        are dropped (at most batch_size records, each partly trained), and rank 0 carries the
+        old ranks' counts so the totals continue."""
         workers = state.get("workers")
-        mid_epoch = bool(workers and len(workers) == self.world and not state.get("epoch_done")
-                         and workers[self.rank]["packer"]["records_consumed"])
-        if workers and len(workers) == self.world:
-            # The packer passes over the records it had consumed, keeping its partial streams.
-            self.packer.load_state_dict(workers[self.rank]["packer"])
-        elif workers:
-            print(f"[pretrain] resuming {len(workers)} workers' data position on {self.world} "
-                  f"workers: epoch {state['epoch']} restarts from its first record", flush=True)
+        if not workers:
+            return False
+        packers = [w["packer"] for w in workers]
+        position = Position.union([p.get("position") or {} for p in packers]).state()
+        if len(workers) == self.world:
+            self.packer.load_state_dict(packers[self.rank], position=position)
+        else:
+            counts = _summed([p["counts"] for p in packers]) if self.rank == 0 else {}
+            if self.rank == 0:
+                counts["dropped_bytes"] = counts.get("dropped_bytes", 0) + sum(
+                    len(base64.b64decode(s)) for p in packers for s in p["streams"])
+            self.packer.resume(packers[0]["epoch"], position, counts)
+            if self.rank == 0:
+                print(f"[pretrain] resuming {len(workers)} workers' data position on "
+                      f"{self.world}: epoch {state['epoch']} continues past the "
+                      f"{sum(len(r) for r in position.values())} line ranges taken", flush=True)
         if state.get("epoch_done"):  # saved at an epoch's end: start the next one
             self.packer.new_epoch()
             self.epoch += 1
-        return mid_epoch
+            return False
+        return bool(position) or any(p["records_consumed"] for p in packers)
 
     # --- train -------------------------------------------------------------------------------
 
@@ -196,6 +219,8 @@ class PretrainWorker:
         import ray.train
 
         metrics = self._metrics(final_eval)
+        if self.trace is not None:
+            self.trace.flush()
         if not save:
             ray.train.report(metrics)
             return
@@ -303,6 +328,14 @@ class Interval:
         values = [self.n_pred, self.bytes] + [counts.get(k, 0) for k in COUNT_KEYS]
         rest = torch.tensor(values, dtype=torch.float64, device=self.device)
         return torch.cat([self.loss_sum.reshape(1), rest])
+
+
+def _summed(counts: list[dict]) -> dict:
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _batches(shard):
