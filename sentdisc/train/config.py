@@ -40,6 +40,12 @@ class TrainConfig:
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker, NCCL"})
     cpus_per_worker: float = field(default=1.0, metadata={
         "help": "Ray CPUs reserved per worker (fractions allowed: 0.5 packs two per CPU)"})
+    worker_resources: str = field(default="", metadata={
+        "help": "more Ray resources per worker, e.g. 'trainer=1' to place workers only on "
+                "nodes started with --resources '{\"trainer\": N}'"})
+    resize_interval_s: float = field(default=60.0, metadata={
+        "help": "elastic runs: how often a healthy run checks whether more workers now fit "
+                "(it then restarts from its latest checkpoint on more)"})
     ingest_cpus: float = field(default=1.0, metadata={
         "help": "CPUs left free for Ray Data's read and preprocess tasks; the run fails at "
                 "once, with the numbers, when the cluster cannot leave them"})
@@ -88,11 +94,25 @@ class TrainConfig:
                              f"each at least")
         if self.cpus_per_worker <= 0 or self.ingest_cpus < 0:
             raise ValueError("TrainConfig.cpus_per_worker must be > 0 and ingest_cpus >= 0")
+        self.extra_resources  # noqa: B018 -- a malformed --worker_resources fails here
         optimizer_class(self.optimizer_type)
 
     @property
     def schedule(self) -> str:
         return SCHEDULES[self.lr_scheduler.lower()]
+
+    @property
+    def extra_resources(self) -> dict:
+        """--worker_resources 'a=1,b=0.5' -> {"a": 1.0, "b": 0.5}."""
+        out = {}
+        for part in filter(None, (p.strip() for p in self.worker_resources.split(","))):
+            name, _, amount = part.partition("=")
+            try:
+                out[name.strip()] = float(amount)
+            except ValueError:
+                raise ValueError(f"TrainConfig.worker_resources must be name=amount,..., got "
+                                 f"{self.worker_resources!r}") from None
+        return out
 
     @property
     def min_workers(self) -> int:

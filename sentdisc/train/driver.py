@@ -24,7 +24,7 @@ from sentdisc.report import merge_rows, plot_loss, read_history, write_history
 from sentdisc.runtime import ensure_ray
 from sentdisc.train.config import TrainConfig
 from sentdisc.train.progress import Progress
-from sentdisc.train.resources import check_fits
+from sentdisc.train.resources import check_fits, stall_diagnosis
 
 # Above this many input bytes the driver does not read the corpus once just to size the run.
 COUNT_LIMIT_BYTES = 2 * 1024 ** 3
@@ -43,7 +43,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
     storage.makedirs(run_dir)
-    prior = _prior_history(run_dir)
+    prior = _prior_history(run_dir, tc.resume)
     storage.write_json(storage.join(run_dir, "run_config.json"), {
         "model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
         "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
@@ -56,7 +56,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     t0 = time.perf_counter()
     history = storage.join(run_dir, "history.csv")
     watch = Progress(printed=progress, stall_warn_s=tc.stall_warn_s,
-                     stall_fail_s=tc.stall_fail_s,
+                     stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
                      # appended as reports arrive, so a killed driver leaves its curve behind
                      on_rows=lambda _: write_history(merge_rows(prior, watch.rows), history))
     result = _fit(_trainer(tc, output, loop_config, datasets, watch.callback), watch)
@@ -106,13 +106,21 @@ def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
     return model_cfg, tc, output
 
 
-def _prior_history(run_dir: str) -> list:
-    """The history of an earlier run of this experiment, if it left checkpoints to resume."""
+def _prior_history(run_dir: str, resume: str) -> list:
+    """The history of an earlier run of this experiment, if it left checkpoints to resume, up
+    to the report of the checkpoint this run resumes from (which the earlier driver may have
+    died before writing down)."""
     history = storage.join(run_dir, "history.csv")
+    rows = []
     if storage.exists(history) and any(n.startswith("checkpoint_")
                                        for n in storage.list_dir(run_dir)):
-        return read_history(history)
-    return []
+        rows = read_history(history)
+    state = storage.join(resume, ckpt_io.TRAIN_STATE) if resume else ""
+    if rows and state and storage.exists(state):
+        report = storage.read_json(state).get("report")
+        if report and report.get("iteration") not in {r.get("iteration") for r in rows}:
+            rows = merge_rows(rows, [report])
+    return rows
 
 
 def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets: dict,
@@ -122,13 +130,15 @@ def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets:
 
     from sentdisc.train.loop import train_loop
 
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}),
+                 **tc.extra_resources}
     storage_path, storage_fs = storage.for_ray(output.experiment_dir)
     return TorchTrainer(
         train_loop, train_loop_config=loop_config, datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.scaling, use_gpu=tc.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.scaling, use_gpu=tc.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=tc.resize_interval_s),
         run_config=ray.train.RunConfig(
             storage_path=storage_path, storage_filesystem=storage_fs,
             name=output.experiment_name,

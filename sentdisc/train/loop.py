@@ -44,6 +44,7 @@ def train_loop(config: dict) -> None:
 
 class PretrainWorker:
     def __init__(self, config: dict):
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -54,6 +55,7 @@ class PretrainWorker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()
         self.dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if tc.threads_per_worker:
             torch.set_num_threads(tc.threads_per_worker)
@@ -259,7 +261,7 @@ class PretrainWorker:
             "eta_s": (total - self.iteration) * run_s / done if total and done else None,
             **counts, "skipped_total": sum(counts[f"skipped_{r}"] for r in REASONS),
             "param_checksum": _checksum(self.model), "resumed_from": self.resumed_from,
-            "world_size": self.world, **(final_eval or {}),
+            "world_size": self.world, "node": self.node, **(final_eval or {}),
         }
 
     def _save(self, directory: str, metrics: dict, positions: list, epoch_done: bool,
@@ -267,7 +269,10 @@ class PretrainWorker:
         train_state = {"iteration": self.iteration, "epoch": self.epoch, "epoch_done": epoch_done,
                        "final": bool(final_eval), "bytes_seen": self.bytes_seen,
                        "lr": metrics["lr"], "total_iters": self.total_iters,
-                       "workers": positions}
+                       "workers": positions,
+                       # the report this checkpoint went with: a driver killed before it wrote
+                       # that row to history.csv gets it back from here on a rerun
+                       "report": metrics}
         meta = {"train": dataclasses.asdict(self.tc), "iteration": self.iteration,
                 "bpb": metrics["bpb"],
                 **{k: v for k, v in (final_eval or {}).items() if k.endswith("_bpb")}}

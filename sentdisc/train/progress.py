@@ -56,6 +56,7 @@ def _forward_callback(log):
             if sums:
                 row["param_checksums"] = sums
                 row["param_checksum_spread"] = max(sums) - min(sums)
+            row["nodes"] = [m.get("node") for m in metrics]
             row["checkpoint"] = checkpoint.path if checkpoint else ""
             self.log.append.remote(row)
 
@@ -69,12 +70,14 @@ class Progress:
 
     def __init__(self, prefix: str = "[pretrain]", printed: bool = True,
                  on_rows: Optional[Callable[[list], None]] = None, every_s: float = 1.0,
-                 stall_warn_s: float = 0.0, stall_fail_s: float = 0.0):
+                 stall_warn_s: float = 0.0, stall_fail_s: float = 0.0,
+                 diagnose: Optional[Callable[[], str]] = None):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.prefix, self.printed, self.on_rows, self.every_s = prefix, printed, on_rows, every_s
         self.stall_warn_s, self.stall_fail_s = stall_warn_s, stall_fail_s
+        self.diagnose = diagnose or _waiting_for
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.log = _metrics_log_class().options(scheduling_strategy=here).remote()
         self.callback = _forward_callback(self.log)
@@ -107,19 +110,17 @@ class Progress:
     def _watch(self) -> None:
         """Say what the cluster waits for when no report came for a while; stop the run
         when it has been too long."""
-        from sentdisc.train.resources import waiting_for
-
         quiet = time.monotonic() - self._last
         if self.stall_fail_s and quiet >= self.stall_fail_s and self.stalled is None:
             self.stalled = (f"no report from the workers for {human_time(quiet)} "
-                            f"(--stall_fail_s {self.stall_fail_s:g}): {waiting_for()}")
+                            f"(--stall_fail_s {self.stall_fail_s:g}): {self.diagnose()}")
             print(f"{self.prefix} stopping the run: {self.stalled}", flush=True)
             os.kill(os.getpid(), signal.SIGINT)  # Ray Train aborts the run, as on Ctrl-C
         elif self.stall_warn_s and quiet >= self.stall_warn_s and \
                 quiet - self._warned_at >= self.stall_warn_s:
             self._warned_at = quiet
             print(f"{self.prefix} no report for {human_time(quiet)}: waiting for the cluster: "
-                  f"{waiting_for()}", flush=True)
+                  f"{self.diagnose()}", flush=True)
 
     def drain(self) -> None:
         import ray
@@ -134,6 +135,12 @@ class Progress:
                 print(f"{self.prefix} {row_line(row)}", flush=True)
         if self.on_rows is not None:
             self.on_rows(new)
+
+
+def _waiting_for() -> str:
+    from sentdisc.train.resources import waiting_for
+
+    return waiting_for()
 
 
 def row_line(row: dict) -> str:

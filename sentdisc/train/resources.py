@@ -83,6 +83,20 @@ def waiting_for() -> str:
     return "; ".join(parts)
 
 
+def stall_diagnosis(tc: TrainConfig) -> str:
+    """What a run that stopped reporting waits for: the cluster's free resources and pending
+    demands, and what the run's own workers hold. (Ray Data submits no task it has no budget
+    for, so a starved read shows as a full cluster, not as a pending task.)"""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    held = tc.min_workers * tc.cpus_per_worker
+    return (f"{waiting_for()}; the run's workers hold {_num(held)}+ of the cluster's "
+            f"{_num(cpus)} CPUs, which leaves Ray Data at most {_num(max(cpus - held, 0))} "
+            f"for reading and preprocessing (--ingest_cpus {_num(tc.ingest_cpus)}); if "
+            f"nothing else holds them, lower --num_workers or --cpus_per_worker, or add a node")
+
+
 def _bundle(bundle: dict) -> str:
     return "{" + ", ".join(f"{k}: {_num(v)}" for k, v in sorted(bundle.items())) + "}"
 

@@ -1,0 +1,106 @@
+"""A run that cannot fit, a run whose data can never be read, and a driver killed mid-run, on the
+session's real Ray: each ends in seconds with its reason, or resumes where it stopped."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sentdisc import storage
+from sentdisc.checkpoint import incomplete_reason
+from sentdisc.recipes import pretrain as recipe
+from sentdisc.report import read_history
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "good bad great awful movie plot acting boring fun love hate the was and not".split()
+
+
+def corpus(folder: Path, records: int = 1500, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "a.json", "w") as f:
+        for _ in range(records):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 30)))
+            f.write(json.dumps({"reviewText": text}) + "\n")
+    return folder
+
+
+def test_a_run_that_cannot_fit_fails_within_seconds_with_the_numbers(ray_local, tmp_path,
+                                                                     capsys):
+    # the session's Ray has 4 CPUs: 4 workers x 1 CPU leave none for Ray Data's read tasks
+    t0 = time.time()
+    code = recipe.main(["--train", str(corpus(tmp_path / "c", 50)), "--rnn_size", "16",
+                        "--max_iters", "5", "--num_workers", "4", "--batch_size", "8",
+                        "--experiment_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "needs 5 CPUs" in err and "cluster has 4 CPUs" in err and "--num_workers 3" in err
+    assert "--cpus_per_worker 0.75" in err
+    assert time.time() - t0 < 30
+
+
+def test_the_watchdog_stops_a_run_whose_data_can_never_be_read(ray_local, tmp_path, capsys):
+    # 2 workers x 2 CPUs take all 4 and --ingest_cpus 0 lets it start: Ray Data's read tasks
+    # can never be scheduled, and without the watchdog this run would wait forever.
+    t0 = time.time()
+    code = recipe.main(["--train", str(corpus(tmp_path / "c", 50)), "--rnn_size", "16",
+                        "--max_iters", "5", "--num_workers", "2", "--cpus_per_worker", "2",
+                        "--ingest_cpus", "0", "--stall_warn_s", "4", "--stall_fail_s", "12",
+                        "--experiment_dir", str(tmp_path / "runs")])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err[-2000:]
+    assert "no report from the workers" in captured.err and "CPU 0/4 free" in captured.err
+    assert "workers hold 4+ of the cluster's 4 CPUs" in captured.err, captured.err
+    assert "waiting for the cluster" in captured.out  # the warning came first
+    assert time.time() - t0 < 120
+
+
+def _driver(argv: list, log: Path) -> subprocess.Popen:
+    """``python jobs/pretrain.py ...`` as a user runs it, in its own process group, joined to
+    the session's Ray (as `ray job submit` would have it)."""
+    import ray
+
+    # The session's RAY_* settings stay behind, but for its token (Ray's auth is on).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") or k.startswith("RAY_AUTH")}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    return subprocess.Popen([sys.executable, str(REPO / "jobs" / "pretrain.py"), *argv],
+                            cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def test_a_killed_driver_reruns_from_its_newest_complete_checkpoint(ray_local, tmp_path):
+    runs = tmp_path / "runs"
+    argv = ["--train", str(corpus(tmp_path / "c")), "--split", "1,0,0", "--rnn_size", "32",
+            "--embed_size", "8", "--batch_size", "4", "--seq_length", "32", "--max_iters", "60",
+            "--log_interval", "5", "--save_iters", "10", "--keep_checkpoints", "10",
+            "--experiment_dir", str(runs), "--experiment_name", "k"]
+    run = runs / "k"
+    first = _driver(argv, tmp_path / "first.log")
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        done = [r["iteration"] for r in read_history(run / "history.csv")] \
+            if (run / "history.csv").exists() else []
+        if done and max(done) >= 35:
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything in its group, no cleanup
+    first.wait(30)
+    saved = sorted(p.name for p in run.glob("checkpoint_0*"))
+    # the newest whole one (a checkpoint being written when the driver died does not count)
+    newest = max(int(n[len("checkpoint_"):].split("_")[0]) for n in saved
+                 if incomplete_reason(run / n) is None)
+    assert 30 <= newest < 60, saved
+
+    second = _driver(argv, tmp_path / "second.log")
+    assert second.wait(300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    out = (tmp_path / "second.log").read_text()
+    assert f"resuming from {storage.join(str(run), f'checkpoint_{newest:08d}')}" in out, out
+    history = read_history(run / "history.csv")
+    its = [r["iteration"] for r in history if not r.get("final")]
+    assert its == list(range(5, 61, 5)), its  # every report once: the killed run's kept
+    assert {r["resumed_from"] for r in history if r["iteration"] > newest} == {newest}
