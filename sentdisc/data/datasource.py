@@ -16,8 +16,8 @@ What we add is the unit of work:
   it yields raw lines only: the parsing is the parse stage's (``sentdisc.data.records``),
   which for a big compressed file runs in tasks of its own, on every core (see readers).
 
-Read tasks hold consecutive pieces (Ray's ``parallelism`` of them at most), in order; with
-``shuffle`` the pieces are in a seeded order, the same every run.
+Read tasks hold consecutive pieces, in order (``read_dataset`` asks for one task per piece);
+with ``shuffle`` the pieces are in a seeded order, the same every run.
 """
 from __future__ import annotations
 

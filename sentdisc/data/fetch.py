@@ -2,9 +2,10 @@
 
 A small registry of the files a new user needs: the binary SST-2 splits that the paper and
 NVIDIA's reproduction report on, and a sample of the Amazon review dump (loose JSON,
-``reviewText``, kept gzipped as it ships: the readers read ``.json.gz``) to pretrain on. Every file is checked against its SHA-256; a mismatch deletes
-the download and says so. A file whose hash is not pinned yet is refused unless
-``--allow_unpinned``, and its hash is printed so it can be pinned.
+``reviewText``, kept gzipped as it ships: the readers read ``.json.gz``) to pretrain on. Every
+file is checked against its SHA-256; a mismatch deletes the download and says so. A file whose
+hash is not pinned yet is refused unless ``--allow_unpinned``, and its hash is printed so it
+can be pinned.
 """
 from __future__ import annotations
 

@@ -14,26 +14,32 @@ The pipeline::
       -> ray.data.read_datasource(CorpusDatasource)   read: bytes -> raw lines / records
       -> map_batches(parse_records)                  parse: JSON + encode_batch -> rows
 
-Blocks are 8 MiB (``BLOCK_BYTES``, set on the dataset's own DataContext, not the global one),
-so a read streams into the parse stage as it goes rather than in Ray's default 128 MiB steps,
-and a block in flight stays small whatever the file size.
+Read tasks: one per piece (a file, or a byte range of a big one: ``sentdisc.data.datasource``),
+and blocks of 8 MiB (``BLOCK_BYTES``, set on the dataset's own DataContext, not the global
+one), so a read streams into the parse stage as it goes rather than in Ray's default 128 MiB
+steps. Left to choose, Ray asks for at least 200 read tasks; with fewer pieces than that it
+splits every block of each task into sub-MiB pieces and stops fusing. Measured on this 2-core
+machine (``benchmarks/bench_pipeline.py``'s driver, 30 gzipped 12 MB shards and 10 listed
+copies): one task per piece read 1x in 15 s (first window 4.3 s) against 26 s (12.6 s), 10x in
+84 s against 95 s, and its peak memory stayed flat from 1x to 10x (driver 282 -> 285 MiB,
+largest worker 192 -> 201 MiB) where Ray's split plan at 1x and fused plan at 10x made it look
+like growth (147 -> 203 MiB). A corpus of many tiny files pays a task each: preprocess it.
 
 Fused or not: Ray Data fuses a read with the map after it when their remote args agree
-(``operator_fusion.py``). Measured on this 2-core machine (shared, load ~3; MB/s of encoded
-records into the driver, best of 3, ``sentdisc data synth`` shards, 8 MiB blocks):
+(``operator_fusion.py``). Measured the same way (MB/s of encoded records into the driver,
+best of 3, load ~3, 8 MiB blocks, one task per piece):
 
     corpus                              fused   parse as its own stage
     1 gzipped file, 140 MB of JSON       50       50   (read 0.7 s, then 18 parse tasks)
     16 gzipped files, 170 MB             48       39
-    400 gzipped files, 140 MB            42       32
 
 Fused costs nothing where there are files enough to spread, and saves a trip through the
 object store; but fused, a compressed file is parsed in its one read task, on one core
 (~50 MB/s), since it has no byte ranges to split. So the stages are fused unless the corpus
 holds a compressed line file over ``read_task_bytes``: then read tasks ask for half a CPU
 (they stream and decompress: gunzip runs at ~250 MB/s against ~70 MB/s of parsing per core),
-which keeps the parse stage its own operator, and each piece is one read task, so Ray
-does not re-split the 8 MiB blocks into sub-MiB parse tasks (that halved the rate above).
+and unequal remote args keep the parse stage its own operator, whose tasks spread the raw
+blocks over every core.
 
 Rows: ``bytes``, ``error``, ``file``, ``line``, ``capped`` (+ ``label``): see
 ``sentdisc.data.records``. Splits: ``sentdisc.data.splits``, by (file relative to the corpus
@@ -95,16 +101,16 @@ def read_files(files: list[tuple[str, int]], cfg: DataConfig):
     source = CorpusDatasource(sized, cfg, fs, prefix)
     big_stream = any(compression_of(uri) and file_format(uri, cfg) in LINE_FORMATS
                      and size > cfg.read_task_bytes for uri, size in files)
-    ds = _read(source, num_cpus=STREAM_READ_CPUS, override_num_blocks=source.num_pieces) \
-        if big_stream else _read(source)
+    ds = _read(source, num_cpus=STREAM_READ_CPUS) if big_stream else _read(source)
     return ds.map_batches(parse_records(cfg), batch_format="pyarrow", batch_size=None,
                           zero_copy_batch=True)
 
 
 def _read(source, **kw):
+    """One read task per piece, blocks of BLOCK_BYTES."""
     import ray
 
-    ds = ray.data.read_datasource(source, **kw)
+    ds = ray.data.read_datasource(source, override_num_blocks=source.num_pieces, **kw)
     ds.context.target_max_block_size = BLOCK_BYTES  # this dataset's context, a copy
     return ds
 
