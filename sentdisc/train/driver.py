@@ -59,7 +59,8 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
                      stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
                      # appended as reports arrive, so a killed driver leaves its curve behind
                      on_rows=lambda _: write_history(merge_rows(prior, watch.rows), history))
-    result = _fit(_trainer(tc, output, loop_config, datasets, watch.callback), watch)
+    loop_config["progress_actor"] = watch.actor_name
+    result = _fit(_trainer(tc, output, loop_config, datasets), watch)
     return _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
 
 
@@ -123,8 +124,7 @@ def _prior_history(run_dir: str, resume: str) -> list:
     return rows
 
 
-def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets: dict,
-             callback):
+def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets: dict):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,8 +143,7 @@ def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets:
             storage_path=storage_path, storage_filesystem=storage_fs,
             name=output.experiment_name,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            callbacks=[callback]))
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)))
 
 
 def _write_outputs(run_dir: str, output: OutputConfig, prior: list, rows: list, result,

@@ -65,6 +65,7 @@ class PretrainWorker:
         self.autocast = autocast_for(tc.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
         self.run_dir, self.train_split = config["run_dir"], config.get("train_split") or None
+        self.progress_actor = config["progress_actor"]
         self.after_step = KillOnce(tc.fail_at_iter, self.rank, self.world, self.run_dir)
         self.interval = Interval(self.device)
         self.hidden = None
@@ -216,21 +217,21 @@ class PretrainWorker:
 
     def report(self, save: bool = False, epoch_done: bool = False,
                final_eval: Optional[dict] = None) -> None:
-        """All ranks: reduce the interval's numbers and report; with ``save``, rank 0 attaches
-        a checkpoint holding every rank's data position."""
+        """All ranks: reduce the interval's numbers; rank 0 sends the row to the driver. With
+        ``save``, a checkpoint holding every rank's data position goes to Ray Train too."""
         import ray.train
 
         metrics = self._metrics(final_eval)
         if self.trace is not None:
             self.trace.flush()
+        name = f"checkpoint_{self.iteration:08d}" + ("_final" if final_eval else "")
+        self._send_row(metrics, storage.join(self.run_dir, name) if save else "")
         if not save:
-            ray.train.report(metrics)
             return
         positions = [{"packer": self.packer.state_dict()}]
         if self.dist:
             mine, positions = positions[0], [None] * self.world
             torch.distributed.all_gather_object(positions, mine)
-        name = f"checkpoint_{self.iteration:08d}" + ("_final" if final_eval else "")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
@@ -238,6 +239,23 @@ class PretrainWorker:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         self.last_saved = self.iteration
+
+    def _send_row(self, metrics: dict, checkpoint: str) -> None:
+        """Rank 0's row for the history, with every rank's parameter checksum (equal iff DDP
+        kept the replicas in sync) and node."""
+        from sentdisc.train.progress import send
+
+        mine = {"param_checksum": metrics["param_checksum"], "node": self.node}
+        ranks = [mine]
+        if self.dist:
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, mine)
+        if self.rank != 0:
+            return
+        sums = [r["param_checksum"] for r in ranks]
+        send(self.progress_actor, {**metrics, "param_checksums": sums,
+                                   "param_checksum_spread": max(sums) - min(sums),
+                                   "nodes": [r["node"] for r in ranks], "checkpoint": checkpoint})
 
     def _metrics(self, final_eval: Optional[dict]) -> dict:
         totals = self.interval.totals(self.packer.counts)

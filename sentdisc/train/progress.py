@@ -1,12 +1,14 @@
 """The driver's view of a running job: every report's metrics, as they happen, and a watchdog.
 
-Ray Train reports go to its controller, not to the driver. A controller callback forwards the
-first rank's row (with every rank's parameter checksum) to a small actor on the driver's node
-(where the controller lives too, so losing another node loses neither); a thread on the driver
-polls that actor once a second, prints a progress line per row and hands the rows to whoever
-writes the history. The same thread is the stall watchdog: no report for ``stall_warn_s`` and
-it prints what the cluster is waiting for; for ``stall_fail_s`` and it stops the run (as Ctrl-C
-would) so that ``pretrain`` fails with that diagnosis instead of waiting forever.
+Rank 0 sends each report's row (with every rank's parameter checksum and node) to a small
+named actor on the driver's node (where Ray Train's controller lives too, so losing another
+node loses neither); a thread on the driver polls that actor once a second, prints a progress
+line per row and hands the rows to whoever writes the history. The rows do not go through
+``ray.train.report``: its controller collects one report per health check (2 s), and a worker
+reporting faster blocks until it does, so only checkpoints are reported to Ray Train. The same
+thread is the stall watchdog: no report for ``stall_warn_s`` and it prints what the cluster is
+waiting for; for ``stall_fail_s`` and it stops the run (as Ctrl-C would) so that ``pretrain``
+fails with that diagnosis instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Optional
 
@@ -39,32 +42,15 @@ def _metrics_log_class():
     return MetricsLog
 
 
-def _forward_callback(log):
-    from ray.train import UserCallback
+def send(actor_name: str, row: dict) -> None:
+    """Rank 0: hand one report's row to the driver (fire and forget)."""
+    import ray
 
-    class ForwardMetrics(UserCallback):
-        """Runs on the Train controller: one row per report, with every rank's checksum."""
-
-        def __init__(self, log):
-            self.log = log
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if not metrics or not metrics[0]:
-                return
-            row = dict(metrics[0])
-            sums = [m.get("param_checksum") for m in metrics if m.get("param_checksum") is not None]
-            if sums:
-                row["param_checksums"] = sums
-                row["param_checksum_spread"] = max(sums) - min(sums)
-            row["nodes"] = [m.get("node") for m in metrics]
-            row["checkpoint"] = checkpoint.path if checkpoint else ""
-            self.log.append.remote(row)
-
-    return ForwardMetrics(log)
+    ray.get_actor(actor_name).append.remote(row)
 
 
 class Progress:
-    """Rows from the workers while a Train run is fitted: ``callback`` goes into the RunConfig,
+    """Rows from the workers while a Train run is fitted: ``actor_name`` goes to the workers,
     ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen, and
     ``stalled`` the watchdog's diagnosis if it stopped the run."""
 
@@ -79,8 +65,9 @@ class Progress:
         self.stall_warn_s, self.stall_fail_s = stall_warn_s, stall_fail_s
         self.diagnose = diagnose or _waiting_for
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.log = _metrics_log_class().options(scheduling_strategy=here).remote()
-        self.callback = _forward_callback(self.log)
+        self.actor_name = f"sentdisc-progress-{uuid.uuid4().hex[:12]}"
+        self.log = _metrics_log_class().options(name=self.actor_name,
+                                                scheduling_strategy=here).remote()
         self.rows: list[dict] = []
         self.stalled: Optional[str] = None
         self._last = time.monotonic()
