@@ -220,6 +220,10 @@ class BytePacker:
         self._starts = [deque(int(v) for v in s) for s in state["starts"]]
         self._carried = bool(state.get("carried", True))
 
+    def has_past(self) -> bool:
+        """Whether a restored epoch has records to pass over."""
+        return len(self._past) > 0
+
     def resume(self, epoch: int, position: dict, counts: dict | None = None) -> None:
         """Continue an epoch from the rows every rank had taken (``Position.union`` of their
         states), with fresh streams: what this rank's streams held of partly packed records is

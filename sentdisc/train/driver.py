@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -66,8 +67,11 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
 
 def _fit(trainer, watch: Progress):
     """``trainer.fit()`` with the progress channel running; a run the watchdog stopped fails
-    with its diagnosis. Ray Train installs its own Ctrl-C handler: the caller's comes back."""
-    handler = signal.getsignal(signal.SIGINT)
+    with its diagnosis. Ray Train installs its own Ctrl-C handler (in the main thread: only
+    there can the watchdog stop a run); the caller's comes back afterwards."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    watch.can_stop = main
     try:
         with watch:
             return trainer.fit()
@@ -76,7 +80,8 @@ def _fit(trainer, watch: Progress):
             raise RunFailed(watch.stalled) from None
         raise
     finally:
-        signal.signal(signal.SIGINT, handler)
+        if main:
+            signal.signal(signal.SIGINT, handler)
 
 
 def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
@@ -133,8 +138,12 @@ def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets:
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}),
                  **tc.extra_resources}
     storage_path, storage_fs = storage.for_ray(output.experiment_dir)
+    from sentdisc.train.resume import RESUME_SPLIT, data_config
+
     return TorchTrainer(
-        train_loop, train_loop_config=loop_config, datasets=datasets,
+        train_loop, train_loop_config=loop_config,
+        datasets={**datasets, RESUME_SPLIT: datasets["train"]},
+        dataset_config=data_config(loop_config["run_dir"], tc.resume),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.scaling, use_gpu=tc.use_gpu, resources_per_worker=resources,

@@ -28,6 +28,7 @@ from sentdisc.data.position import Position
 from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce, RecordTrace
+from sentdisc.train.resume import RESUME_SPLIT, restore_point
 from sentdisc.train.step import LN2, autocast_for, evaluate_windows, train_step
 
 COUNT_KEYS = ("records", "dropped_bytes", "capped_records", "capped_bytes") + tuple(
@@ -111,17 +112,20 @@ class PretrainWorker:
         self.mid_epoch = self._restore_data_position(state)
 
     def _newest_source(self, stack: contextlib.ExitStack):
-        """A local folder holding the checkpoint to continue from, or None: the newer (by
-        iteration) of Ray's latest (a restarted worker group) and --resume (which the driver
-        sets, on a rerun, to the newest complete checkpoint it found)."""
+        """A local folder holding the checkpoint to continue from, or None: the newest (by
+        iteration) of Ray's latest (a restarted worker group), --resume (which the driver sets,
+        on a rerun, to the newest complete checkpoint it found) and the newest complete one in
+        the run's folder (Ray's controller forgets its checkpoints when it recovers from its own
+        error, e.g. a worker group that did not start in time after a node was lost)."""
         import ray.train
 
         candidates = []
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             candidates.append(stack.enter_context(checkpoint.as_directory()))
-        if self.tc.resume:
-            candidates.append(stack.enter_context(storage.local_dir(self.tc.resume)))
+        newest = restore_point(self.run_dir, self.tc.resume)
+        if newest:
+            candidates.append(stack.enter_context(storage.local_dir(newest)))
         if not candidates:
             return None
         return max(candidates, key=lambda d: (ckpt_io.load_train_state(d) or {}).get(
@@ -168,9 +172,11 @@ class PretrainWorker:
         """Epochs of windows until max_iters or the last epoch; checkpoints at epoch ends."""
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
         while not self.finished(self.epoch):
             first = self.iteration
+            # the rest of an epoch a checkpoint left unfinished: the records not taken yet
+            split = RESUME_SPLIT if self.mid_epoch and self.packer.has_past() else "train"
+            shard = ray.train.get_dataset_shard(split)
             if not self.train_epoch(self.packer.windows(_batches(shard))):
                 return  # max_iters reached mid-epoch
             if self.iteration == first and not self.mid_epoch:

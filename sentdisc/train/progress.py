@@ -70,6 +70,7 @@ class Progress:
                                                 scheduling_strategy=here).remote()
         self.rows: list[dict] = []
         self.stalled: Optional[str] = None
+        self.can_stop = True  # False when fit() runs off the main thread: warn only
         self._last = time.monotonic()
         self._warned_at = 0.0
         self._stop = threading.Event()
@@ -98,7 +99,8 @@ class Progress:
         """Say what the cluster waits for when no report came for a while; stop the run
         when it has been too long."""
         quiet = time.monotonic() - self._last
-        if self.stall_fail_s and quiet >= self.stall_fail_s and self.stalled is None:
+        if self.stall_fail_s and quiet >= self.stall_fail_s and self.stalled is None \
+                and self.can_stop:
             self.stalled = (f"no report from the workers for {human_time(quiet)} "
                             f"(--stall_fail_s {self.stall_fail_s:g}): {self.diagnose()}")
             print(f"{self.prefix} stopping the run: {self.stalled}", flush=True)
