@@ -76,13 +76,6 @@ def s3_bucket():
     return new_bucket()
 
 
-def pytest_collection_modifyitems(items):
-    """Train runs first, on a Ray no earlier test has touched: after other modules' Ray Data
-    work in the same driver process, a Train run restarted after a killed worker was seen to
-    wait for data forever (the same tests pass alone, every time)."""
-    items.sort(key=lambda item: item.path.name != "test_train.py")
-
-
 def start_local_ray():
     import ray
 

@@ -136,6 +136,17 @@ def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
     exp = tmp_path / "experiments"
     cluster = Cluster(tmp_path)
     try:
+        # More workers than the cluster's CPUs can hold with any left for Ray Data: the job
+        # fails in seconds, its output naming the numbers (it used to hang, silently).
+        t0 = time.time()
+        out = cluster.run("ray", "job", "submit", "--working-dir", str(REPO), "--", "python",
+                          "jobs/pretrain.py", "--train", str(data / "reviews"), "--rnn_size",
+                          "16", "--max_iters", "5", "--num_workers", "4", "--batch_size", "8",
+                          "--experiment_dir", str(exp), check=False, timeout=120)
+        text = out.stdout + out.stderr
+        assert out.returncode != 0 and "needs 5 CPUs" in text and "has 4 CPUs" in text, text[-3000:]
+        assert time.time() - t0 < 60, time.time() - t0
+
         out = cluster.submit(
             "jobs/pretrain.py", "--train", str(data / "reviews"), "--rnn_size", "32",
             "--embed_size", "8", "--batch_size", "8", "--seq_length", "32", "--max_iters", "30",

@@ -23,6 +23,7 @@ from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.report import read_history
 from sentdisc.train import TrainConfig, pretrain
+from sentdisc.train.faults import trained_lineage
 
 pytestmark = pytest.mark.slow
 WORDS = "good bad great awful movie plot acting boring fun love hate the was and not".split()
@@ -93,23 +94,6 @@ def test_ddp_across_two_nodes(nodes):
     assert {"history.csv", "loss.png", "checkpoint_final"} <= set(storage.list_dir(run))
 
 
-def _lineage(run: str) -> list:
-    """The (file, line) of every record the run's final weights were trained on: each
-    attempt's records up to the checkpoint the next attempt resumed from."""
-    folder = storage.join(run, "trace")
-    traces = [storage.read_json(storage.join(folder, n)) | {"name": n}
-              for n in storage.list_dir(folder)]
-    attempts = collections.defaultdict(list)
-    for t in traces:  # files of one attempt share its start (the name's first part) roughly
-        attempts[t["resumed_from"], t["world"]].append(t)
-    order = sorted(attempts, key=lambda k: min(t["name"] for t in attempts[k]))
-    out = []
-    for i, key in enumerate(order):
-        upto = order[i + 1][0] if i + 1 < len(order) else float("inf")
-        out += [(f, line) for t in attempts[key] for f, line, it in t["records"] if it <= upto]
-    return out, [(k[0], k[1]) for k in order]
-
-
 def test_a_lost_node_then_a_new_one_repeat_and_skip_no_record(cluster, nodes, monkeypatch):
     # Ray Train (on its controller) waits this long for workers that do not come; the lost
     # node's resources linger a moment, so its first try after the loss waits in vain.
@@ -156,7 +140,7 @@ def test_a_lost_node_then_a_new_one_repeat_and_skip_no_record(cluster, nodes, mo
     assert events == ["removed", "added"], events
     worlds = [r["world_size"] for r in summary["rows"]]
     assert 1 in worlds and worlds[-1] == 2, worlds  # shrank to the one node, then grew back
-    lineage, attempts = _lineage(run)
+    lineage, attempts = trained_lineage(run)
     seen = collections.Counter(lineage)
     twice = [k for k, n in seen.items() if n > 1]
     missing = [k for k in records if k not in seen]

@@ -53,3 +53,21 @@ class RecordTrace:
 
     def flush(self) -> None:
         storage.write_json(self.path, {**self.head, "records": self.records}, indent=None)
+
+
+def trained_lineage(run_dir: str) -> tuple[list, list]:
+    """From a run's record traces: the (file, line) of every record its final weights were
+    trained on (each attempt's records up to the checkpoint the next attempt resumed from), and
+    the attempts as (resumed_from, world size), in order."""
+    folder = storage.join(run_dir, "trace")
+    traces = sorted((storage.read_json(storage.join(folder, n)) | {"name": n}
+                     for n in storage.list_dir(folder)), key=lambda t: t["name"])
+    attempts: dict = {}
+    for t in traces:  # ranks of one attempt share its resume point and world size
+        attempts.setdefault((t["resumed_from"], t["world"]), []).append(t)
+    order = list(attempts)
+    records = []
+    for i, key in enumerate(order):
+        upto = order[i + 1][0] if i + 1 < len(order) else float("inf")
+        records += [(f, line) for t in attempts[key] for f, line, it in t["records"] if it <= upto]
+    return records, order
