@@ -29,10 +29,19 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 _S3_SERVER = None
 
 
+# Ray Train's controller takes a checkpoint report once per health check (2 s by default) and
+# waits a minute for workers that do not come: tiny test runs would mostly wait. Ray Train
+# hands these to its controller from the driver's environment.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+
+
 def pytest_configure(config):
     """Start the S3 server before anything starts Ray: Ray workers take the environment the
     session's Ray was started with, endpoint and credentials included."""
     global _S3_SERVER
+    for k, v in TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:  # tests that need it skip with a reason
