@@ -10,11 +10,17 @@ Nothing is unpickled: tensors live in safetensors, everything else in JSON. Open
 sentiment-neuron weights (15 ``.npy`` files) load through ``load_openai``. A checkpoint may live
 on any storage ``sentdisc.storage`` reads (``s3://bucket/run/checkpoint_final``): ``save`` writes
 it locally and uploads it, ``load`` downloads it first.
+
+The name ``openai`` (``--load_model openai``) stands for OpenAI's released mLSTM-4096 as
+``sentdisc data fetch openai_weights`` leaves it in the default data dir: ``resolve`` turns it
+into a folder, and ``load`` / ``load_config`` / ``read_meta`` call it, so every command that
+takes a checkpoint takes the name.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -25,12 +31,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sentdisc import storage
+from sentdisc.data.registry import OPENAI_CHECKPOINT_DIR, OPENAI_WEIGHTS_DIR, npy_header, openai_shapes
 from sentdisc.errors import InputError
 from sentdisc.model import ByteLM, ModelConfig
 
 FORMAT, VERSION = "sentdisc", 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 OPTIM_TENSORS, OPTIM_META, TRAIN_STATE = "optimizer.safetensors", "optimizer.json", "train_state.json"
+OPENAI = "openai"  # the checkpoint name of OpenAI's released weights (see resolve)
+# The unit of OpenAI's mLSTM-4096 that tracks sentiment (Radford et al. 2017; NVIDIA's README
+# uses the same index): the heatmap's default neuron for --load_model openai.
+OPENAI_SENTIMENT_NEURON = 2388
 
 
 class CheckpointError(InputError):
@@ -63,7 +74,9 @@ def save(model: ByteLM, directory: str | os.PathLike, optimizer_state: Optional[
 
 
 def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ByteLM:
-    """Checkpoint directory or URI (ours or OpenAI's 15 .npy files) -> ByteLM in eval mode."""
+    """Checkpoint directory or URI (ours or OpenAI's 15 .npy files), or ``openai`` -> ByteLM
+    in eval mode."""
+    directory = resolve(directory)
     if storage.is_uri(directory):
         if not storage.is_dir(str(directory)):
             raise CheckpointError(f"checkpoint {directory} does not exist")
@@ -97,6 +110,9 @@ def is_openai_weights(directory: str | os.PathLike) -> bool:
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
+    directory = resolve(directory)
+    if is_openai_weights(directory) and not storage.is_uri(directory):
+        return openai_config(directory)
     path = storage.join(str(directory), CONFIG_FILE)
     if not storage.exists(path):
         raise CheckpointError(f"{path} is missing (checkpoint holds "
@@ -114,7 +130,8 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 def read_meta(directory: str | os.PathLike) -> dict:
     """The whole config.json (model config plus whatever metadata the writer added)."""
-    return storage.read_json(storage.join(str(directory), CONFIG_FILE), error=CheckpointError)
+    return storage.read_json(storage.join(str(resolve(directory)), CONFIG_FILE),
+                             error=CheckpointError)
 
 
 def load_optimizer_state(directory: str | os.PathLike) -> Optional[dict]:
@@ -195,56 +212,116 @@ def newest_complete(run_dir: str, log=print) -> Optional[str]:
 def load_openai(directory: str | os.PathLike) -> ByteLM:
     """OpenAI's sentiment-neuron weights: ``0.npy``..``14.npy`` in their encoder's order.
 
-    0 embedding [256,E]; 1 wx [E,4H]; 2-5 wh in four pieces along axis 1; 6 wmx [E,H];
+    0 embedding [256,E]; 1 wx [E,4H]; 2-5 wh in four [H,H] pieces along axis 1; 6 wmx [E,H];
     7 wmh [H,H]; 8 b [4H]; 9 gx [4H]; 10 gh [4H]; 11 gmx [H]; 12 gmh [H]; 13 out w [H,256];
-    14 out b [256]. Gates i, f, o, u; weight norm on all four matrices.
+    14 out b [256] (``registry.openai_shapes``). Gates i, f, o, u; weight norm on all four
+    matrices.
     """
     d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointError(f"OpenAI weights directory {d} does not exist")
-    npys = sorted(p.name for p in d.glob("*.npy"))
-    expected = [f"{i}.npy" for i in range(15)]
-    if sorted(npys) != sorted(expected):
-        raise CheckpointError(f"{d}: expected the 15 files 0.npy..14.npy of OpenAI's encoder, "
-                              f"found {len(npys)}: {npys[:20]}")
-    p = []
-    for name in expected:
-        try:
-            p.append(np.load(d / name, allow_pickle=False).astype(np.float32))
-        except (ValueError, OSError, EOFError) as e:
-            raise CheckpointError(f"{d / name} is not a readable .npy array: {e}") from None
+    p = _read_openai_arrays(d)
     if p[0].ndim != 2 or p[0].shape[0] != 256:
         raise CheckpointError(f"{d / '0.npy'}: embedding must be [256, E], got {list(p[0].shape)}")
-    E = p[0].shape[1]
     if p[7].ndim != 2:
         raise CheckpointError(f"{d / '7.npy'}: wmh must be [H, H], got {list(p[7].shape)}")
-    H = p[7].shape[0]
-    wh = np.concatenate(p[2:6], axis=1) if all(a.ndim == 2 for a in p[2:6]) else None
-    shapes = {0: [256, E], 1: [E, 4 * H], 6: [E, H], 7: [H, H], 8: [4 * H], 9: [4 * H],
-              10: [4 * H], 11: [H], 12: [H], 13: [H, 256], 14: [256]}
-    for i, shape in shapes.items():
-        if list(p[i].shape) != shape:
-            raise CheckpointError(f"{d / f'{i}.npy'}: expected shape {shape} (E={E}, H={H}), "
+    E, H = p[0].shape[1], p[7].shape[0]
+    for i, shape in enumerate(openai_shapes(E, H)):
+        if p[i].shape != shape:
+            raise CheckpointError(f"{d / f'{i}.npy'}: expected shape {list(shape)} (E={E}, H={H}), "
                                   f"got {list(p[i].shape)}")
-    if wh is None or list(wh.shape) != [H, 4 * H]:
-        raise CheckpointError(f"{d}: 2.npy..5.npy must concatenate along axis 1 to [H, 4H] = "
-                              f"{[H, 4 * H]}, got pieces {[list(a.shape) for a in p[2:6]]}")
-    model = ByteLM(ModelConfig(embed_size=E, rnn_size=H, layers=1, rnn_type="mlstm",
-                               weight_norm="all"))
+    model = ByteLM(_openai_model_config(E, H))
     layer = model.layers[0]
     t = torch.from_numpy
     with torch.no_grad():
         model.embed.weight.copy_(t(p[0]))
-        for name, value in (("wx", p[1]), ("wh", wh), ("wmx", p[6]), ("wmh", p[7]), ("b", p[8]),
-                            ("gx", p[9]), ("gh", p[10]), ("gmx", p[11]), ("gmh", p[12])):
+        for name, value in (("wx", p[1]), ("wh", np.concatenate(p[2:6], axis=1)), ("wmx", p[6]),
+                            ("wmh", p[7]), ("b", p[8]), ("gx", p[9]), ("gh", p[10]),
+                            ("gmx", p[11]), ("gmh", p[12])):
             getattr(layer, name).copy_(t(value))
         model.head.weight.copy_(t(p[13]).T)
         model.head.bias.copy_(t(p[14]))
     return model.eval()
 
 
+def _read_openai_arrays(d: Path) -> list[np.ndarray]:
+    if not d.is_dir():
+        raise CheckpointError(f"OpenAI weights directory {d} does not exist")
+    npys = sorted(p.name for p in d.glob("*.npy"))
+    expected = [f"{i}.npy" for i in range(15)]
+    if npys != sorted(expected):
+        raise CheckpointError(f"{d}: expected the 15 files 0.npy..14.npy of OpenAI's encoder, "
+                              f"found {len(npys)}: {npys[:20]}")
+    arrays = []
+    for name in expected:
+        try:
+            arrays.append(np.load(d / name, allow_pickle=False).astype(np.float32))
+        except (ValueError, OSError, EOFError) as e:
+            raise CheckpointError(f"{d / name} is not a readable .npy array: {e}") from None
+    return arrays
+
+
+def _openai_model_config(E: int, H: int) -> ModelConfig:
+    return ModelConfig(embed_size=E, rnn_size=H, layers=1, rnn_type="mlstm", weight_norm="all")
+
+
+def openai_config(directory: str | os.PathLike) -> ModelConfig:
+    """The model config of an OpenAI weights folder, from two ``.npy`` headers (nothing
+    loaded): E from the embedding, H from wmh."""
+    d = Path(directory)
+    try:
+        (_, E), _ = npy_header(str(d / "0.npy"))
+        (H, _), _ = npy_header(str(d / "7.npy"))
+    except (InputError, OSError, ValueError) as e:
+        raise CheckpointError(f"{d}: not OpenAI's weights layout ({e})") from None
+    return _openai_model_config(E, H)
+
+
 def convert_openai(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return save(load_openai(src), dst, meta={"source": f"openai:{Path(src).name}"})
+
+
+def ensure_openai_checkpoint(raw: str | os.PathLike, dst: str | os.PathLike, force: bool = False,
+                             log=print) -> Path:
+    """``dst`` converted from the weights in ``raw`` unless it is there already (``force``:
+    convert anyway, after a fresh download). Written beside ``dst`` and renamed into place,
+    so a killed conversion never leaves a half checkpoint under the name."""
+    dst = Path(dst)
+    if not force and (dst / MODEL_FILE).is_file() and (dst / CONFIG_FILE).is_file():
+        return dst
+    log(f"converting {raw} into the checkpoint {dst}")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_openai(raw, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def resolve(spec: str | os.PathLike, log=print) -> str | os.PathLike:
+    """A checkpoint argument -> what to read: ``openai`` becomes ``<data dir>/openai_checkpoint``
+    (the default data dir, ``sentdisc.config.default_data_dir()``, where ``sentdisc data fetch
+    openai_weights`` writes), converted from ``<data dir>/openai_weights`` first when only the
+    15 ``.npy`` files are there (or those files themselves when the data dir is read-only).
+    Anything else is returned as it is. Neither there: a CheckpointError with the command."""
+    if str(spec) != OPENAI:
+        return spec
+    from sentdisc.config import default_data_dir
+    from sentdisc.data.fetch import fetch_command
+
+    root = default_data_dir()
+    ckpt, raw = root / OPENAI_CHECKPOINT_DIR, root / OPENAI_WEIGHTS_DIR
+    if (ckpt / MODEL_FILE).is_file() and (ckpt / CONFIG_FILE).is_file():
+        return ckpt
+    missing = [f"{i}.npy" for i in range(15) if not (raw / f"{i}.npy").is_file()]
+    if not missing:
+        try:
+            return ensure_openai_checkpoint(raw, ckpt, log=log)
+        except OSError as e:  # a read-only data dir: read the .npy files each time instead
+            log(f"cannot write {ckpt} ({e}): loading {raw} directly")
+            return raw
+    has = f"{raw} lacks {', '.join(missing)}" if raw.is_dir() else f"there is no {raw}"
+    raise CheckpointError(f"checkpoint {OPENAI!r}: OpenAI's weights are not in {root} (no {ckpt}, "
+                          f"and {has}). Run `{fetch_command(OPENAI_WEIGHTS_DIR, root)}` "
+                          f"(15 files, ~345 MB, converted into {ckpt})")
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -142,3 +142,47 @@ def test_convert_openai_cli(tmp_path, capsys):
     assert (tmp_path / "ck" / "model.safetensors").exists()
     assert main(["convert-openai", str(tmp_path / "missing"), str(tmp_path / "ck2")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- the name "openai" ---------------------------------------------------------------------------
+
+def test_resolve_openai_from_the_default_data_dir(tmp_path, monkeypatch, capsys):
+    from sentdisc.checkpoint import OPENAI_SENTIMENT_NEURON, load_config, resolve
+
+    monkeypatch.setenv("SENTDISC_DATA", str(tmp_path))
+    assert resolve("experiments/x/checkpoint_final") == "experiments/x/checkpoint_final"
+    with pytest.raises(CheckpointError, match=f"there is no {tmp_path}/openai_weights.*Run "
+                                              f"`sentdisc data fetch openai_weights --dest {tmp_path}`"):
+        load("openai")
+    params = _write_openai(tmp_path / "openai_weights")
+    (tmp_path / "openai_weights" / "13.npy").unlink()
+    with pytest.raises(CheckpointError, match="openai_weights lacks 13.npy"):
+        load_config("openai")
+    np.save(tmp_path / "openai_weights" / "13.npy", params[13])
+    # Only the .npy files: converted once into openai_checkpoint, then read from there.
+    assert load_config("openai") == ModelConfig(embed_size=6, rnn_size=10, rnn_type="mlstm",
+                                                weight_norm="all")
+    assert resolve("openai") == tmp_path / "openai_checkpoint"
+    assert "converting" in capsys.readouterr().out
+    assert read_meta("openai")["source"] == "openai:openai_weights"
+    from sentdisc.text import encode
+
+    _, ref_c = _openai_numpy_encoder(params, encode("Fine."))
+    np.testing.assert_allclose(featurize(load("openai"), ["Fine."])[0], ref_c, atol=1e-5)
+    assert OPENAI_SENTIMENT_NEURON == 2388
+
+
+def test_openai_weights_folder_config_from_headers(tmp_path):
+    from sentdisc.checkpoint import load_config
+
+    _write_openai(tmp_path / "oa", E=4, H=12)
+    assert load_config(tmp_path / "oa") == ModelConfig(embed_size=4, rnn_size=12, layers=1,
+                                                       rnn_type="mlstm", weight_norm="all")
+
+
+def test_heatmap_of_openai_defaults_to_its_sentiment_neuron():
+    from sentdisc.recipes.visualize import VisualizeConfig, resolve
+
+    assert resolve(VisualizeConfig(load_model="openai")).neuron == 2388
+    assert resolve(VisualizeConfig(load_model="openai", neuron=5)).neuron == 5
+    assert resolve(VisualizeConfig(load_model="some/ckpt")).neuron == 0

@@ -1,118 +1,195 @@
-"""``sentdisc data fetch NAME --dest DIR``: download a public dataset, verified by SHA-256.
+"""``sentdisc data fetch NAME [--dest DIR]``: download a public dataset, verified, resumable.
 
-A small registry of the files a new user needs: the binary SST-2 splits that the paper and
-NVIDIA's reproduction report on, and a sample of the Amazon review dump (loose JSON,
-``reviewText``, kept gzipped as it ships: the readers read ``.json.gz``) to pretrain on. Every
-file is checked against its SHA-256; a mismatch deletes the download and says so. A file whose
-hash is not pinned yet is refused unless ``--allow_unpinned``, and its hash is printed so it
-can be pinned.
+The datasets are in ``sentdisc.data.registry`` (SST-2, the Amazon sample corpus, OpenAI's
+weights), each written to the folder ``../shared/data`` has it in: ``DIR/sst2/``,
+``DIR/amazon_blitzer/reviews/``, ``DIR/openai_weights/``. ``--dest`` defaults to
+``sentdisc.config.default_data_dir()`` ($SENTDISC_DATA, else ../shared/data), where jobs and
+``--load_model openai`` look. Each file:
+
+- downloads into a hidden ``.NAME.part`` beside it (hidden so a corpus listing never reads a
+  half file) and resumes from it with an HTTP Range request; a server that ignores Range
+  sends the whole file, which replaces the part;
+- shows progress on a line every few seconds (MB, MB/s, ETA) and one line when done;
+- is verified (``registry.verify``: SHA-256 or git blob id, a ``.npy`` header's shape, or a
+  content check for an unpinned file) before it takes its name; a mismatch deletes it and
+  says which file, expected and got.
+
+OpenAI's 15 files are then converted into ``DIR/openai_checkpoint`` (a sentdisc checkpoint;
+``--no_convert`` skips it). An unreachable host fails within ``--timeout`` seconds naming the
+URL. ``--base_url URL`` (or ``$SENTDISC_FETCH_BASE_URL``) fetches every file from
+``URL/NAME/FILE`` instead: a mirror, or a test's local server.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
 from typing import Optional
 
+from sentdisc.data.registry import (
+    DEFAULT_CORPUS,
+    REGISTRY,
+    SAMPLE_CORPUS,
+    Dataset,
+    RemoteFile,
+    VerifyError,
+    verify,
+)
+from sentdisc.errors import InputError
 
-@dataclass(frozen=True)
-class RemoteFile:
-    url: str
-    sha256: Optional[str]   # of the downloaded file; None = not pinned yet
-    name: str               # file name under --dest/<dataset>/ (kept as shipped: .gz is read)
-
-
-_NVIDIA_SST = "https://raw.githubusercontent.com/NVIDIA/sentiment-discovery/master/data/binary_sst"
-REGISTRY: dict[str, dict] = {
-    "sst2": {
-        "about": "Binary SST-2 splits (label,sentence) used by Radford et al. 2017 and NVIDIA",
-        # Hashes are those of the copies in ../shared/data/sst2 (same row counts and columns as
-        # NVIDIA's files); they were not checked against the remote from this machine.
-        "files": [
-            RemoteFile(f"{_NVIDIA_SST}/train.csv",
-                       "6003623bcb35aad3a446a265b8931b7ccab61fcc10f2e9c1fec916ff67c7be35", "train.csv"),
-            RemoteFile(f"{_NVIDIA_SST}/val.csv",
-                       "f34c4987fea208fefc2d62a1b42c83a766cbfc7ce58c2a878ef953cf91f01729", "val.csv"),
-            RemoteFile(f"{_NVIDIA_SST}/test.csv",
-                       "519cea7ed4d22fe7ec4eccbb3d5ba6d88902a3b15ce129f476aa8364463a9fc7", "test.csv"),
-        ],
-    },
-    "amazon_sample": {
-        "about": "Amazon reviews, Musical Instruments 5-core (McAuley 2014 dump format: loose "
-                 "JSON, reviewText), ~10k reviews: a small pretraining corpus",
-        "files": [
-            RemoteFile("http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
-                       "reviews_Musical_Instruments_5.json.gz", None,
-                       "reviews_Musical_Instruments_5.json.gz"),
-        ],
-    },
-}
+BASE_URL_ENV = "SENTDISC_FETCH_BASE_URL"
+TIMEOUT = 10.0       # seconds to connect and per read: an offline machine fails in seconds
+PROGRESS_EVERY = 3.0  # seconds between progress lines: a line, not a flood
+CHUNK = 1 << 20
 
 
-class FetchError(RuntimeError):
-    """A download that failed or did not match its hash."""
+class FetchError(InputError):
+    """A download that failed or did not match its registry entry."""
 
 
-def sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def part_path(final: str | os.PathLike) -> str:
+    final = Path(final)
+    return str(final.with_name(f".{final.name}.part"))
 
 
-def _is_offline(err: BaseException) -> bool:
-    reason = getattr(err, "reason", err)
-    return isinstance(reason, (socket.gaierror, socket.timeout, TimeoutError, ConnectionError,
-                               OSError)) and not isinstance(err, urllib.error.HTTPError)
+def url_of(ds: Dataset, remote: RemoteFile, base_url: Optional[str] = None) -> str:
+    base = base_url or os.environ.get(BASE_URL_ENV)
+    return f"{base.rstrip('/')}/{ds.name}/{remote.name}" if base else remote.url
 
 
-def download(remote: RemoteFile, dest_dir: str, allow_unpinned: bool = False,
-             timeout: float = 30.0, progress=print) -> str:
-    """Fetch one file into dest_dir, verify it, return its final path."""
-    os.makedirs(dest_dir, exist_ok=True)
-    final = os.path.join(dest_dir, remote.name)
-    if os.path.exists(final) and remote.sha256 and sha256_of(final) == remote.sha256:
-        progress(f"{final}: present, hash ok")
-        return final
-    part = final + ".part"
+# --- one file ------------------------------------------------------------------------------------
+
+def download(remote: RemoteFile, folder: str, url: str, timeout: float = TIMEOUT,
+             allow_unpinned: bool = False, log=print) -> tuple[str, bool]:
+    """Fetch one file into ``folder`` and verify it: (its path, whether it was downloaded)."""
+    os.makedirs(folder, exist_ok=True)
+    final = os.path.join(folder, remote.name)
+    if os.path.exists(final):
+        try:
+            log(f"  {remote.name}: present, {verify(remote, final, allow_unpinned)}")
+            return final, False
+        except VerifyError as e:
+            log(f"  {final} is not the pinned file ({e}): downloading it again")
+            os.remove(final)
+    part = part_path(final)
+    _transfer(url, part, remote.name, timeout, log)
     try:
-        with urllib.request.urlopen(remote.url, timeout=timeout) as resp, open(part, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0)
-            done = 0
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
+        checked = verify(remote, part, allow_unpinned)
+    except VerifyError as e:
+        _remove(part)
+        raise FetchError(f"{final} from {url}: {e}; the download was deleted") from None
+    os.replace(part, final)
+    log(f"  {remote.name}: {checked}")
+    return final, True
+
+
+def _transfer(url: str, part: str, name: str, timeout: float, log) -> None:
+    """Download ``url`` into ``part``, resuming from what ``part`` already holds."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the part is past the end (the remote changed): start over
+            log(f"  {name}: the partial download does not fit the remote file: restarting")
+            _remove(part)
+            return _transfer(url, part, name, timeout, log)
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError, HTTPException) as e:
+        raise FetchError(_unreachable(url, e, timeout)) from None
+    with resp:
+        start, total = _resume_point(resp, have)
+        if have and not start:
+            log(f"  {name}: the server ignored the Range request: downloading it whole")
+        elif start:
+            log(f"  {name}: resuming at {start / 1e6:.1f} MB")
+        _copy(resp, part, start, total, name, url, log)
+
+
+def _resume_point(resp, have: int) -> tuple[int, Optional[int]]:
+    """(offset the body starts at, total size or None): ``have`` for a 206 that continues the
+    part, else 0 (a 200 is the whole file)."""
+    length = resp.headers.get("Content-Length")
+    if resp.status == 206:
+        rng = resp.headers.get("Content-Range", "")  # "bytes START-END/TOTAL"
+        try:
+            first, size = rng.split()[1].split("-")[0], rng.split("/")[1]
+            if int(first) == have:
+                return have, None if size == "*" else int(size)
+        except (IndexError, ValueError):
+            pass
+        raise FetchError(f"{resp.url}: a partial response that does not continue the "
+                         f"download ({rng!r} for bytes={have}-)")
+    return 0, int(length) if length and length.isdigit() else None
+
+
+def _copy(resp, part: str, start: int, total: Optional[int], name: str, url: str, log) -> None:
+    progress = Progress(name, start, total, log)
+    done = start
+    try:
+        out = open(part, "ab" if start else "wb")
+    except OSError as e:
+        raise FetchError(f"cannot write {part} ({e}): pass --dest a writable folder") from None
+    with out:
+        try:
+            for chunk in iter(lambda: resp.read(CHUNK), b""):
                 out.write(chunk)
                 done += len(chunk)
-                if total > (8 << 20):
-                    progress(f"  {remote.name}: {done / 1e6:.1f}/{total / 1e6:.1f} MB")
-    except urllib.error.HTTPError as e:
-        _remove(part)
-        raise FetchError(f"{remote.url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        _remove(part)
-        if _is_offline(e):
-            raise FetchError(f"cannot reach {remote.url} ({getattr(e, 'reason', e)}): this machine "
-                             f"looks offline. Download it elsewhere and copy it to {final}, or "
-                             "point --train/SENTDISC_DATA at a local copy.") from None
-        raise FetchError(f"{remote.url}: {e}") from None
-    digest = sha256_of(part)
-    if remote.sha256 is None:
-        if not allow_unpinned:
-            _remove(part)
-            raise FetchError(f"{remote.url}: no SHA-256 pinned for this file (downloaded one has "
-                             f"{digest}); rerun with --allow_unpinned to accept it")
-        progress(f"  {remote.name}: unpinned, sha256 {digest}")
-    elif digest != remote.sha256:
-        _remove(part)
-        raise FetchError(f"{remote.url}: SHA-256 mismatch (expected {remote.sha256}, got {digest}); "
-                         "the download was deleted")
-    os.replace(part, final)
-    return final
+                progress.update(done)
+        except (OSError, HTTPException) as e:
+            raise FetchError(f"{url}: interrupted at {done / 1e6:.1f} MB ({e}); rerun to resume "
+                             f"from {part}") from None
+    if total is not None and done != total:
+        raise FetchError(f"{url}: the connection closed at {done} of {total} bytes; rerun to "
+                         f"resume from {part}")
+    progress.finish(done)
+
+
+class Progress:
+    """Bytes, MB/s and ETA of one download, printed every PROGRESS_EVERY seconds."""
+
+    def __init__(self, name: str, start: int, total: Optional[int], log, every=PROGRESS_EVERY):
+        self.name, self.start, self.total, self.log, self.every = name, start, total, log, every
+        self.t0 = self.last = time.monotonic()
+
+    def rate(self, done: int) -> float:
+        return (done - self.start) / max(time.monotonic() - self.t0, 1e-6) / 1e6
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.rate(done)
+        line = f"  {self.name}: {done / 1e6:.1f}"
+        if self.total:
+            eta = (self.total - done) / 1e6 / max(rate, 1e-9)
+            line += f"/{self.total / 1e6:.1f} MB ({100 * done / self.total:.0f}%)"
+            line += f", {rate:.1f} MB/s, ETA {eta:.0f} s"
+        else:
+            line += f" MB, {rate:.1f} MB/s"
+        self.log(line)
+
+    def finish(self, done: int) -> None:
+        took = time.monotonic() - self.t0
+        resumed = f" (resumed at {self.start / 1e6:.1f} MB)" if self.start else ""
+        self.log(f"  {self.name}: {(done - self.start) / 1e6:.1f} MB in {took:.1f} s, "
+                 f"{self.rate(done):.1f} MB/s{resumed}")
+
+
+def _unreachable(url: str, err: BaseException, timeout: float) -> str:
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        reason = f"no answer in {timeout:g} s"
+    return (f"cannot reach {url} ({reason}): this machine looks offline (fetch where there is "
+            f"internet and copy the folder here, or name a mirror with --base_url / "
+            f"${BASE_URL_ENV})")
 
 
 def _remove(path: str) -> None:
@@ -122,36 +199,92 @@ def _remove(path: str) -> None:
         pass
 
 
-def fetch(name: str, dest: str, allow_unpinned: bool = False, timeout: float = 30.0,
-          progress=print) -> list[str]:
-    if name not in REGISTRY:
-        raise FetchError(f"unknown dataset {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    out_dir = os.path.join(dest, name)
-    paths = []
-    for remote in REGISTRY[name]["files"]:
-        progress(f"fetching {remote.url}")
-        paths.append(download(remote, out_dir, allow_unpinned, timeout, progress))
+# --- a dataset -----------------------------------------------------------------------------------
+
+def fetch_dataset(ds: Dataset, dest: str | os.PathLike, base_url: Optional[str] = None,
+                  timeout: float = TIMEOUT, allow_unpinned: bool = False, convert: bool = True,
+                  log=print) -> list[str]:
+    """Every file of ``ds`` into ``dest/<its folder>``, then OpenAI's conversion; the paths."""
+    folder = os.path.join(str(dest), ds.where)
+    paths, fresh = [], False
+    for remote in ds.files:
+        url = url_of(ds, remote, base_url)
+        log(f"{ds.name}: {url}")
+        path, downloaded = download(remote, folder, url, timeout, allow_unpinned, log)
+        paths.append(path)
+        fresh = fresh or downloaded
+    if ds.checkpoint_folder and convert:
+        from sentdisc.checkpoint import ensure_openai_checkpoint  # torch: only when converting
+
+        out = ensure_openai_checkpoint(folder, os.path.join(str(dest), ds.checkpoint_folder),
+                                       force=fresh, log=log)
+        log(f"{ds.name}: checkpoint {out} (use it as --load_model {out} or --load_model openai)")
     return paths
 
 
+def fetch(name: str, dest: str | os.PathLike, **kw) -> list[str]:
+    if name not in REGISTRY:
+        raise FetchError(f"unknown dataset {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return fetch_dataset(REGISTRY[name], dest, **kw)
+
+
+def fetch_command(name: str, dest: str | os.PathLike) -> str:
+    return f"sentdisc data fetch {name} --dest {dest}"
+
+
+# --- the default corpus on a fresh machine -------------------------------------------------------
+
+def fetch_default_corpus(path: str, log=print) -> bool:
+    """When ``path`` is the default pretraining corpus (``$SENTDISC_DATA/amazon_blitzer/
+    reviews``, what jobs/configs/local.yaml reads) and holds nothing, fetch the Amazon sample
+    into it and return True; False for any other path (a missing path the user gave stays an
+    error). Offline, a DataError in seconds naming the command to run."""
+    from sentdisc.config import default_data_dir
+    from sentdisc.data.config import DataError
+
+    root = default_data_dir()
+    if "://" in str(path) or os.path.abspath(path) != os.path.abspath(root / DEFAULT_CORPUS):
+        return False
+    log(f"[data] {path} (the default corpus) is absent: fetching the sample corpus "
+        f"{SAMPLE_CORPUS} into it, as `{fetch_command(SAMPLE_CORPUS, root)}` does")
+    try:
+        fetch(SAMPLE_CORPUS, root, log=log)
+    except FetchError as e:
+        raise DataError(f"{path}: the default corpus is absent and the sample could not be "
+                        f"fetched ({e}). Run `{fetch_command(SAMPLE_CORPUS, root)}`, or pass "
+                        "--train PATH") from None
+    return True
+
+
+# --- command line --------------------------------------------------------------------------------
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="sentdisc data fetch",
-                                description="Download a public dataset with SHA-256 checks",
-                                epilog="datasets: " + "; ".join(f"{k}: {v['about']}"
-                                                                for k, v in REGISTRY.items()))
+    from sentdisc.config import default_data_dir
+
+    p = argparse.ArgumentParser(
+        prog="sentdisc data fetch",
+        description="Download a public dataset, verified by SHA-256 / git blob id / shape, "
+                    "resuming partial downloads",
+        epilog="datasets: " + "; ".join(f"{k}: {v.about}" for k, v in REGISTRY.items()))
     p.add_argument("name", choices=sorted(REGISTRY))
-    p.add_argument("--dest", default=os.environ.get("SENTDISC_DATA", "data"),
-                   help="folder to write <name>/ into (default $SENTDISC_DATA or ./data)")
+    p.add_argument("--dest", default=str(default_data_dir()),
+                   help="data folder to write into (default $SENTDISC_DATA, else ../shared/data)")
+    p.add_argument("--base_url", default=None,
+                   help=f"fetch every file from BASE_URL/NAME/FILE (a mirror; ${BASE_URL_ENV})")
+    p.add_argument("--no_convert", action="store_true",
+                   help="openai_weights: do not convert the .npy files into openai_checkpoint/")
     p.add_argument("--allow_unpinned", action="store_true",
-                   help="accept files whose SHA-256 is not pinned in the registry")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per connection")
+                   help="accept a file that has neither a pinned hash nor a content check")
+    p.add_argument("--timeout", type=float, default=TIMEOUT,
+                   help="seconds to connect and to wait for each read")
     args = p.parse_args(argv)
     try:
-        paths = fetch(args.name, args.dest, args.allow_unpinned, args.timeout)
-    except FetchError as e:
+        paths = fetch(args.name, args.dest, base_url=args.base_url, timeout=args.timeout,
+                      allow_unpinned=args.allow_unpinned, convert=not args.no_convert)
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.name}: {len(paths)} files in {os.path.join(args.dest, args.name)}")
+    print(f"{args.name}: {len(paths)} files in {os.path.join(args.dest, REGISTRY[args.name].where)}")
     return 0
 
 

@@ -6,7 +6,8 @@ goes through storage's pyarrow filesystems, the ones the read tasks use, and hap
 the driver, before any Ray task: a typo, a missing bucket, missing credentials or an endpoint
 that does not answer is one ``DataError`` / ``StorageError`` line naming the path.
 Names starting with '_' or '.' inside folders are bookkeeping (``_SUCCESS``, a manifest,
-``.crc``) and skipped.
+``.crc``) and skipped. The default corpus (``$SENTDISC_DATA/amazon_blitzer/reviews``, what
+jobs/configs/local.yaml reads) is fetched when it is absent (``data.fetch.fetch_default_corpus``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pyarrow.fs as pafs
 
 from sentdisc import storage
 from sentdisc.data.config import DataError
+from sentdisc.data.fetch import fetch_default_corpus
 
 _MAGIC = re.compile(r"[*?[]")
 
@@ -55,12 +57,15 @@ def _expand(part: str) -> list[tuple[str, int]]:
     if storage.is_file(part):
         fs, path = storage.filesystem(part)
         return [(part, fs.get_file_info(path).size)]
-    if storage.is_dir(part):
-        found = storage.list_files(part)
-        if not found:
-            raise DataError(f"{part}: folder holds no data files")
+    found = storage.list_files(part) if storage.is_dir(part) else None
+    if found:
         return found
-    raise DataError(f"{part}: no such file or folder")
+    # The default corpus absent (a fresh machine): the sample is fetched into it. Only that
+    # path: a missing path the user gave stays an error.
+    if fetch_default_corpus(part):
+        return storage.list_files(part)
+    raise DataError(f"{part}: folder holds no data files" if found is not None
+                    else f"{part}: no such file or folder")
 
 
 def _glob(pattern: str) -> list[tuple[str, int]]:

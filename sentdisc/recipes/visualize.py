@@ -33,13 +33,15 @@ FORMATS = ("png", "svg", "html", "json")
 @dataclass
 class VisualizeConfig:
     load_model: str = field(default="", metadata={
-        "help": "checkpoint directory (defaults to the classifier's checkpoint)", "path": True})
+        "help": "checkpoint directory, or openai (defaults to the classifier's checkpoint)",
+        "path": True})
     text: str = field(default="The meaning of life is ", metadata={
         "help": "text to analyse, or the prompt to continue with --generate"})
     text_file: str = field(default="", metadata={
         "help": "read the text from this UTF-8 file instead", "path": True})
     neuron: int | None = field(default=None, metadata={
-        "help": "neuron to show (default: the classifier's top neuron, else 0)"})
+        "help": "neuron to show (default: the classifier's top neuron; 2388 for --load_model "
+                "openai; else 0)"})
     classifier: str = field(default="", metadata={
         "help": "transfer classifier.json: its top neuron, sign, layer and feature kind",
         "path": True})
@@ -65,10 +67,14 @@ class VisualizeConfig:
 def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
     """Fill neuron / layer / kind / negate / load_model from the classifier's probe where not
     given, and read --text_file."""
+    from sentdisc.checkpoint import OPENAI, OPENAI_SENTIMENT_NEURON
+
     probe = Probe.load(cfg.classifier) if cfg.classifier else Probe()
-    neuron = cfg.neuron if cfg.neuron is not None else (probe.neuron or 0)
-    kind = cfg.kind or (probe.trace_kind if cfg.classifier else "cell")
     ckpt = cfg.load_model or probe.checkpoint
+    # OpenAI's model without a classifier: its known sentiment unit rather than unit 0.
+    known = OPENAI_SENTIMENT_NEURON if ckpt == OPENAI and not cfg.classifier else 0
+    neuron = cfg.neuron if cfg.neuron is not None else (probe.neuron or known)
+    kind = cfg.kind or (probe.trace_kind if cfg.classifier else "cell")
     if not ckpt:
         raise InputError("--load_model is required (a checkpoint directory), unless the "
                          "classifier names its checkpoint")
