@@ -32,10 +32,12 @@ class _FeaturizeReplica:
         self.kw = dict(batch_size=batch_size, layer=layer, kind=kind, chunk_size=chunk_size)
 
     def __call__(self, batch: dict) -> dict:
+        """{"text", ...} -> {"features", ...}: the other columns (an index here, a record's
+        file and line when scoring) pass through, so a row keeps what identifies it."""
         from sentdisc.features import featurize
 
         feats = featurize(self.model, [str(t) for t in batch["text"]], **self.kw)
-        return {"idx": batch["idx"], "features": feats}
+        return {**{k: v for k, v in batch.items() if k != "text"}, "features": feats}
 
 
 def _length_sorted_blocks(texts: Sequence[str], batch_size: int, replicas: int) -> list:

@@ -1,0 +1,218 @@
+"""Batch scoring: a corpus with known bad records -> Parquet that equals, row by row (matched
+by file and line), the classifier applied in process to the same texts; bad input -> exit 2."""
+import contextlib
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sentdisc import featurize, load
+from sentdisc.data.synth import synthesize
+from sentdisc.recipes.score import main
+
+# Texts the preprocessing changes (HTML entities, one escaped twice, a newline, edge spaces),
+# and records that are malformed for a reason synth does not inject here.
+TRICKY = [{"reviewerID": "T1", "reviewText": "Terrible &amp; bad, AT&T style"},
+          {"reviewerID": "T2", "reviewText": "I &lt;3 it &amp;lt; really &copy"},
+          {"reviewerID": "T3", "reviewText": "  line\nbreak and   spaces  "},
+          {"reviewerID": "T4", "reviewText": "Caf\u00e9 cr\u00e8me \U0001F600 was fine"},
+          {"reviewerID": "T5"},                        # missing_key: no text
+          {"reviewText": "no id at all"}]              # missing_key: no id
+CSV = 'reviewerID,reviewText\nC1,"Good value, would buy again"\nC2,"Two\nlines &amp; a quote"""\n'
+FIT_TEXTS = ["This movie was wonderful, I loved every minute.", "Terrible. A waste of money.",
+             "Best purchase I have made all year.", "The plot made no sense at all.",
+             "Highly recommended, great fun.", "Awful acting, boring and slow."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def classifier(model, tmp_path_factory):
+    """A classifier.json fitted (L1 logistic regression) on mean features, as test_serve's."""
+    from sklearn.linear_model import LogisticRegression
+
+    from sentdisc.classifier import Classifier, fit_result_to_classifier
+
+    feats = featurize(model, FIT_TEXTS, kind="mean")
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    full = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats, labels)
+    coef = full.coef_[0]
+    neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
+    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons],
+                                                                           labels)
+    clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
+                                   top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
+    assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
+    path = clf.save(tmp_path_factory.mktemp("clf") / "classifier.json")
+    return Classifier.load(path), str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two gzipped dump-shaped shards with every kind of bad record synth injects, a loose
+    JSON file of tricky texts and a CSV: (folder, synth manifest)."""
+    root = tmp_path_factory.mktemp("corpus")
+    manifest = synthesize(str(root), shards=2, records_per_shard=40, bad_fraction=0.2, seed=3,
+                          max_record_bytes=2048)  # over-long records ~3 KB: not capped here
+    (root / "tricky.json").write_text("".join(json.dumps(r) + "\n" for r in TRICKY))
+    (root / "more.csv").write_text(CSV)
+    # A numeric id, alone in its file: the reader takes one type of label (here: id) a block
+    (root / "numeric.json").write_text(json.dumps({"reviewerID": 7, "reviewText": "ok."}) + "\n")
+    return root, manifest
+
+
+def run_main(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The command's own lines on stderr (Ray Data logs its execution there too)."""
+    return [line for line in stderr.splitlines() if line.startswith("score:")]
+
+
+def args(tiny_checkpoint, classifier, corpus, output, *extra) -> list:
+    return ["--load_model", str(tiny_checkpoint), "--classifier", classifier[1],
+            "--data", str(corpus[0]), "--text_key", "reviewText", "--id_key", "reviewerID",
+            "--output", str(output), "--replicas", "2", "--batch_size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def scored(ray_local, tiny_checkpoint, classifier, corpus):
+    """One scoring run shared by the assertions, written to S3 (the local S3 API):
+    (exit code, stdout, rows, summary)."""
+    from conftest import new_bucket
+
+    from sentdisc import storage
+
+    output = f"s3://{new_bucket()}/scored/run"
+    code, out, err = run_main(args(tiny_checkpoint, classifier, corpus, output, "--examples", "5"))
+    assert code == 0, err
+    fs, path = storage.filesystem(output)
+    rows = pq.read_table(path, filesystem=fs).to_pylist()  # small here; the job never collects
+    return code, out, rows, storage.read_json(storage.join(output, "_summary.json"))
+
+
+def source_lines(root: Path) -> dict:
+    """{(file, line): raw line} of every JSON file in the corpus, read here independently."""
+    lines = {}
+    for path in sorted(p for p in root.glob("*.json*") if not p.name.startswith("_")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+        for i, raw in enumerate(data.removesuffix(b"\n").split(b"\n"), 1):
+            lines[(str(path), i)] = raw
+    return lines
+
+
+def csv_texts(root: Path) -> dict:
+    import csv
+
+    with open(root / "more.csv", newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        out = {}
+        for row in reader:  # the reader numbers a CSV record by its first physical line
+            out[(str(root / "more.csv"), reader.line_num - row[1].count("\n"))] = row
+        return out
+
+
+def test_one_row_per_well_formed_record_and_malformed_counted(scored, corpus):
+    _, out, rows, summary = scored
+    root, manifest = corpus
+    expected = manifest["expected"]
+    # tricky.json: 4 good, 2 missing_key; more.csv: 2 good; numeric.json: 1 good
+    good_extra, bad_extra = 4 + 2 + 1, 2
+    assert len(rows) == summary["rows_written"] == expected["records"] + good_extra
+    assert len({(r["file"], r["line"]) for r in rows}) == len(rows)
+    want = {k[len("skipped_"):]: v for k, v in expected.items() if k.startswith("skipped_") and v}
+    want["missing_key"] += bad_extra
+    assert summary["malformed"] == want
+    assert summary["malformed_total"] == sum(want.values())
+    assert summary["lines"] == summary["records"] + summary["malformed_total"]
+    assert summary["columns"] == list(rows[0]) == [
+        "file", "line", "id", "label", "prob", "prob_top", "neuron_value", "capped"]
+    assert "score: wrote" in out and "texts/s" in out and "ETA" in out
+
+
+def test_malformed_examples_are_the_first_bad_lines(scored, corpus):
+    _, _, rows, summary = scored
+    good = {(r["file"], r["line"]) for r in rows}
+    bad = sorted((set(source_lines(corpus[0])) | set(csv_texts(corpus[0]))) - good)
+    assert len(bad) == summary["malformed_total"]
+    listed = [(e["file"], e["line"]) for e in summary["malformed_examples"]]
+    assert listed == bad[:5]
+    assert all(e["reason"] in summary["malformed"] for e in summary["malformed_examples"])
+
+
+def test_scores_equal_the_classifier_in_process(scored, corpus, model, classifier):
+    _, _, rows, summary = scored
+    clf = classifier[0]
+    lines, csv_rows = source_lines(corpus[0]), csv_texts(corpus[0])
+    texts, ids = [], []
+    for r in rows:
+        key = (r["file"], r["line"])
+        if key in csv_rows:
+            rid, text = csv_rows[key]
+        else:
+            obj = json.loads(lines[key])
+            rid, text = obj["reviewerID"], obj["reviewText"]
+        texts.append(text)
+        ids.append(rid if isinstance(rid, str) else json.dumps(rid))
+    feats = featurize(model, texts, kind=clf.feature_kind, layer=clf.layer)
+    got = {k: np.array([r[k] for r in rows]) for k in ("prob", "prob_top", "neuron_value", "label")}
+    np.testing.assert_allclose(got["neuron_value"], feats[:, clf.neuron], atol=1e-5)
+    np.testing.assert_allclose(got["prob"], clf.predict_proba(feats), atol=1e-5)
+    np.testing.assert_allclose(got["prob_top"], clf.predict_proba_top(feats), atol=1e-5)
+    agree = got["label"] == clf.predict(feats)
+    assert agree.all() or np.abs(got["prob"][~agree] - 0.5).max() < 1e-5
+    assert got["prob"].std() > 1e-3, "probabilities all alike: the comparison could not fail"
+    assert [r["id"] for r in rows] == ids and "7" in ids
+    assert all(r["capped"] == 0 for r in rows)
+    assert (summary["neuron"], summary["sign"]) == (clf.neuron, clf.sign)
+    assert summary["feature_kind"] == "mean"
+
+
+def test_unknown_text_key_exits_2_naming_the_key(ray_local, tiny_checkpoint, classifier,
+                                                 corpus, tmp_path):
+    argv = args(tiny_checkpoint, classifier, corpus, tmp_path / "out")
+    argv[argv.index("--text_key") + 1] = "reviewTxt"
+    code, _, err = run_main(argv)
+    assert code == 2
+    (line,) = error_lines(err)
+    assert "'reviewTxt' (--text_key)" in line and str(corpus[0]) in line
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--classifier", "nope.json", "nope.json does not exist"),
+    ("--load_model", "no_ckpt", "checkpoint .*no_ckpt does not exist"),
+    ("--data", "no_corpus", "no_corpus: no such file or folder"),
+    ("--classifier", "wrong_size.json", "expects rnn_size 16 features, checkpoint .* 32"),
+    ("--output", "full", "full is not empty"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, classifier, corpus, tmp_path, flag,
+                                         value, message):
+    import re
+
+    from sentdisc.classifier import fit_result_to_classifier
+
+    fit_result_to_classifier(np.ones(16), 0.0, 1.0, [0], [1.0], 0.0, 1.0).save(
+        tmp_path / "wrong_size.json")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.parquet").write_bytes(b"")
+    argv = args(tiny_checkpoint, classifier, corpus, tmp_path / "out")
+    argv[argv.index(flag) + 1] = str(tmp_path / value)
+    code, _, err = run_main(argv)
+    assert code == 2, err
+    (line,) = error_lines(err)
+    assert re.search(message, line), err
