@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from sentdisc.train.step import GRAPH_MODES, graph_plan
+
 SCHEDULES = {"linear": "linear", "linearlr": "linear", "exponential": "exponential",
              "exponentiallr": "exponential", "none": "none", "constant": "none"}
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -34,6 +36,9 @@ class TrainConfig:
     eval_iters: int = field(default=0, metadata={
         "help": "windows per worker when evaluating val/test after training (0 = all)"})
     precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU)"})
+    cuda_graph: str = field(default="auto", metadata={
+        "help": "run the train step from a CUDA graph: auto (on CUDA when it can be captured, "
+                "else eager, saying why once) | on (fail with the reason when it cannot) | off"})
     num_workers: int | str = field(default=1, metadata={
         "help": "Ray Train workers (DDP ranks): N, or MIN-MAX for elastic training (the run "
                 "continues on as few as MIN when nodes are lost, and grows back to MAX)"})
@@ -88,6 +93,13 @@ class TrainConfig:
                              f"got {self.precision!r}")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("TrainConfig.precision fp16 needs use_gpu (on CPU use bf16 or fp32)")
+        if self.cuda_graph not in GRAPH_MODES:
+            raise ValueError(f"TrainConfig.cuda_graph must be one of {GRAPH_MODES}, "
+                             f"got {self.cuda_graph!r}")
+        graph_ok, why = graph_plan(self.cuda_graph, "cuda" if self.use_gpu else "cpu",
+                                   self.precision, self.optimizer_type)
+        if self.cuda_graph == "on" and not graph_ok:
+            raise ValueError(f"TrainConfig.cuda_graph on: the train step cannot be captured: {why}")
         if self.batch_size < self.max_workers:
             raise ValueError(f"TrainConfig.batch_size {self.batch_size} is the total over workers: "
                              f"it must be >= the most workers ({self.max_workers}), one stream "

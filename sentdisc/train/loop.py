@@ -29,7 +29,7 @@ from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce, RecordTrace
 from sentdisc.train.resume import RESUME_SPLIT, restore_point
-from sentdisc.train.step import LN2, autocast_for, evaluate_windows, train_step
+from sentdisc.train.step import LN2, TrainStep, autocast_for, evaluate_windows
 
 COUNT_KEYS = ("records", "dropped_bytes", "capped_records", "capped_bytes") + tuple(
     f"skipped_{r}" for r in REASONS)
@@ -103,6 +103,11 @@ class PretrainWorker:
         # Dropout masks differ across ranks and across restarts.
         torch.manual_seed(self.seed + 1000 * self.rank + self.resumed_from)
         self.ddp_model = ray.train.torch.prepare_model(self.model)
+        # eager or CUDA-graph replay (--cuda_graph); rank 0 says once why it runs eagerly
+        self.train_step = TrainStep(
+            self.ddp_model, self.optimizer, mode=self.tc.cuda_graph, precision=self.tc.precision,
+            clip=self.tc.clip, scaler=self.scaler, autocast=self.autocast,
+            loss_scale=self.loss_scale, log=_rank0_print if self.rank == 0 else None)
         self.trace = RecordTrace(self.run_dir, self.rank, self.world, self.resumed_from) \
             if self.tc.trace_records else None
         self.packer = BytePacker(
@@ -211,9 +216,7 @@ class PretrainWorker:
             self.interval.reset()
         x = window.x.to(self.device, non_blocking=True)
         reset = window.reset.to(self.device, non_blocking=True)
-        loss, self.hidden = train_step(self.ddp_model, self.optimizer, x, reset, self.hidden,
-                                       clip=self.tc.clip, scaler=self.scaler,
-                                       autocast=self.autocast, loss_scale=self.loss_scale)
+        loss, self.hidden = self.train_step(x, reset, self.hidden)
         self.scheduler.step()
         self.iteration += 1
         self.interval.add(loss, x[:, 1:].numel(), window.n_bytes)
@@ -249,14 +252,14 @@ class PretrainWorker:
     def _send_row(self, metrics: dict, checkpoint: str) -> None:
         """Rank 0's row for the history, with every rank's parameter checksum (equal iff DDP
         kept the replicas in sync) and node."""
-        from sentdisc.train.progress import send
+        from sentdisc.train.progress import reports, send
 
         mine = {"param_checksum": metrics["param_checksum"], "node": self.node}
         ranks = [mine]
         if self.dist:
             ranks = [None] * self.world
             torch.distributed.all_gather_object(ranks, mine)
-        if self.rank != 0:
+        if not reports(self.rank):  # rank 0 alone: the history and MLflow get one row a report
             return
         sums = [r["param_checksum"] for r in ranks]
         send(self.progress_actor, {**metrics, "param_checksums": sums,
@@ -357,6 +360,10 @@ class Interval:
         values = [self.n_pred, self.bytes] + [counts.get(k, 0) for k in COUNT_KEYS]
         rest = torch.tensor(values, dtype=torch.float64, device=self.device)
         return torch.cat([self.loss_sum.reshape(1), rest])
+
+
+def _rank0_print(message: str) -> None:
+    print(f"[pretrain] {message}", flush=True)
 
 
 def _summed(counts: list[dict]) -> dict:
