@@ -167,13 +167,13 @@ def incomplete_reason(directory: str | os.PathLike) -> Optional[str]:
         for name in (CONFIG_FILE, TRAIN_STATE) + ((OPTIM_META,) if OPTIM_META in names else ()):
             storage.read_json(storage.join(d, name), error=CheckpointError)
         for name in (MODEL_FILE,) + ((OPTIM_TENSORS,) if OPTIM_TENSORS in names else ()):
-            _check_safetensors_length(storage.join(d, name))
+            check_safetensors(storage.join(d, name))
     except InputError as e:
         return str(e)
     return None
 
 
-def _check_safetensors_length(uri: str) -> None:
+def check_safetensors(uri: str) -> None:
     """A safetensors file is 8 bytes of header length, the JSON header, then the tensors: the
     header says where the last tensor ends, so a truncated file shows without reading it."""
     fs, path = storage.filesystem(uri)
@@ -181,7 +181,10 @@ def _check_safetensors_length(uri: str) -> None:
     with fs.open_input_file(path) as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        header = json.loads(f.read(n)) if 0 < n < size else None
+        try:
+            header = json.loads(f.read(n)) if 0 < n < size else None
+        except ValueError:  # bytes that are not JSON (UnicodeDecodeError is one)
+            header = None
     if not isinstance(header, dict):
         raise CheckpointError(f"{uri}: not a safetensors file")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),

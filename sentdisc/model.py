@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from sentdisc.errors import InputError
 
+# Below this temperature sampling is the argmax: dividing logits by it overflows float32.
+GREEDY_BELOW = 1e-4
+
 VOCAB = 256
 RNN_TYPES = ("mlstm", "lstm")
 WEIGHT_NORMS = ("recurrent", "all", "none")
@@ -285,7 +288,7 @@ class ByteLM(nn.Module):
             if step == length:  # that last read only completes the trace
                 break
             logits = self.head(outputs[-1][0][:, -1]).float()
-            if temperature == 0:
+            if temperature < GREEDY_BELOW:  # logits / 1e-300 overflow to inf, softmax to nan
                 cur = int(logits.argmax(-1))
             else:
                 probs = F.softmax(logits / temperature, dim=-1)

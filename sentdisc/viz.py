@@ -34,6 +34,9 @@ from sentdisc.errors import InputError
 from sentdisc.model import check_layer
 from sentdisc.text import END_PAD, FRONT_PAD, preprocess
 
+MAX_OVERWRITE = 100.0   # |cell| a generation may hold the neuron at
+MAX_SEED = 2**32 - 1    # seeds a JSON client can send exactly (and torch.Generator takes)
+
 CMAP = "RdYlGn"  # red (negative) -> yellow (0) -> green (positive)
 MAX_CHARS = 20_000  # a heatmap is for reading; beyond this the image is unusable anyway
 FRONT_PAD_BYTES = len(FRONT_PAD.encode("utf-8"))
@@ -154,6 +157,11 @@ def generate_text(model, prompt: str, seq_length: int, temperature: float,
     if overwrite is not None and (not isinstance(overwrite, (int, float))
                                   or not math.isfinite(overwrite)):
         raise InputError(f"overwrite must be a finite number, got {overwrite!r}")
+    if overwrite is not None and abs(overwrite) > MAX_OVERWRITE:
+        raise InputError(f"overwrite must be within +-{MAX_OVERWRITE:g} (a cell held beyond "
+                         f"that saturates every gate), got {overwrite!r}")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_SEED):
+        raise InputError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     watch = 0 if neuron is None else neuron
     layer = _check_neuron(model, watch, layer)
     sign = -1.0 if negate else 1.0

@@ -42,6 +42,9 @@ def pytest_configure(config):
     global _S3_SERVER
     for k, v in TRAIN_ENV.items():
         os.environ.setdefault(k, v)
+    from sentdisc.serving.ingress import apply_serve_env
+
+    apply_serve_env()  # every Ray the tests start serves as users are told to run it
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:  # tests that need it skip with a reason

@@ -23,7 +23,7 @@ BATCHING = dict(max_batch_size=16, batch_wait_timeout_s=0.05)
 TEXTS = ["This movie was wonderful, I loved every minute.",
          "Terrible. A waste of money &amp; time!",
          "Caf\u00e9 cr\u00e8me was fine \U0001F600",
-         "",
+         "Meh.",
          "It is what it is.",
          "Best purchase I have made all year; highly recommended.",
          "The plot made no sense\nand the acting was wooden.",
@@ -98,8 +98,37 @@ def test_healthz_openapi_and_docs(url):
     spec = requests.get(url + "/openapi.json", timeout=30).json()
     for path in ("/featurize", "/sentiment", "/heatmap", "/generate"):
         assert "post" in spec["paths"][path], path
-    assert spec["components"]["schemas"]["FeaturizeRequest"]["additionalProperties"] is False
-    assert requests.get(url + "/docs", timeout=30).status_code == 200
+    schemas = spec["components"]["schemas"]
+    assert schemas["FeaturizeRequest"]["additionalProperties"] is False
+    # this deployment's caps are in its schema, so a client (or a fuzzer) can know them
+    texts = schemas["SentimentRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == LIMITS["max_texts"]
+    assert texts["items"]["maxLength"] == LIMITS["max_text_bytes"]
+    gen = schemas["GenerateRequest"]["properties"]
+    assert gen["length"]["maximum"] == LIMITS["max_generate_length"]
+    assert gen["temperature"]["minimum"] == 0 and gen["seed"]["anyOf"][0]["maximum"] == 2**32 - 1
+    assert schemas["HeatmapRequest"]["properties"]["neuron"]["anyOf"][0]["maximum"] == 31
+    for path in ("/featurize", "/sentiment", "/heatmap", "/generate"):
+        assert {"400", "413", "422", "500", "503"} <= set(spec["paths"][path]["post"]["responses"]), path
+    # /docs: Swagger UI from the app's own assets, nothing from a CDN
+    docs = requests.get(url + "/docs", timeout=30)
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', docs.text)
+    assert assets and all(a.startswith("/") for a in assets), assets
+    for a in assets:
+        assert requests.get(url + a, timeout=30).status_code == 200, a
+
+
+def test_schemathesis_finds_no_contract_failure(url, tmp_path):
+    """Every check schemathesis has, against this deployment's own /openapi.json: no 500s,
+    responses that match their schemas and documented status codes, valid requests accepted,
+    invalid ones rejected (bounded examples: the suite's time budget)."""
+    cli = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+    out = subprocess.run([cli, "run", url + "/openapi.json", "--checks", "all",
+                          "--max-examples", "12", "--seed", "1", "--request-timeout", "60",
+                          "--generation-database", "none", "--no-color"],
+                         capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
 
 
 def test_featurize_equals_in_process(url, model):
@@ -169,6 +198,20 @@ def test_generate_seeded_forced_and_in_process(url, model, classifier):
     np.testing.assert_allclose(r["trace"][r["prompt_end"] - 1:], 0.75, atol=1e-6)
     # default neuron: the classifier's sentiment neuron
     assert post(url, "/generate", {"length": 5}).json()["neuron"] == classifier[0].neuron
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-38, 1e-300])
+def test_generate_at_tiny_temperature_is_greedy_and_finite(url, model, temperature):
+    # fuzzing found 1e-300 -> 500 ("probability tensor contains inf, nan"): below 1e-4 the
+    # next byte is the argmax, the same text as temperature 0
+    req = {"prompt": "hi", "length": 5, "temperature": temperature, "neuron": 1,
+           "overwrite": 99.0}
+    r = post(url, "/generate", req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    greedy = viz.generate_text(model, "hi", 5, 0.0, neuron=1, overwrite=99.0)
+    assert body["text"] == greedy["text"]
+    assert all(isinstance(v, float) and np.isfinite(v) for v in body["trace"])
 
 
 def test_concurrent_requests_are_batched(url, model, classifier):
@@ -297,10 +340,10 @@ BAD = [
     ("missing field", "/sentiment", {}, 422),
     ("unknown field", "/sentiment", {"texts": ["a"], "path": "/etc/passwd"}, 422),
     ("unknown field generate", "/generate", {"length": 5, "checkpoint": "/tmp"}, 422),
-    ("too many texts", "/sentiment", {"texts": ["a"] * 9}, 413),
-    ("text too long", "/featurize", {"texts": ["a", BIG]}, 413),
-    ("heatmap text too long", "/heatmap", {"text": BIG}, 413),
-    ("prompt too long", "/generate", {"prompt": BIG, "length": 5}, 413),
+    ("too many texts", "/sentiment", {"texts": ["a"] * 9}, 422),
+    ("text too long", "/featurize", {"texts": ["a", BIG]}, 422),
+    ("heatmap text too long", "/heatmap", {"text": BIG}, 422),
+    ("prompt too long", "/generate", {"prompt": BIG, "length": 5}, 422),
     ("length over cap", "/generate", {"length": 65}, 422),
     ("length as string", "/generate", {"length": "10"}, 422),
     ("negative length", "/generate", {"length": -1}, 422),
@@ -310,6 +353,14 @@ BAD = [
     ("neurons out of range", "/featurize", {"texts": ["hi"], "neurons": [0, 99]}, 422),
     ("bad format", "/heatmap", {"text": "hi", "format": "gif"}, 422),
     ("blank heatmap text", "/heatmap", {"text": "   ", "format": "json"}, 422),
+    # one rule for texts on every endpoint: at least one non-whitespace character
+    ("empty sentiment text", "/sentiment", {"texts": ["fine", ""]}, 422),
+    ("blank featurize text", "/featurize", {"texts": [" \n "]}, 422),
+    ("empty heatmap text", "/heatmap", {"text": ""}, 422),
+    # found by fuzzing: each gets its documented 4xx
+    ("overwrite beyond bounds", "/generate", {"length": 5, "neuron": 0, "overwrite": 1e39}, 422),
+    ("seed of 2^64", "/generate", {"length": 5, "seed": 2**64}, 422),
+    ("temperature over bound", "/generate", {"length": 5, "temperature": 1e9}, 422),
     ("lone surrogate", "/sentiment", b'{"texts": ["ok", "\\ud800"]}', 422),
     ("body over cap", "/sentiment", b'{"texts": ["' + b"a" * 200_000 + b'"]}', 413),
 ]
@@ -323,10 +374,11 @@ def test_bad_request_gets_4xx(url, name, path, body, status):
     else:
         r = post(url, path, body)
     assert r.status_code == status, (name, r.status_code, r.text[:500])
-    detail = r.json()["detail"]
-    assert detail and "Traceback" not in r.text
+    detail = r.json()["detail"]  # one error shape everywhere: a list of {loc, msg, type}
+    assert detail and all({"loc", "msg", "type"} <= set(d) for d in detail), detail
+    assert "Traceback" not in r.text and "long long" not in r.text
     if name == "body over cap":  # refused from the header, before the body is parsed
-        assert "request body" in detail, detail
+        assert "request body" in detail[0]["msg"], detail
 
 
 def test_wrong_method_and_unknown_path(url):

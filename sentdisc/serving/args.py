@@ -47,11 +47,12 @@ class BatchConfig(_Settings):
     what: ClassVar[str] = "user_config"
 
     max_batch_size: int = Field(32, ge=1, le=1024, description=(
-        "requests coalesced per batch; a replica holds at most its max_ongoing_requests "
-        "(128 unless the config says otherwise), so keep this at half of that or less"))
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10, description=(
-        "how long an idle model waits for more requests; requests that queue while a batch "
-        "runs join the next batch without waiting"))
+        "requests coalesced into one featurize call; a replica holds at most its "
+        "max_ongoing_requests (128 unless the config says otherwise), so keep this at half "
+        "of that or less"))
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description=(
+        "how long an idle model waits for more requests before it starts (0: at once; "
+        "requests that queue while a batch runs join the next batch anyway)"))
 
 
 class AppArgs(_Settings):
@@ -68,8 +69,8 @@ class AppArgs(_Settings):
                                                 "else -1")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
     featurize_batch_size: int = Field(128, ge=1, description="texts per featurize forward pass")
-    max_texts: int = Field(64, ge=1, description="texts per request (more -> 413)")
-    max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 413)")
+    max_texts: int = Field(64, ge=1, description="texts per request (more -> 422; in the schema)")
+    max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 422; in the schema)")
     max_generate_length: int = Field(1000, ge=1, description="bytes per /generate (more -> 422)")
 
 
@@ -99,7 +100,7 @@ def load_classifier(path: str):
 def _checkpoint_config(ckpt: str):
     """The model config of a sentdisc checkpoint (a folder or a storage URI); None for
     OpenAI's weights, which are checked when a replica loads them."""
-    from sentdisc.checkpoint import MODEL_FILE, is_openai_weights, load_config
+    from sentdisc.checkpoint import MODEL_FILE, check_safetensors, is_openai_weights, load_config
 
     try:
         storage.check_access(ckpt, "checkpoint")
@@ -113,8 +114,13 @@ def _checkpoint_config(ckpt: str):
         raise
     except InputError as e:
         raise AppArgsError(f"sentdisc serve: bad checkpoint: {e}") from None
-    if not storage.is_file(storage.join(ckpt, MODEL_FILE)):
-        raise AppArgsError(f"sentdisc serve: {storage.join(ckpt, MODEL_FILE)} is missing")
+    weights = storage.join(ckpt, MODEL_FILE)
+    if not storage.is_file(weights):
+        raise AppArgsError(f"sentdisc serve: {weights} is missing")
+    try:  # a truncated or foreign file fails here, once, not in every replica's constructor
+        check_safetensors(weights)
+    except InputError as e:
+        raise AppArgsError(f"sentdisc serve: bad checkpoint: {e}") from None
     return config
 
 
@@ -147,9 +153,13 @@ def check_args(args: AppArgs) -> AppArgs:
     """Check the files ``args`` name before anything deploys. Returns the args with absolute
     paths (replicas do not run in this folder) and the served feature kind and layer filled in:
     the classifier's, so that the features served are the ones it was fitted on."""
+    from sentdisc.checkpoint import resolve
     from sentdisc.model import check_layer
 
-    ckpt = storage.absolute(args.checkpoint)
+    try:  # "openai": OpenAI's released weights, wherever `sentdisc data fetch` put them
+        ckpt = storage.absolute(str(resolve(args.checkpoint)))
+    except InputError as e:
+        raise AppArgsError(f"sentdisc serve: {e}") from None
     model_config = _checkpoint_config(ckpt)
     clf_path = clf = None
     if args.classifier is not None:

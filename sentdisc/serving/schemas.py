@@ -1,7 +1,20 @@
-"""Request and response bodies of the HTTP API (validated by FastAPI, documented at /docs)."""
+"""Request and response bodies of the HTTP API (validated by FastAPI, documented at /docs).
+
+Every limit a request can break is in the schema: the fixed ones here, the per-deployment caps
+(texts per request, bytes per text, generate length) written into /openapi.json by
+``apply_caps`` from the replica's AppArgs. The one rule for texts everywhere: at least one
+non-whitespace character (a blank text has no sentiment, no heatmap, no features worth asking
+for); a generation prompt may be empty.
+"""
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Ge, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from sentdisc.viz import MAX_OVERWRITE, MAX_SEED
+
+TEXT_RULE = r"\S"   # JSON Schema / pydantic pattern: somewhere, a non-whitespace character
+TEMPERATURE_MAX = 100.0
 
 
 class _Request(BaseModel):
@@ -9,29 +22,45 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-Neuron = Annotated[int, Field(ge=0)]
+def _integral(v):
+    # JSON Schema's "integer" includes 41.0 (a number with no fraction); strict pydantic would
+    # refuse it. Strings and booleans stay refused.
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(lo: int, hi: int):  # a type: named like one
+    # Bounds as annotated_types (pydantic then writes minimum/maximum into the schema, which
+    # Field(ge=..) beside a BeforeValidator does not), the validator last.
+    return Annotated[int, Ge(lo), Le(hi), BeforeValidator(_integral)]
+
+
+Neuron = Int(0, 1 << 20)
+Text = Annotated[str, Field(min_length=1, pattern=TEXT_RULE,
+                            description="at least one non-whitespace character")]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class FeaturizeRequest(_Request):
-    texts: list[str] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
     neurons: list[Neuron] | None = Field(None, min_length=1, description="default: all")
 
 
 class FeaturizeResponse(BaseModel):
-    features: list[list[float]] = Field(description="[len(texts), len(neurons) or rnn_size]")
+    features: list[list[Finite]] = Field(description="[len(texts), len(neurons) or rnn_size]")
     neurons: list[int] | None
     kind: str
     layer: int
 
 
 class SentimentRequest(_Request):
-    texts: list[str] = Field(min_length=1)
+    texts: list[Text] = Field(min_length=1)
 
 
 class SentimentResult(BaseModel):
     label: Literal["positive", "negative"]
-    probability: float = Field(description="P(positive) from the classifier on all features")
-    neuron_value: float = Field(description="the sentiment neuron's feature value")
+    probability: Finite = Field(ge=0, le=1, description="P(positive) from the classifier on all "
+                                                        "features")
+    neuron_value: Finite = Field(description="the sentiment neuron's feature value")
 
 
 class SentimentResponse(BaseModel):
@@ -40,15 +69,15 @@ class SentimentResponse(BaseModel):
 
 
 class HeatmapRequest(_Request):
-    text: str
+    text: Text
     neuron: Neuron | None = Field(None, description="default: the sentiment neuron")
     format: Literal["png", "svg", "json"] = "png"
 
 
 class HeatmapValues(BaseModel):
     chars: list[str]
-    values: list[float] = Field(description="the neuron after each character (the pads are "
-                                            "fed to the model, not shown)")
+    values: list[Finite] = Field(description="the neuron after each character (the pads are "
+                                             "fed to the model, not shown)")
     neuron: int
     negated: bool = Field(description="values sign-flipped: the sentiment neuron's weight is "
                                       "negative, so that positive values read as positive")
@@ -56,19 +85,91 @@ class HeatmapValues(BaseModel):
 
 class GenerateRequest(_Request):
     prompt: str = ""
-    length: int = Field(200, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
+    length: Int(1, 1 << 20) = 200
+    temperature: float = Field(1.0, ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False,
+                               description="sampling temperature; below 1e-4 (0 included) "
+                                           "each byte is the most likely one (greedy)")
     neuron: Neuron | None = Field(None, description="default: the sentiment neuron, else 0")
-    overwrite: float | None = Field(None, description="hold the neuron at this value while "
-                                       "generating (+1 positive, -1 negative for the sentiment "
-                                       "neuron, whatever the sign of its weight)")
-    seed: int | None = Field(None, ge=0)
+    overwrite: float | None = Field(None, ge=-MAX_OVERWRITE, le=MAX_OVERWRITE,
+                                    allow_inf_nan=False, description=(
+                                        "hold the neuron at this value while generating (+1 "
+                                        "positive, -1 negative for the sentiment neuron, "
+                                        "whatever the sign of its weight)"))
+    seed: Int(0, MAX_SEED) | None = Field(None, description="same seed, same text")
 
 
 class GenerateResponse(BaseModel):
     text: str
     prompt_end: int = Field(description="characters of text that are the (preprocessed) prompt")
     neuron: int
-    overwrite: float | None
+    overwrite: Finite | None
     chars: list[str]
-    trace: list[float] = Field(description="the neuron's value after each character")
+    trace: list[Finite] = Field(description="the neuron's value after each character")
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Error(BaseModel):
+    """Every error response: a list of problems, each with where (loc) and what (msg)."""
+    detail: list[ErrorItem] | str
+
+
+def errors(*codes: int) -> dict:
+    """The documented error responses of an endpoint (FastAPI ``responses=``)."""
+    about = {400: "the body is not JSON (bytes that do not decode)",
+             413: "the body is larger than any valid request can be",
+             422: "a field breaks its schema (caps included) or a rule the schema states",
+             500: "a fault in the server (the log has it; the message never does)",
+             503: "the model is not loaded (its reason), no classifier, or the queue is full "
+                  "(Retry-After says when to try again)"}
+    return {c: {"model": Error, "description": about[c]} for c in codes}
+
+
+def _cap_ints(prop: dict, maximum: int) -> None:
+    """Set ``maximum`` on the integer schemas in ``prop`` (itself, its items, its anyOf)."""
+    for sub in [prop, prop.get("items", {}), *prop.get("anyOf", [])]:
+        if sub.get("type") == "integer":
+            sub["maximum"] = maximum
+        elif sub.get("type") == "array":
+            _cap_ints(sub.get("items", {}), maximum)
+
+
+def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_length: int,
+               rnn_size: int | None) -> dict:
+    """Write one deployment's caps into its OpenAPI document (``spec``, changed in place):
+    texts per request, bytes per text, generate length, and the neurons its model has.
+
+    JSON Schema counts characters, the cap counts UTF-8 bytes: maxLength is the byte cap (a text
+    longer than that in characters is over it in bytes too), and the description says bytes.
+    """
+    schemas = spec.get("components", {}).get("schemas", {})
+
+    def cap_text(prop: dict) -> None:
+        prop["maxLength"] = max_text_bytes
+        prop["description"] = (f"at least one non-whitespace character, at most "
+                               f"{max_text_bytes} UTF-8 bytes")
+
+    for name in ("FeaturizeRequest", "SentimentRequest"):
+        texts = schemas.get(name, {}).get("properties", {}).get("texts")
+        if texts:
+            texts["maxItems"] = max_texts
+            cap_text(texts["items"])
+    heat = schemas.get("HeatmapRequest", {}).get("properties", {})
+    if "text" in heat:
+        cap_text(heat["text"])
+    gen = schemas.get("GenerateRequest", {}).get("properties", {})
+    if gen:
+        gen["length"]["maximum"] = max_generate_length
+        gen["length"]["default"] = min(gen["length"].get("default", 1), max_generate_length)
+        gen["prompt"]["maxLength"] = max_text_bytes
+    if rnn_size:
+        for name, field in (("FeaturizeRequest", "neurons"), ("HeatmapRequest", "neuron"),
+                            ("GenerateRequest", "neuron")):
+            prop = schemas.get(name, {}).get("properties", {}).get(field)
+            if prop:
+                _cap_ints(prop, rnn_size - 1)
+    return spec

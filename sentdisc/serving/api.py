@@ -1,0 +1,223 @@
+"""The HTTP API: each endpoint once, answered by the ModelServer that ``make_api`` puts in the
+app's state (a Serve replica, or the plain baseline's single process).
+
+Responses are rendered by orjson. Every error has one body shape (schemas.Error) and every
+status an endpoint can return is in its OpenAPI entry; floats in responses are always finite.
+/docs is Swagger UI served from the app itself (fastapi-offline's bundled assets, no CDN).
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, ORJSONResponse
+from fastapi_offline import FastAPIOffline
+
+import sentdisc
+from sentdisc.serving.schemas import (
+    FeaturizeRequest,
+    FeaturizeResponse,
+    GenerateRequest,
+    GenerateResponse,
+    HeatmapRequest,
+    HeatmapValues,
+    SentimentRequest,
+    SentimentResponse,
+    apply_caps,
+    errors,
+)
+from sentdisc.serving.server import ModelError, Unavailable, invalid
+
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a replica restarts in seconds
+ERRORS = errors(400, 413, 422, 500, 503)  # what every POST endpoint can answer besides 200
+
+
+def _server(request: Request) -> Any:
+    return request.app.state.server
+
+
+Server = Annotated[Any, Depends(_server)]  # this process's ModelServer
+router = APIRouter(default_response_class=ORJSONResponse)
+
+
+def finite(a) -> list:
+    """Values as JSON floats: never NaN or inf (orjson would write null where the schema
+    promises a number); a non-finite value is clipped to the float32 range, NaN to 0."""
+    a = np.asarray(a, dtype=np.float64)
+    big = float(np.finfo(np.float32).max)
+    return np.nan_to_num(a, nan=0.0, posinf=big, neginf=-big).tolist()
+
+
+@functools.cache
+def _page() -> str:
+    # Package data (pyproject.toml: "sentdisc.serving" = ["*.html"]): it ships in the wheel.
+    return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(_page())
+
+
+@router.get("/healthz", summary="200 when the model is loaded and answering; 503 with the "
+                                "reason when it could not be loaded", responses=errors(503))
+async def healthz(server: Server):
+    info = server.info()
+    return ORJSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
+
+
+@router.get("/stats", summary="batch sizes (requests per featurize call) seen by this process")
+async def stats(server: Server) -> dict:
+    return server.stats()
+
+
+@router.post("/featurize", response_model=FeaturizeResponse, responses=ERRORS,
+             summary="features of each text (all neurons, or the listed ones)")
+async def featurize(req: FeaturizeRequest, server: Server) -> ORJSONResponse:
+    server.check_texts(req.texts)
+    for j, n in enumerate(req.neurons or []):
+        server.check_neuron(n, f"neurons.{j}")
+    feats, batch = await server.features(req.texts)
+    if req.neurons is not None:
+        feats = feats[:, req.neurons]
+    # Built directly: re-validating max_texts x rnn_size floats against the response model
+    # would cost more than the featurize call (the schema still documents the shape).
+    return ORJSONResponse({"features": finite(feats), "neurons": req.neurons,
+                           "kind": server.probe.feature_kind, "layer": server.probe.layer},
+                          headers={"X-Batch-Size": str(batch)})
+
+
+@router.post("/sentiment", response_model=SentimentResponse, responses=ERRORS,
+             summary="per text: label, P(positive), and the sentiment neuron's value")
+async def sentiment(req: SentimentRequest, server: Server) -> ORJSONResponse:
+    server.check_texts(req.texts)
+    server.ready()
+    if server.classifier is None:
+        raise HTTPException(503, detail="no classifier loaded: deploy with classifier=FILE")
+    feats, batch = await server.features(req.texts)
+    prob = finite(server.classifier.predict_proba(feats))
+    neuron = server.probe.neuron
+    results = [{"label": "positive" if p >= 0.5 else "negative", "probability": p,
+                "neuron_value": v} for p, v in zip(prob, finite(feats[:, neuron]), strict=True)]
+    return ORJSONResponse({"results": results, "neuron": neuron},
+                          headers={"X-Batch-Size": str(batch)})
+
+
+@router.post("/heatmap", summary="the neuron's value after each character: PNG, SVG or JSON",
+             response_model=None,
+             responses={200: {"content": {"image/png": {}, "image/svg+xml": {},
+                                          "application/json": {
+                                              "schema": HeatmapValues.model_json_schema()}}},
+                        **ERRORS})
+async def heatmap(req: HeatmapRequest, server: Server):
+    from sentdisc import viz
+
+    server.check_texts([req.text], "text")
+    neuron = server.pick_neuron(req.neuron, None)
+    negate = server.probe.negate(neuron)
+    chars, values = await server.work(viz.neuron_values, server.model, req.text, neuron,
+                                      layer=server.probe.layer, kind=server.probe.trace_kind,
+                                      negate=negate)
+    if req.format == "png":
+        png = await server.work(viz.render_png, chars, values, title=f"neuron {neuron}")
+        return Response(png, media_type="image/png")
+    if req.format == "svg":
+        return Response(await server.work(viz.render_svg, chars, values),
+                        media_type="image/svg+xml")
+    return ORJSONResponse({"chars": list(chars), "values": finite(values), "neuron": neuron,
+                           "negated": negate})
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS,
+             summary="continue a prompt, optionally holding the neuron at a value")
+async def generate(req: GenerateRequest, server: Server) -> ORJSONResponse:
+    from sentdisc import viz
+
+    server.check_texts([req.prompt], "prompt")
+    cap = server.args.max_generate_length
+    length = req.length if "length" in req.model_fields_set else min(req.length, cap)
+    if length > cap:  # the schema's maximum is this deployment's cap (apply_caps)
+        raise invalid("length", f"{length} exceeds the limit of {cap} bytes")
+    neuron = server.pick_neuron(req.neuron, 0)
+    out = await server.work(viz.generate_text, server.model, req.prompt, length,
+                            req.temperature, neuron=neuron, overwrite=req.overwrite,
+                            layer=server.probe.layer, seed=req.seed,
+                            negate=server.probe.negate(neuron))
+    return ORJSONResponse({"text": out["text"], "prompt_end": int(out["prompt_end"]),
+                           "neuron": neuron, "overwrite": req.overwrite,
+                           "chars": list(out["chars"]), "trace": finite(out["values"])})
+
+
+def _body_cap(server) -> int:
+    # JSON escapes can make a text up to 6x longer (\uXXXX); a body above this cannot pass.
+    return 6 * server.args.max_texts * server.args.max_text_bytes + 65536
+
+
+def _error(status: int, detail, headers: dict | None = None) -> ORJSONResponse:
+    return ORJSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _add_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        # FastAPI's default echoes the whole input back; a 1 MB body would come back too.
+        return _error(422, [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""),
+                             "type": e.get("type", "")} for e in exc.errors()[:20]])
+
+    @api.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        detail = exc.detail
+        if isinstance(detail, str):  # one shape for every error: a list of {loc, msg, type}
+            detail = [{"loc": [], "msg": detail, "type": "http_error"}]
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
+        return _error(exc.status_code, detail, headers)
+
+    @api.exception_handler(Unavailable)
+    async def unavailable(request: Request, exc: Unavailable):
+        return _error(503, [{"loc": [], "msg": str(exc), "type": "unavailable"}],
+                      {"Retry-After": str(RETRY_AFTER_S)})
+
+    @api.exception_handler(ModelError)
+    async def model_error(request: Request, exc: ModelError):
+        return _error(500, [{"loc": [], "msg": "internal error in the model; see the server "
+                                               "log", "type": "internal"}])
+
+
+def make_api(server) -> FastAPI:
+    """The FastAPI app of one ModelServer: the routes, the body-size cap, the error mapping,
+    the caps in the schema, offline docs."""
+    api = FastAPIOffline(title="sentdisc", version=sentdisc.__version__,
+                         default_response_class=ORJSONResponse,
+                         description="Byte-level mLSTM sentiment discovery: features, sentiment, "
+                                     "per-character neuron heatmaps and neuron-steered "
+                                     "generation.")
+    api.state.server = server
+    api.include_router(router)
+    cap = _body_cap(server)
+
+    @api.middleware("http")
+    async def cap_body(request: Request, call_next):
+        """Refuse a body that cannot fit the caps before reading it (413)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > cap:
+            return _error(413, [{"loc": ["body"], "msg": f"request body of {length} bytes "
+                                 f"exceeds the {cap}-byte limit", "type": "too_large"}])
+        return await call_next(request)
+
+    _add_error_handlers(api)
+    plain_openapi = api.openapi
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            a = server.args
+            rnn = None if server.failure else server.model.config.rnn_size
+            api.openapi_schema = apply_caps(plain_openapi(), a.max_texts, a.max_text_bytes,
+                                            a.max_generate_length, rnn)
+        return api.openapi_schema
+
+    api.openapi = openapi
+    return api

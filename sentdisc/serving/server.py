@@ -1,0 +1,167 @@
+"""One model + classifier answering requests: what a Serve replica (app.SentdiscServer) runs, and
+what the plain FastAPI baseline runs, with no Ray involved.
+
+All torch work runs on one worker thread, so the event loop stays free to collect the next batch
+and answer health checks. A checkpoint that cannot be loaded does not crash the process (a
+replica that raises in its constructor is retried in a loop, a traceback each time): the server
+stays up, says why in /healthz (503) and answers every model endpoint with a 503 naming the
+reason, and the one log line says it once.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from fastapi import HTTPException
+
+from sentdisc import storage
+from sentdisc.errors import InputError
+from sentdisc.serving.args import AppArgs, BatchConfig, load_classifier, probe_of
+from sentdisc.serving.batching import Batcher
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelError(Exception):
+    """Model work failed on a valid request: a server fault (500, no traceback)."""
+
+
+class Unavailable(Exception):
+    """The model could not be loaded: every model endpoint answers 503 with this reason."""
+
+
+def last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:500] if text else type(e).__name__
+
+
+def invalid(field: str, msg: str) -> HTTPException:
+    """A 422 in the shape every error of the API has: ``{"detail": [{loc, msg, type}]}``."""
+    loc = ["body", *(int(p) if p.isdigit() else p for p in field.split("."))]
+    return HTTPException(422, detail=[{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+class ModelServer:
+    def __init__(self, args: AppArgs, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.args, self.failure = args, None
+        self.batch = BatchConfig()
+        self.batcher = Batcher(self._featurize, self.batch.max_batch_size,
+                               self.batch.batch_wait_timeout_s)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sentdisc-model")
+        try:
+            self._load(args)
+        except (InputError, OSError, ValueError, RuntimeError) as e:
+            self.failure = f"cannot load {args.checkpoint}: {last_line(e)}"
+            logger.error(f"sentdisc serve: {self.failure}")
+
+    def _load(self, args: AppArgs) -> None:
+        import torch
+
+        from sentdisc.checkpoint import load
+        from sentdisc.model import check_layer
+
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.model = load(args.checkpoint, map_location=device)
+        self.classifier = None
+        if args.classifier:
+            self.classifier = load_classifier(args.classifier)
+            self.classifier.predict_proba(np.zeros((1, self.model.config.rnn_size), np.float32))
+        self.probe = probe_of(args, self.classifier)
+        check_layer(self.probe.layer, len(self.model.layers))  # OpenAI's weights: first read here
+        logger.info(f"sentdisc serve: loaded {args.checkpoint} (rnn {self.model.config.rnn_size}, "
+                    f"{device}), classifier={args.classifier}")
+
+    def configure(self, batch: BatchConfig) -> None:
+        self.batch = batch
+        self.batcher.configure(batch.max_batch_size, batch.batch_wait_timeout_s)
+
+    def ready(self) -> None:
+        if self.failure:
+            raise Unavailable(self.failure)
+
+    # -- model work -------------------------------------------------------------------------
+
+    async def features(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        self.ready()
+        return await self.batcher.features(texts)
+
+    async def _featurize(self, texts: list[str]) -> np.ndarray:
+        from sentdisc import featurize
+
+        return await self.work(featurize, self.model, texts,
+                               batch_size=self.args.featurize_batch_size,
+                               layer=self.probe.layer, kind=self.probe.feature_kind)
+
+    async def work(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the model thread. The library's InputError is about the
+        request (422, its message); anything else is a server fault (500, logged)."""
+        self.ready()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        except InputError as e:
+            raise invalid("body", last_line(e)) from None
+        except Exception as e:
+            logger.error(f"sentdisc serve: {fn.__name__} failed: {type(e).__name__}: "
+                         f"{last_line(e)}")
+            raise ModelError(fn.__name__) from None
+
+    # -- request checks (before any model work: a bad text never fails a batch it would join).
+    # The caps are in the schema (api.make_api), so breaking one is a 422 like any schema rule.
+
+    def check_texts(self, texts: list[str], field: str = "texts") -> None:
+        cap, cap_bytes = self.args.max_texts, self.args.max_text_bytes
+        if len(texts) > cap:
+            raise invalid(field, f"{len(texts)} texts exceed the limit of {cap} per request")
+        for i, t in enumerate(texts):
+            try:
+                n = len(t.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise invalid(f"{field}.{i}", "not valid Unicode (unpaired surrogate)") from None
+            if n > cap_bytes:
+                raise invalid(f"{field}.{i}", f"{n} bytes exceed the limit of {cap_bytes} "
+                                              "UTF-8 bytes per text")
+
+    def check_neuron(self, neuron: int, field: str = "neuron") -> int:
+        self.ready()
+        H = self.model.config.rnn_size
+        if neuron >= H:
+            raise invalid(field, f"neuron {neuron} out of range for a rnn_size {H} model "
+                                 f"(0..{H - 1})")
+        return neuron
+
+    def pick_neuron(self, neuron: int | None, fallback: int | None) -> int:
+        """The requested neuron, else the sentiment neuron, else ``fallback``."""
+        self.ready()
+        for choice in (neuron, self.probe.neuron, fallback):
+            if choice is not None:
+                return self.check_neuron(choice)
+        raise invalid("neuron", "required (no classifier is loaded to name the sentiment "
+                                "neuron)")
+
+    # -- what /healthz and /stats report ----------------------------------------------------
+
+    def info(self) -> dict:
+        common = {"checkpoint": storage.basename(self.args.checkpoint), "pid": os.getpid(),
+                  **self.batch.model_dump()}  # what configure() last gave the batcher
+        if self.failure:
+            return {"status": "unavailable", "reason": self.failure, **common}
+        c = self.model.config
+        return {"status": "ok", "rnn_size": c.rnn_size, "layers": c.layers,
+                "rnn_type": c.rnn_type, "feature_kind": self.probe.feature_kind,
+                "layer": self.probe.layer, "device": self.device,
+                "classifier": self.classifier is not None, "neuron": self.probe.neuron,
+                "neuron_sign": -1 if self.probe.negate(self.probe.neuron) else 1, **common}
+
+    def stats(self) -> dict:
+        return self.batcher.stats()
