@@ -1,18 +1,23 @@
-"""/sentiment over real HTTP: throughput and latency, request batching on versus off.
+"""/sentiment over real HTTP, one text per request: Ray Serve against what a user would run
+instead, and against the model in process, all measured in the same run.
 
     python benchmarks/bench_serve.py                 # mLSTM-256 (random weights), 1/8/32 clients
     python benchmarks/bench_serve.py --quick         # fewer requests
 
-One local Ray + Serve; the same app (sentdisc.serving) is deployed twice in the same run, with
-its batch settings as the deployment's user_config:
-* batched:   @serve.batch with max_batch_size (default 32): concurrent requests share one
-             length-sorted, masked featurize call;
-* unbatched: max_batch_size=1, every request is its own featurize call (the baseline).
-Each client thread sends one review per request (Amazon test reviews when the shared data is
-present, else generated reviews of similar lengths; --texts sst2 for short sentences) and waits
-for the answer. Rows: texts/s,
-p50/p99 latency, the mean batch size the server reported (X-Batch-Size); the ratio is
-batched over unbatched throughput at the same concurrency. The model replica has 1 CPU.
+Rows, on the same CPU budget (the model gets one thread everywhere):
+* in-process: ``featurize`` + the classifier on the texts in batches of 128, no HTTP (the
+  ceiling);
+* plain:      the same API and batching (sentdisc.serving.plain) in one uvicorn process;
+* serve:      the Serve app as shipped (sentdisc.serving.ingress: HAProxy ingress, throughput-
+              optimized mode), one 1-CPU replica;
+* serve-proxy: the same app behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0,
+              RAY_SERVE_THROUGHPUT_OPTIMIZED=0), to show what the ingress is worth.
+Clients are threads that send one SST-2 test sentence per request (Amazon reviews with --texts
+amazon; generated sentences without the shared data) and wait for the answer. Printed: texts/s,
+p50/p99 latency, the mean number of requests that shared a featurize call (X-Batch-Size), and
+the ratios serve / plain and serve / in-process. At concurrency 1 the latency difference
+between rows is the cost of the path: plain - in-process = HTTP + JSON + the batcher, serve -
+plain = Serve's ingress hop.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import argparse
 import os
 import random
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -98,25 +104,114 @@ def load_test(url: str, texts: list[str], concurrency: int, n_requests: int) -> 
             "p99": 1e3 * np.percentile(latencies, 99), "batch": batches.mean()}
 
 
+def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3) -> dict:
+    """featurize + classify in this process, one thread, batches of 128: the ceiling."""
+    import torch
+
+    from sentdisc import featurize, load
+    from sentdisc.serving.args import load_classifier
+
+    torch.set_num_threads(1)
+    model, classifier = load(str(ckpt)), load_classifier(str(clf))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        classifier.predict_proba(featurize(model, texts, batch_size=128, kind="cell"))
+        best = min(best, time.perf_counter() - t0)
+    one = min(_timed(lambda: classifier.predict_proba(featurize(model, texts[:1], kind="cell")))
+              for _ in range(20))
+    return {"texts_s": len(texts) / best, "p50": 1e3 * one, "p99": float("nan"), "batch": 0}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc=None, timeout: float = 120) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
+
+
+def run_plain(ckpt, clf, texts, levels, n_for, batching) -> dict:
+    port = free_port()
+    args = [f"checkpoint={ckpt}", f"classifier={clf}", f"port={port}", "threads=1",
+            *(f"{k}={v}" for k, v in batching.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "sentdisc.serving.plain", *args], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, proc)
+        return {c: load_test(url, texts, c, n_for(c)) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy: bool) -> dict:
+    """One Ray session per ingress: Serve reads its ingress settings when Ray starts."""
+    import ray
+    from ray import serve
+
+    from sentdisc.serving import make_app
+    from sentdisc.serving.ingress import SERVE_ENV
+
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    os.environ.update(SERVE_ENV if haproxy else {k: "0" for k in SERVE_ENV
+                                                 if k != "RAY_SERVE_HAPROXY_RETRY_ON"})
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(make_app({"checkpoint": str(ckpt), "classifier": str(clf)}, batching=batching),
+                  name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url)
+        return {c: load_test(url, texts, c, n_for(c)) for c in levels}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rnn_size", type=int, default=256)
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max_batch_size", type=int, default=32)
-    p.add_argument("--batch_wait_timeout_s", type=float, default=0.002)
+    p.add_argument("--batch_wait_timeout_s", type=float, default=0.0)
     p.add_argument("--requests", type=int, default=0,
-                   help="requests per row (default: max(60, 12 x concurrency))")
-    p.add_argument("--texts", default="amazon", choices=["amazon", "sst2", "synthetic"],
+                   help="requests per row (default: max(60, 16 x concurrency))")
+    p.add_argument("--texts", default="sst2", choices=["amazon", "sst2", "synthetic"],
                    help="amazon / sst2 need the shared data, else generated reviews are used")
+    p.add_argument("--no_proxy_row", action="store_true", help="skip the serve-proxy rows")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
-
-    import ray
-    from ray import serve
-
-    from sentdisc.serving import make_app
+    n_for = lambda c: args.requests or (max(30, 6 * c) if args.quick else max(60, 16 * c))
+    batching = {"max_batch_size": args.max_batch_size,
+                "batch_wait_timeout_s": args.batch_wait_timeout_s}
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     ckpt, clf = make_model(tmp, args.embed_size, args.rnn_size)
@@ -124,46 +219,36 @@ def main(argv=None):
     lengths = [len(t.encode()) for t in texts]
     print(f"mLSTM-{args.rnn_size} (embed {args.embed_size}, random weights); {len(texts)} {what}, "
           f"{np.mean(lengths):.0f} bytes on average (median {np.median(lengths):.0f}); "
-          f"{load_note()}")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    modes = [("batched", args.max_batch_size), ("unbatched", 1)]
-    results: dict = {}
-    try:
-        for mode, mbs in modes:
-            app = make_app({"checkpoint": str(ckpt), "classifier": str(clf)},
-                           batching={"max_batch_size": mbs,
-                                     "batch_wait_timeout_s": args.batch_wait_timeout_s})
-            serve.run(app, name=f"bench-{mode}", route_prefix="/")
-            for c in levels:
-                n = args.requests or (max(24, 4 * c) if args.quick else max(60, 12 * c))
-                results[mode, c] = r = load_test(url, texts, c, n)
-                print(f"  {mode:9s} concurrency {c:3d}: {r['texts_s']:7.1f} texts/s  "
-                      f"p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  batch {r['batch']:.1f}",
-                      flush=True)
-            serve.delete(f"bench-{mode}")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+          f"{load_note()}", flush=True)
+    results = {"in-process": {c: in_process(ckpt, clf, texts) for c in levels[:1]}}
+    results["plain"] = run_plain(ckpt, clf, texts, levels, n_for, batching)
+    results["serve"] = run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy=True)
+    if not args.no_proxy_row:
+        results["serve-proxy"] = run_serve(ckpt, clf, texts, levels, n_for, batching,
+                                           haproxy=False)
+    report(results, levels, what, args)
 
-    rows = []
+
+def report(results: dict, levels: list, what: str, args) -> None:
+    ceiling = next(iter(results["in-process"].values()))
+    rows = [{"c": "-", "mode": "in-process", "tps": f"{ceiling['texts_s']:.1f}",
+             "p50": f"{ceiling['p50']:.1f}", "p99": "", "batch": "", "vs_plain": "",
+             "vs_inproc": "1.00"}]
     for c in levels:
-        on, off = results["batched", c], results["unbatched", c]
-        ratio = f"{on['texts_s'] / off['texts_s']:.2f}x"
-        for mode, r in (("batched", on), ("unbatched", off)):
+        plain = results["plain"][c]
+        for mode in [m for m in ("plain", "serve", "serve-proxy") if m in results]:
+            r = results[mode][c]
             rows.append({"c": c, "mode": mode, "tps": f"{r['texts_s']:.1f}",
                          "p50": f"{r['p50']:.1f}", "p99": f"{r['p99']:.1f}",
-                         "batch": f"{r['batch']:.1f}", "ratio": ratio if mode == "batched" else ""})
-    print(f"\n/sentiment, one {what[:-1]} per request, max_batch_size {args.max_batch_size} vs 1, "
-          f"batch_wait_timeout_s {args.batch_wait_timeout_s}; {load_note()}")
-    print_table(rows, [("c", "concurrency"), ("mode", "mode"), ("tps", "texts/s"),
+                         "batch": f"{r['batch']:.1f}",
+                         "vs_plain": f"{r['texts_s'] / plain['texts_s']:.2f}",
+                         "vs_inproc": f"{r['texts_s'] / ceiling['texts_s']:.2f}"})
+    print(f"\n/sentiment, one {what[:-1]} per request, mLSTM-{args.rnn_size}, one model thread "
+          f"everywhere, max_batch_size {args.max_batch_size}, batch_wait_timeout_s "
+          f"{args.batch_wait_timeout_s}; {load_note()}")
+    print_table(rows, [("c", "clients"), ("mode", "path"), ("tps", "texts/s"),
                        ("p50", "p50 ms"), ("p99", "p99 ms"), ("batch", "mean batch"),
-                       ("ratio", "batched/unbatched texts/s")])
+                       ("vs_plain", "/ plain"), ("vs_inproc", "/ in-process")])
 
 
 if __name__ == "__main__":
