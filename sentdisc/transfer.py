@@ -9,7 +9,8 @@ The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``, composed fro
 3. ``sentdisc.sweep.train_classifier``: the L1 strength C swept with Ray Tune on validation,
    the neurons ranked by |weight|, a second regression on the top ``num_neurons``;
 4. ``sentdisc.report``: the printed report, tune_results.csv, the neuron plots; then
-   classifier.json (``sentdisc.classifier.Classifier``) and results.json.
+   classifier.json (``sentdisc.classifier.Classifier``) and results.json;
+5. ``sentdisc.tracking``: all of it as an MLflow run tagged with the checkpoint.
 
 Every input (``--load_model``, the tables, ``--write_results``) and every output may be a local
 path or a storage URI (``sentdisc.storage``).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from sentdisc import storage
 from sentdisc.config import OutputConfig
@@ -44,6 +46,7 @@ from sentdisc.sweep import (
     top_neurons,
     train_classifier,
 )
+from sentdisc.tracking import TrackingConfig, transfer_tracker
 
 __all__ = ["TransferConfig", "TransferError", "run_transfer"]
 
@@ -209,12 +212,33 @@ def _sizes(data: dict) -> dict:
     return {r: (len(data[r]) if data[r] is not None else 0) for r in ROLES}
 
 
-def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print) -> dict:
-    """The whole transfer job; returns results (also written to results.json)."""
+def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print,
+                 tracking: Optional[TrackingConfig] = None) -> dict:
+    """The whole transfer job; returns results (also written to results.json). It is tracked
+    as an MLflow run tagged with its checkpoint (``sentdisc.tracking``) unless ``tracking``
+    says otherwise."""
     t_start = time.perf_counter()
     model = load_checkpoint(cfg)
     data = prepare_data(cfg)
     run_dir = output_dir(cfg, out)
+    tracking = tracking or TrackingConfig()
+    # a tracking server that does not answer fails the job here, before any featurizing
+    tracker = transfer_tracker(tracking, out, storage.basename(run_dir),
+                               storage.absolute(cfg.load_model), log)
+    with tracker:
+        config = {**asdict(cfg), **asdict(out), **asdict(tracking)}  # every flag
+        tracker.start(config)
+        results = _transfer(cfg, run_dir, model, data, tracker, log)
+        results.update(seconds=round(time.perf_counter() - t_start, 3), config=config)
+        storage.write_json(results["files"]["results"], results, indent=1)
+        tracker.log_result(_tracked_metrics(results), _tracked_tags(results),
+                           {storage.basename(f): f for f in results["files"].values()})
+    log(f"results successfully written to {run_dir}")
+    return results
+
+
+def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log) -> dict:
+    """Featurize, sweep, write the outputs; results.json's content (the caller writes it)."""
     storage.makedirs(run_dir)
     log(f"writing results to {run_dir}")
     sizes = _sizes(data)
@@ -222,6 +246,7 @@ def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print) -> dict:
         f" texts; features: layer {cfg.layer} {cfg.feature_kind}, rnn_size {model.config.rnn_size}")
 
     feats, feat_stats = featurize_sets(data, model, cfg, log)
+    tracker.ready()  # the store opened while featurizing: fail before the sweep if it did not
     labels = {r: (data[r].labels if data[r] is not None else None) for r in ROLES}
     sweep = sweep_config(cfg, run_dir)
     clf, res = fit_classifier(feats, labels, cfg, sweep, log)
@@ -232,13 +257,30 @@ def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print) -> dict:
     dataset = storage.basename(run_dir)
     results = {"dataset": dataset, **_inputs(cfg, model, data),
                **_outcome(clf, res, boundary), "featurize": feat_stats,
-               "seconds": round(time.perf_counter() - t_start, 3),
-               "files": {k: str(v) for k, v in files.items()},
-               "config": {**asdict(cfg), **asdict(out)}}  # every flag of the command line
+               "files": {k: str(v) for k, v in files.items()}}
     clf.meta = {"dataset": dataset, "accuracy": {
         "all": {k: res["all_neurons"][f"{k}_acc"] for k in ROLES},
         "top": {k: res["top_neurons"][f"{k}_acc"] for k in ROLES}}}
     clf.save(files["classifier"])
-    storage.write_json(files["results"], results, indent=1)
-    log(f"results successfully written to {run_dir}")
     return results
+
+
+def _tracked_metrics(results: dict) -> dict:
+    """results.json -> MLflow metrics: both regressions' accuracies and Cs, the neuron, and
+    the sweep (validation accuracy by C, smallest C first, as steps)."""
+    out: dict = {}
+    for which in ("all_neurons", "top_neurons"):
+        r = results[which]
+        out.update({f"{which}.{k}": r.get(k) for k in (
+            "train_acc", "val_acc", "test_acc", "C", "nnz", "seconds")})
+    sweep = sorted(results["sweep"], key=lambda r: r["C"])
+    out.update({"neuron": results["neuron"], "seconds": results["seconds"],
+                "sweep.C": [r["C"] for r in sweep], "sweep.val_acc": [r["val_acc"] for r in sweep]})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _tracked_tags(results: dict) -> dict:
+    top = results["top_neurons"]
+    return {"sentdisc.top_neurons": ",".join(str(n) for n in top["neurons"]),
+            "sentdisc.top_weights": ",".join(f"{w:+.4f}" for w in top["weights"]),
+            "sentdisc.neuron": results["neuron"], "sentdisc.sign": results["sign"]}

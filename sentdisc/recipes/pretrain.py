@@ -5,11 +5,13 @@
     ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/local.yaml
 
 Flags as in NVIDIA's sentiment-discovery (rnn_size, batch_size, seq_length, lr, ...), see
-``--help``; ``--config FILE.yaml`` gives defaults (sections model:, data:, train:, output:) that
-flags override. Path values may use environment variables (``$VAR``, ``${VAR:-default}``);
-``$SENTDISC_DATA`` defaults to ``../shared/data`` beside the checkout. Outputs go to
+``--help``; ``--config FILE.yaml`` gives defaults (sections model:, data:, train:, output:,
+tracking:) that flags override. Path values may use environment variables (``$VAR``,
+``${VAR:-default}``); ``$SENTDISC_DATA`` defaults to ``../shared/data`` beside the checkout. Outputs go to
 <experiment_dir>/<experiment_name>/: Ray Train's checkpoints, checkpoint_final, history.csv,
-loss.png, summary.json.
+loss.png, summary.json. The run is tracked in MLflow (``sentdisc.tracking``): a SQLite store
+<experiment_dir>/mlflow.db by default, ``--tracking_uri`` for a server, ``--tracking none`` for
+none; ``--tensorboard`` adds TensorBoard event files in the run's folder.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from sentdisc.config import OutputConfig, parse
 from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.recipes import run
+from sentdisc.tracking import TrackingConfig
 from sentdisc.train import TrainConfig, pretrain
 
 
 def main(argv=None) -> int:
-    configs = parse([ModelConfig, DataConfig, TrainConfig, OutputConfig], argv,
-                    "Pretrain a byte-level mLSTM on Ray Train")
-    return run("pretrain", lambda: report(pretrain(*configs)))
+    *configs, tracking = parse([ModelConfig, DataConfig, TrainConfig, OutputConfig,
+                                TrackingConfig], argv, "Pretrain a byte-level mLSTM on Ray Train")
+    return run("pretrain", lambda: report(pretrain(*configs, tracking=tracking)))
 
 
 def report(summary: dict) -> None:

@@ -5,7 +5,9 @@ learning-rate decay and the ETA) is ``max_iters``, else counted from the corpus 
 cheap. The driver, not the workers, writes ``run_config.json``, ``history.csv``, ``loss.png``,
 ``summary.json`` and ``checkpoint_final`` under ``<experiment_dir>/<experiment_name>/``, on any
 storage (``experiment_dir`` may be ``s3://bucket/exp``: it is Ray Train's ``storage_path``
-too, which every node must see on a multi-node cluster).
+too, which every node must see on a multi-node cluster). It also logs rank 0's reports,
+the config, the loss plot and the history to MLflow (``sentdisc.tracking``); the rows reach
+the driver through the progress actor, so only the driver's node needs the tracking store.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from sentdisc.errors import InputError, RunFailed
 from sentdisc.model import ModelConfig
 from sentdisc.report import merge_rows, plot_loss, read_history, write_history
 from sentdisc.runtime import ensure_ray
+from sentdisc.tracking import CHECKPOINT_TAG, Tracker, TrackingConfig, pretrain_tracker
 from sentdisc.train.config import TrainConfig
 from sentdisc.train.progress import Progress
 from sentdisc.train.resources import check_fits, stall_diagnosis
@@ -32,37 +35,64 @@ COUNT_LIMIT_BYTES = 2 * 1024 ** 3
 
 
 def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
-             output: Optional[OutputConfig] = None, progress: bool = True) -> dict:
-    """Run a pretraining job on the current Ray cluster (started locally if none)."""
-    from sentdisc.data.readers import build_datasets, train_split
+             output: Optional[OutputConfig] = None, progress: bool = True,
+             tracking: Optional[TrackingConfig] = None) -> dict:
+    """Run a pretraining job on the current Ray cluster (started locally if none), tracked
+    in MLflow unless ``tracking`` says otherwise (``sentdisc.tracking``)."""
+    from sentdisc.data.readers import build_datasets
 
     model_cfg, tc, output = _prepare(model_cfg, train_cfg, output or OutputConfig())
-    run_dir = output.run_dir
+    prior = _prior_history(output.run_dir, tc.resume)
+    # a tracking server that does not answer fails the run here; a rerun continues its run
+    tracker = pretrain_tracker(tracking, output, resume=bool(tc.resume), prior_rows=prior)
     # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
     ensure_ray(include_dashboard=False, log_to_driver=False)
     check_fits(tc)
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
+    with tracker:  # the inputs are good: only now is the store opened and written
+        return _run(model_cfg, data_cfg, tc, output, datasets, total_iters, prior, tracker,
+                    progress)
+
+
+def _run(model_cfg: ModelConfig, data_cfg, tc: TrainConfig, output: OutputConfig,
+         datasets: dict, total_iters: Optional[int], prior: list, tracker: Tracker,
+         progress: bool) -> dict:
+    from sentdisc.data.readers import train_split
+
+    run_dir = output.run_dir
     storage.makedirs(run_dir)
-    prior = _prior_history(run_dir, tc.resume)
-    storage.write_json(storage.join(run_dir, "run_config.json"), {
-        "model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
-        "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
-        "total_iters": total_iters})
+    run_config = {"model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
+                  "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
+                  "total_iters": total_iters}
+    storage.write_json(storage.join(run_dir, "run_config.json"), run_config)
+    tracker.start(run_config)  # every config value as an MLflow param
     loop_config = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
                    "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
                    "total_iters": total_iters, "run_dir": run_dir,
                    "train_split": train_split(data_cfg),
                    "eval_splits": [k for k in datasets if k != "train"]}
+    tracker.ready()  # before any worker starts
     t0 = time.perf_counter()
     history = storage.join(run_dir, "history.csv")
+
+    def on_rows(new: list) -> None:
+        # appended as reports arrive, so a killed driver leaves its curve behind
+        write_history(merge_rows(prior, watch.rows), history)
+        tracker.log_rows(new)  # rank 0's rows only: no other rank sends any
+
     watch = Progress(printed=progress, stall_warn_s=tc.stall_warn_s,
                      stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
-                     # appended as reports arrive, so a killed driver leaves its curve behind
-                     on_rows=lambda _: write_history(merge_rows(prior, watch.rows), history))
+                     on_rows=on_rows)
     loop_config["progress_actor"] = watch.actor_name
     result = _fit(_trainer(tc, output, loop_config, datasets), watch)
-    return _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
+    summary = _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
+    tracker.log_result({}, {CHECKPOINT_TAG: summary["checkpoint"]} if summary["checkpoint"]
+                       else {}, {"loss.png": summary["loss_plot"],
+                                 "history.csv": summary["history"],
+                                 "summary.json": storage.join(run_dir, "summary.json"),
+                                 "run_config.json": storage.join(run_dir, "run_config.json")})
+    return summary
 
 
 def _fit(trainer, watch: Progress):

@@ -3,12 +3,13 @@
 Rank 0 sends each report's row (with every rank's parameter checksum and node) to a small
 named actor on the driver's node (where Ray Train's controller lives too, so losing another
 node loses neither); a thread on the driver polls that actor once a second, prints a progress
-line per row and hands the rows to whoever writes the history. The rows do not go through
-``ray.train.report``: its controller collects one report per health check (2 s), and a worker
-reporting faster blocks until it does, so only checkpoints are reported to Ray Train. The same
-thread is the stall watchdog: no report for ``stall_warn_s`` and it prints what the cluster is
-waiting for; for ``stall_fail_s`` and it stops the run (as Ctrl-C would) so that ``pretrain``
-fails with that diagnosis instead of waiting forever.
+line per row and hands the rows to whoever writes the history and the experiment tracking
+(``sentdisc.tracking``: the driver's node is the only one that must reach the tracking store).
+The rows do not go through ``ray.train.report``: its controller collects one report per health
+check (2 s), and a worker reporting faster blocks until it does, so only checkpoints are
+reported to Ray Train. The same thread is the stall watchdog: no report for ``stall_warn_s``
+and it prints what the cluster is waiting for; for ``stall_fail_s`` and it stops the run (as
+Ctrl-C would) so that ``pretrain`` fails with that diagnosis instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ def _metrics_log_class():
             return self.rows[n:]
 
     return MetricsLog
+
+
+def reports(world_rank: int) -> bool:
+    """Whether this rank sends report rows to the driver: rank 0 only, so the history and the
+    experiment tracking (``sentdisc.tracking``, fed from these rows) hold one row per report
+    however many workers there are."""
+    return world_rank == 0
 
 
 def send(actor_name: str, row: dict) -> None:
