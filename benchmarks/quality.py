@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sentdisc import ByteLM, ModelConfig, featurize, load  # noqa: E402
+from sentdisc.config import OutputConfig  # noqa: E402
 from sentdisc.data.readers import DataConfig, build_datasets  # noqa: E402
 from sentdisc.labeled import read_table  # noqa: E402
 from sentdisc.sweep import SweepConfig, train_classifier  # noqa: E402
@@ -93,7 +94,8 @@ def transfer_row(model, tasks: dict, args, out: Path, tag: str) -> dict:
         print(f"  [{tag}] {task}: featurized {nbytes / 1e6:.1f} MB in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         for kind in KINDS:
-            sweep = SweepConfig(seed=args.seed, backend="tune", standardize=True, num_neurons=1,
+            sweep = SweepConfig(seed=args.seed, backend=args.sweep_backend, standardize=True,
+                                num_neurons=1,
                                 storage=out / "tune" / tag / task / kind)
             _, res = train_classifier(
                 feats["train"][kind], splits["train"][1], feats["val"][kind], splits["val"][1],
@@ -194,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--experiment_dir", default=str(REPO / "experiments"))
     p.add_argument("--skip_pretrain", action="store_true",
                    help="reuse the checkpoints already there")
+    p.add_argument("--tracking", default="mlflow", help="mlflow | none (sentdisc.tracking)")
+    p.add_argument("--sweep_backend", default="tune",
+                   help="tune: a Ray Tune trial per C | local: in process (dry runs)")
     p.add_argument("--quick", action="store_true",
                    help="tiny budget and subsets: checks the script")
     args = p.parse_args(argv)
@@ -220,14 +225,16 @@ def main(argv=None) -> int:
         save_iters=args.max_iters // args.checkpoints, eval_iters=16, num_workers=args.num_workers,
         use_gpu=args.use_gpu, precision=args.precision,
         cpus_per_worker=1, threads_per_worker=args.threads_per_worker,
-        experiment_dir=args.experiment_dir, experiment_name=name,
         keep_checkpoints=args.checkpoints + 2, max_failures=1)
+    output_cfg = OutputConfig(experiment_dir=args.experiment_dir, experiment_name=name)
     run_dir = Path(args.experiment_dir) / name
     print(f"== pretraining mLSTM-{args.rnn_size} on {args.corpus} for {args.max_iters} iterations "
           f"of {args.batch_size}x{args.seq_length} bytes "
           f"({args.max_iters * args.batch_size * args.seq_length / 1e6:.1f} MB)", flush=True)
     if not args.skip_pretrain:
-        summary = pretrain(model_cfg, data_cfg, train_cfg)
+        from sentdisc.tracking import TrackingConfig
+        summary = pretrain(model_cfg, data_cfg, train_cfg, output_cfg,
+                           tracking=TrackingConfig(tracking=args.tracking))
         print(f"   done in {summary['wall_s'] / 60:.1f} min", flush=True)
     t_pretrain = time.perf_counter() - t_start
     ckpts = checkpoints_in(run_dir)
@@ -261,7 +268,8 @@ def main(argv=None) -> int:
     header = (f"mLSTM-{args.rnn_size} (embed {args.embed_size}) pretrained on {args.corpus} "
               f"reviews, {args.batch_size}x{args.seq_length} windows, Adam lr {args.lr} linear "
               f"decay; test accuracy (%) of an L1 logistic regression on standardized features, "
-              f"C chosen on validation by a Ray Tune sweep; "
+              f"C chosen on validation by a "
+              f"{'Ray Tune' if args.sweep_backend == 'tune' else 'local'} sweep; "
               f"subsets: SST-2 {'all' if not args.max_sst2 else args.max_sst2}, "
               f"Amazon/IMDB train {args.max_train} val {args.max_val} test {args.max_test}. "
               f"Pretraining {t_pretrain / 60:.1f} min, whole run {wall / 60:.1f} min.")
