@@ -6,7 +6,7 @@ instead, and against the model in process, all measured in the same run.
 
 Rows, on the same CPU budget (the model gets one thread everywhere):
 * in-process: ``featurize`` + the classifier on the texts in batches of 128, no HTTP (the
-  ceiling);
+  ceiling), and in batches of 32 (the most that 32 one-text clients can put in one call);
 * plain:      the same API and batching (sentdisc.serving.plain) in one uvicorn process;
 * serve:      the Serve app as shipped (sentdisc.serving.ingress: HAProxy ingress, throughput-
               optimized mode), one 1-CPU replica;
@@ -104,8 +104,8 @@ def load_test(url: str, texts: list[str], concurrency: int, n_requests: int) -> 
             "p99": 1e3 * np.percentile(latencies, 99), "batch": batches.mean()}
 
 
-def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3) -> dict:
-    """featurize + classify in this process, one thread, batches of 128: the ceiling."""
+def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3, batch: int = 128) -> dict:
+    """featurize + classify in this process, one thread, batches of ``batch``: the ceiling."""
     import torch
 
     from sentdisc import featurize, load
@@ -116,7 +116,7 @@ def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3) -> dict:
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        classifier.predict_proba(featurize(model, texts, batch_size=128, kind="cell"))
+        classifier.predict_proba(featurize(model, texts, batch_size=batch, kind="cell"))
         best = min(best, time.perf_counter() - t0)
     one = min(_timed(lambda: classifier.predict_proba(featurize(model, texts[:1], kind="cell")))
               for _ in range(20))
@@ -220,7 +220,9 @@ def main(argv=None):
     print(f"mLSTM-{args.rnn_size} (embed {args.embed_size}, random weights); {len(texts)} {what}, "
           f"{np.mean(lengths):.0f} bytes on average (median {np.median(lengths):.0f}); "
           f"{load_note()}", flush=True)
-    results = {"in-process": {c: in_process(ckpt, clf, texts) for c in levels[:1]}}
+    results = {"in-process": {c: in_process(ckpt, clf, texts) for c in levels[:1]},
+               # what a server can reach at best: 32 clients make batches of 32 at most
+               "in-process-32": {c: in_process(ckpt, clf, texts, batch=32) for c in levels[:1]}}
     results["plain"] = run_plain(ckpt, clf, texts, levels, n_for, batching)
     results["serve"] = run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy=True)
     if not args.no_proxy_row:
@@ -234,6 +236,10 @@ def report(results: dict, levels: list, what: str, args) -> None:
     rows = [{"c": "-", "mode": "in-process", "tps": f"{ceiling['texts_s']:.1f}",
              "p50": f"{ceiling['p50']:.1f}", "p99": "", "batch": "", "vs_plain": "",
              "vs_inproc": "1.00"}]
+    small = next(iter(results["in-process-32"].values()))
+    rows.append({"c": "-", "mode": "in-process, batches of 32", "tps": f"{small['texts_s']:.1f}",
+                 "p50": "", "p99": "", "batch": "", "vs_plain": "",
+                 "vs_inproc": f"{small['texts_s'] / ceiling['texts_s']:.2f}"})
     for c in levels:
         plain = results["plain"][c]
         for mode in [m for m in ("plain", "serve", "serve-proxy") if m in results]:

@@ -27,6 +27,8 @@ case "$cmd" in
     # where the checkout's own folder cannot stand in for an installed package.
     (cd / && python -c "import sentdisc.serving") 2>/dev/null \
       || { echo "local.sh: sentdisc is not installed here: pip install -e ." >&2; exit 1; }
+    # Serve's HAProxy ingress + throughput-optimized mode: read when Serve's processes start.
+    eval "$(python -m sentdisc.serving.ingress)"
     # Listen on loopback only: a laptop cluster has no business on the network.
     ray start --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \

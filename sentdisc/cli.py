@@ -15,7 +15,7 @@ COMMANDS = {
     "heatmap": ("sentdisc.recipes.visualize:heatmap_main", "per-character heatmap of one neuron"),
     "generate": ("sentdisc.recipes.visualize:generate_main", "generate text, optionally forcing a neuron"),
     "data preprocess": ("sentdisc.data.preprocess:main", "encode a corpus once into Parquet shards"),
-    "data fetch": ("sentdisc.data.fetch:main", "download a public dataset with SHA-256 checks"),
+    "data fetch": ("sentdisc.data.fetch:main", "download public data or OpenAI's weights, verified"),
     "data synth": ("sentdisc.data.synth:main", "write a dump-shaped corpus with known bad records"),
     "convert-openai": ("sentdisc.cli:convert_openai_main", "OpenAI's 15 .npy files -> a checkpoint"),
 }

@@ -107,11 +107,14 @@ def output_dir(cfg: TransferConfig, out: OutputConfig) -> str:
 
 def load_checkpoint(cfg: TransferConfig):
     """The checkpoint, its --layer checked: a bad one fails before any data is read."""
-    from sentdisc.checkpoint import load
+    from sentdisc.checkpoint import load, resolve
     from sentdisc.model import check_layer
 
     if not cfg.load_model:
         raise TransferError("--load_model is required (a checkpoint directory)")
+    # "openai" -> the converted folder, once: what the classifier records and what Ray's
+    # featurize workers load must be that folder, not the name
+    cfg.load_model = str(resolve(cfg.load_model))
     model = load(cfg.load_model)
     try:
         check_layer(cfg.layer, len(model.layers))

@@ -45,6 +45,9 @@ def pytest_configure(config):
     from sentdisc.serving.ingress import apply_serve_env
 
     apply_serve_env()  # every Ray the tests start serves as users are told to run it
+    # ...except that a deleted or replaced replica drains for 2 s, not 30 (so HAProxy has
+    # stopped routing to it): the tests delete and redeploy apps often
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:  # tests that need it skip with a reason
@@ -114,6 +117,17 @@ def ray_local():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_local):
+    """Serve on the session's Ray, started once (a Serve shutdown takes ~30 s): its HTTP port.
+    Modules deploy and delete their own applications on it; ray_local shuts it down."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
 
 
 @pytest.fixture(scope="session")

@@ -68,20 +68,17 @@ def app_args(tiny_checkpoint, classifier) -> dict:
 
 
 @pytest.fixture(scope="module")
-def url(ray_local, tiny_checkpoint, classifier):
+def url(serve_port, tiny_checkpoint, classifier):
     from ray import serve
 
     from sentdisc.serving import make_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app(app_args(tiny_checkpoint, classifier), batching=BATCHING)
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{serve_port}"
     finally:
         serve.delete(APP_NAME)
-        serve.shutdown()
 
 
 def post(url, path, body, **kw):

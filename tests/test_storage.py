@@ -128,15 +128,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_loads_checkpoint_and_classifier_from_the_storage(ray_local, root, trained,
+def test_serve_loads_checkpoint_and_classifier_from_the_storage(serve_port, root, trained,
                                                                 transferred):
     from ray import serve
 
     _remote_only(root)
     from sentdisc.serving import build_app
 
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = serve_port
     serve.run(build_app({"checkpoint": trained["checkpoint"],
                          "classifier": storage.join(transferred, "classifier.json")}),
               name="storage-test", route_prefix="/")
@@ -147,7 +146,6 @@ def test_serve_loads_checkpoint_and_classifier_from_the_storage(ray_local, root,
         assert len(r.json()["results"]) == 2
     finally:
         serve.delete("storage-test")
-        serve.shutdown()
 
 
 # --- bad storage input: one line naming the URI, before any worker, within seconds -----------

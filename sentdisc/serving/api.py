@@ -12,10 +12,12 @@ from importlib import resources
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, ORJSONResponse
+from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
+from starlette.responses import JSONResponse
 
 import sentdisc
 from sentdisc.serving.schemas import (
@@ -31,6 +33,15 @@ from sentdisc.serving.schemas import (
     errors,
 )
 from sentdisc.serving.server import ModelError, Unavailable, invalid
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON rendered by orjson (FastAPI's own ORJSONResponse is deprecated in favour of pydantic
+    serialization, which would re-validate every float of a /featurize answer)."""
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a replica restarts in seconds
 ERRORS = errors(400, 413, 422, 500, 503)  # what every POST endpoint can answer besides 200
