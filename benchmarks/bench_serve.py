@@ -12,8 +12,9 @@ Rows, on the same CPU budget (the model gets one thread everywhere):
               optimized mode), one 1-CPU replica;
 * serve-proxy: the same app behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0,
               RAY_SERVE_THROUGHPUT_OPTIMIZED=0), to show what the ingress is worth.
-Clients are threads that send one SST-2 test sentence per request (Amazon reviews with --texts
-amazon; generated sentences without the shared data) and wait for the answer. Printed: texts/s,
+Clients are threads (one keep-alive connection each) that send one SST-2 test sentence per
+request (Amazon reviews with --texts amazon; generated sentences without the shared data) and
+wait for the answer. Printed: texts/s,
 p50/p99 latency, the mean number of requests that shared a featurize call (X-Batch-Size), and
 the ratios serve / plain and serve / in-process. At concurrency 1 the latency difference
 between rows is the cost of the path: plain - in-process = HTTP + JSON + the batcher, serve -
@@ -78,22 +79,32 @@ def make_model(tmp: Path, embed: int, rnn: int) -> tuple[Path, Path]:
 
 
 def load_test(url: str, texts: list[str], concurrency: int, n_requests: int) -> dict:
-    import requests
+    """``concurrency`` client threads, each with one keep-alive connection (http.client: the
+    clients share the machine's 2 cores with the server, so they should cost little), sending
+    ``n_requests`` one-text /sentiment requests in all."""
+    import http.client
+    import json
+    from urllib.parse import urlparse
 
+    host, port = urlparse(url).hostname, urlparse(url).port
     local = threading.local()
     latencies = np.zeros(n_requests)
     batches = np.zeros(n_requests)
+    bodies = [json.dumps({"texts": [t]}).encode() for t in texts]
+    headers = {"Content-Type": "application/json"}
 
     def one(i: int):
-        session = getattr(local, "session", None)
-        if session is None:
-            session = local.session = requests.Session()
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection(host, port, timeout=120)
         t0 = time.perf_counter()
-        r = session.post(url + "/sentiment", json={"texts": [texts[i % len(texts)]]}, timeout=120)
+        conn.request("POST", "/sentiment", body=bodies[i % len(bodies)], headers=headers)
+        r = conn.getresponse()
+        body = r.read()
         latencies[i] = time.perf_counter() - t0
-        if r.status_code != 200:
-            raise RuntimeError(f"/sentiment answered {r.status_code}: {r.text[:300]}")
-        batches[i] = int(r.headers["X-Batch-Size"])
+        if r.status != 200:
+            raise RuntimeError(f"/sentiment answered {r.status}: {body[:300]!r}")
+        batches[i] = int(r.getheader("X-Batch-Size"))
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, range(2 * concurrency)))  # warm: connections, replica, allocator

@@ -1,8 +1,6 @@
 """Readers, splits, preprocess, read_table and fetch on real Ray and real files."""
-import hashlib
 import json
 import os
-import time
 
 import numpy as np
 import pandas as pd
@@ -227,29 +225,3 @@ def test_read_table_shared_sst2(shared_data):
     df = read_table(str(shared_data / "sst2" / "test.csv"), "sentence", "label")
     assert len(df) == 1821 and set(df["label"]) == {0, 1}
 
-
-def test_fetch_verifies_hash_and_explains_offline(tmp_path, capsys):
-    from sentdisc.data import fetch
-
-    src = tmp_path / "remote.csv"
-    src.write_bytes(b"label,sentence\n1,fine\n")
-    good = fetch.RemoteFile(src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), "train.csv")
-    out = fetch.download(good, str(tmp_path / "dest"), progress=lambda m: None)
-    assert open(out, "rb").read() == src.read_bytes()
-    bad = fetch.RemoteFile(src.as_uri(), "0" * 64, "other.csv")
-    with pytest.raises(fetch.FetchError, match="SHA-256 mismatch"):
-        fetch.download(bad, str(tmp_path / "dest"), progress=lambda m: None)
-    assert sorted(os.listdir(tmp_path / "dest")) == ["train.csv"]  # mismatch left nothing behind
-    unpinned = fetch.RemoteFile(src.as_uri(), None, "third.csv")
-    with pytest.raises(fetch.FetchError, match="--allow_unpinned"):
-        fetch.download(unpinned, str(tmp_path / "dest"), progress=lambda m: None)
-    assert fetch.download(unpinned, str(tmp_path / "dest"), allow_unpinned=True, progress=lambda m: None)
-    offline = fetch.RemoteFile("http://sentdisc-fetch-test.invalid/train.csv", "0" * 64, "x.csv")
-    start = time.time()
-    with pytest.raises(fetch.FetchError, match="looks offline"):
-        fetch.download(offline, str(tmp_path / "dest"), timeout=5, progress=lambda m: None)
-    assert time.time() - start < 30
-    # the command: unknown names rejected by argparse, the registry hashes well-formed
-    assert all(len(f.sha256) == 64 for f in fetch.REGISTRY["sst2"]["files"])
-    with pytest.raises(SystemExit):
-        fetch.main(["nosuch", "--dest", str(tmp_path)])

@@ -8,6 +8,7 @@ comes back after it.
 """
 import collections
 import json
+import os
 import random
 import threading
 import time
@@ -22,6 +23,7 @@ from sentdisc.config import OutputConfig
 from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.report import read_history
+from sentdisc.serving.ingress import SERVE_ENV
 from sentdisc.train import TrainConfig, pretrain
 from sentdisc.train.faults import trained_lineage
 
@@ -38,12 +40,18 @@ def cluster():
     had = ray.is_initialized()
     if had:
         ray.shutdown()
+    # Serve's HAProxy binds fixed stats and metrics ports (8404, 9101) on every node: several
+    # nodes on one machine cannot all have them, so this harness serves through Serve's proxy.
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    os.environ.update({k: "0" for k in SERVE_ENV if k != "RAY_SERVE_HAPROXY_RETRY_ON"})
     # The head holds the driver's actors and Ray Data's tasks; workers go to "trainer" nodes.
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     ray.init(address=c.address)
     yield c
     ray.shutdown()
     c.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     if had:
         start_local_ray()
 

@@ -168,6 +168,23 @@ def _body_cap(server) -> int:
     return 6 * server.args.max_texts * server.args.max_text_bytes + 65536
 
 
+class BodyCap:
+    """Refuse a body that cannot fit the caps before reading it (413). Plain ASGI: Starlette's
+    BaseHTTPMiddleware would wrap every request and response (a measured cost per request)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                msg = f"request body of {int(length)} bytes exceeds the {self.limit}-byte limit"
+                response = _error(413, [{"loc": ["body"], "msg": msg, "type": "too_large"}])
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _error(status: int, detail, headers: dict | None = None) -> ORJSONResponse:
     return ORJSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -208,17 +225,8 @@ def make_api(server) -> FastAPI:
                                      "generation.")
     api.state.server = server
     api.include_router(router)
-    cap = _body_cap(server)
 
-    @api.middleware("http")
-    async def cap_body(request: Request, call_next):
-        """Refuse a body that cannot fit the caps before reading it (413)."""
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > cap:
-            return _error(413, [{"loc": ["body"], "msg": f"request body of {length} bytes "
-                                 f"exceeds the {cap}-byte limit", "type": "too_large"}])
-        return await call_next(request)
-
+    api.add_middleware(BodyCap, limit=_body_cap(server))
     _add_error_handlers(api)
     plain_openapi = api.openapi
 

@@ -10,8 +10,9 @@ loses no request when another is up.
   HTTP server: one hop, no Python proxy in the path.
 * Throughput-optimized mode: gRPC between Serve's parts, user code on the replica's main loop,
   request logs buffered, GC frozen after startup.
-* Retry on a connection refused or an empty response: a request whose replica died before it
-  answered goes to another replica (every endpoint is idempotent; a seeded /generate repeats).
+* Retry on a connection refused, an empty or a cut-off response: a request whose replica died
+  before it answered goes to another replica (every endpoint is idempotent; a seeded /generate
+  repeats). Not on a 5xx status: a 503 means "the queue is full", retried by the client.
 
 HAProxy binds replicas' HTTP ports on all interfaces (so HAProxy on other nodes can reach them):
 on a laptop keep the firewall closed, or set RAY_SERVE_ENABLE_HA_PROXY=0.
@@ -23,7 +24,7 @@ import os
 SERVE_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
 }
 
 

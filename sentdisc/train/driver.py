@@ -144,8 +144,8 @@ def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
 
 def _prior_history(run_dir: str, resume: str) -> list:
     """The history of an earlier run of this experiment, if it left checkpoints to resume, up
-    to the report of the checkpoint this run resumes from (which the earlier driver may have
-    died before writing down)."""
+    to the checkpoint this run resumes from: the reports since the checkpoint before it are in
+    that checkpoint, for an earlier driver that died before writing them down."""
     history = storage.join(run_dir, "history.csv")
     rows = []
     if storage.exists(history) and any(n.startswith("checkpoint_")
@@ -153,9 +153,12 @@ def _prior_history(run_dir: str, resume: str) -> list:
         rows = read_history(history)
     state = storage.join(resume, ckpt_io.TRAIN_STATE) if resume else ""
     if rows and state and storage.exists(state):
-        report = storage.read_json(state).get("report")
-        if report and report.get("iteration") not in {r.get("iteration") for r in rows}:
-            rows = merge_rows(rows, [report])
+        saved = storage.read_json(state)
+        have = {r.get("iteration") for r in rows}
+        last = max((i for i in have if i is not None), default=-1)
+        lost = [r for r in saved.get("reports") or [saved.get("report")]
+                if r and r.get("iteration") not in have and r.get("iteration", -1) > last]
+        rows = merge_rows(rows, lost)
     return rows
 
 

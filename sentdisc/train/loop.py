@@ -100,6 +100,7 @@ class PretrainWorker:
         self.iteration, self.epoch = state["iteration"], state["epoch"]
         self.bytes_seen, self.resumed_from = state["bytes_seen"], state["iteration"]
         self.last_saved = self.iteration if source else -1
+        self.unsaved_rows: list[dict] = []  # reports since the last checkpoint (it keeps them)
         # Dropout masks differ across ranks and across restarts.
         torch.manual_seed(self.seed + 1000 * self.rank + self.resumed_from)
         self.ddp_model = ray.train.torch.prepare_model(self.model)
@@ -235,6 +236,7 @@ class PretrainWorker:
             self.trace.flush()
         name = f"checkpoint_{self.iteration:08d}" + ("_final" if final_eval else "")
         self._send_row(metrics, storage.join(self.run_dir, name) if save else "")
+        self.unsaved_rows.append(metrics)
         if not save:
             return
         positions = [{"packer": self.packer.state_dict()}]
@@ -247,7 +249,7 @@ class PretrainWorker:
                 self._save(tmp, metrics, positions, epoch_done, final_eval)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        self.last_saved = self.iteration
+        self.last_saved, self.unsaved_rows = self.iteration, []
 
     def _send_row(self, metrics: dict, checkpoint: str) -> None:
         """Rank 0's row for the history, with every rank's parameter checksum (equal iff DDP
@@ -297,9 +299,10 @@ class PretrainWorker:
                        "final": bool(final_eval), "bytes_seen": self.bytes_seen,
                        "lr": metrics["lr"], "total_iters": self.total_iters,
                        "workers": positions,
-                       # the report this checkpoint went with: a driver killed before it wrote
-                       # that row to history.csv gets it back from here on a rerun
-                       "report": metrics}
+                       # the reports since the previous checkpoint, this one's last: a driver
+                       # killed before it wrote them to history.csv (its workers may outlive it
+                       # long enough to save) gets them back from here on a rerun
+                       "report": metrics, "reports": list(self.unsaved_rows)}
         meta = {"train": dataclasses.asdict(self.tc), "iteration": self.iteration,
                 "bpb": metrics["bpb"],
                 **{k: v for k, v in (final_eval or {}).items() if k.endswith("_bpb")}}
