@@ -165,8 +165,9 @@ def test_serve_replicas_on_two_nodes_survive_losing_one(cluster, nodes, tiny_che
     from sentdisc.serving.args import check_args
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    # one replica on each worker node (the proxy stays on the head)
+    # the proxy on the head only, as serve/config.yaml ships (a proxy on the node being removed
+    # would drop its open connections too); one replica on each worker node
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     app = SentdiscServer.options(
         num_replicas=2, max_replicas_per_node=1,
         ray_actor_options={"num_cpus": 0.5, "resources": {"trainer": 0.5}},
