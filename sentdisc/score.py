@@ -60,18 +60,11 @@ def columns(id_key: str = "") -> list[str]:
 # ----------------------------------------------------------------------------- inputs
 
 def model_shape(checkpoint: str) -> tuple[int, int]:
-    """(rnn_size, layers) of a checkpoint from its config, without loading its weights (for
-    OpenAI's .npy files: 7.npy's header, wmh [H, H])."""
-    from sentdisc.checkpoint import CheckpointError, is_openai_weights, load_config
+    """(rnn_size, layers) of a checkpoint from its config, without loading its weights."""
+    from sentdisc.checkpoint import CheckpointError, load_config
 
     if not storage.is_dir(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint} does not exist")
-    if is_openai_weights(checkpoint):
-        with storage.open_input(storage.join(checkpoint, "7.npy")) as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            return int(read(f)[0][0]), 1
     config = load_config(checkpoint)
     return config.rnn_size, config.layers
 
@@ -89,6 +82,9 @@ def check_inputs(checkpoint: str, classifier: str, output: str,
     if not checkpoint:
         raise InputError("--load_model is required (a checkpoint directory), unless the "
                          "classifier names its checkpoint")
+    from sentdisc.checkpoint import resolve
+
+    checkpoint = str(resolve(checkpoint))  # "openai": the converted folder, as everywhere
     rnn_size, layers = model_shape(checkpoint)
     if clf.rnn_size != rnn_size:
         raise InputError(f"classifier {classifier} expects rnn_size {clf.rnn_size} features, "

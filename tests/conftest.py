@@ -138,3 +138,25 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(embed_size=8, rnn_size=32, layers=1))
     return save(model, tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def fit_mean_classifier(model, texts, labels, directory):
+    """A classifier.json L1-fitted (C=100) on mean features of ``texts``, with its top-3-neuron
+    model, saved in ``directory``: (Classifier, path)."""
+    import numpy as np
+
+    from sentdisc import featurize
+    from sentdisc.classifier import Classifier, fit_result_to_classifier
+    from sentdisc.sweep import _l1_logreg
+
+    feats = featurize(model, texts, kind="mean")
+    labels = np.asarray(labels)
+    full = _l1_logreg(100.0, 0, 1000, "liblinear").fit(feats, labels)
+    coef = full.coef_[0]
+    neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
+    top = _l1_logreg(100.0, 0, 1000, "liblinear").fit(feats[:, neurons], labels)
+    clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
+                                   top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
+    assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
+    path = clf.save(Path(directory) / "classifier.json")
+    return Classifier.load(path), path

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import fit_mean_classifier
 
 from sentdisc import featurize, load
 from sentdisc.data.synth import synthesize
@@ -35,23 +36,8 @@ def model(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def classifier(model, tmp_path_factory):
-    """A classifier.json fitted (L1 logistic regression) on mean features, as test_serve's."""
-    from sklearn.linear_model import LogisticRegression
-
-    from sentdisc.classifier import Classifier, fit_result_to_classifier
-
-    feats = featurize(model, FIT_TEXTS, kind="mean")
-    labels = np.array([1, 0, 1, 0, 1, 0])
-    full = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats, labels)
-    coef = full.coef_[0]
-    neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
-    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons],
-                                                                           labels)
-    clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
-                                   top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
-    assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
-    path = clf.save(tmp_path_factory.mktemp("clf") / "classifier.json")
-    return Classifier.load(path), str(path)
+    clf, path = fit_mean_classifier(model, FIT_TEXTS, [1, 0, 1, 0, 1, 0], tmp_path_factory.mktemp("clf"))
+    return clf, str(path)
 
 
 @pytest.fixture(scope="module")

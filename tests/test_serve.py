@@ -3,7 +3,6 @@ with `requests` to 127.0.0.1 (no test client), values compared with the library 
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import fit_mean_classifier
 
 from sentdisc import featurize, load, viz
 
@@ -31,11 +31,6 @@ TEXTS = ["This movie was wonderful, I loved every minute.",
          "ok"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
@@ -44,23 +39,8 @@ def model(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def classifier(model, tmp_path_factory):
-    """A classifier.json fitted (L1 logistic regression) on mean features of a few texts."""
-    from sklearn.linear_model import LogisticRegression
-
-    from sentdisc.classifier import Classifier, fit_result_to_classifier
-
-    feats = featurize(model, TEXTS, kind="mean")
-    labels = np.array([1, 0, 1, 0, 1, 1, 0, 0])
-    full = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats, labels)
-    coef = full.coef_[0]
-    neurons = [int(n) for n in np.argsort(-np.abs(coef))[:3]]
-    top = LogisticRegression(C=100.0, penalty="l1", solver="liblinear").fit(feats[:, neurons],
-                                                                           labels)
-    clf = fit_result_to_classifier(coef, full.intercept_[0], 100.0, neurons, top.coef_[0],
-                                   top.intercept_[0], 100.0, feature_kind="mean", layer=-1)
-    assert np.abs(clf.coef).max() > 0, "degenerate classifier: the test could not fail"
-    path = clf.save(tmp_path_factory.mktemp("clf") / "classifier.json")
-    return Classifier.load(path), path
+    clf, path = fit_mean_classifier(model, TEXTS, [1, 0, 1, 0, 1, 1, 0, 0], tmp_path_factory.mktemp("clf"))
+    return clf, path
 
 
 def app_args(tiny_checkpoint, classifier) -> dict:

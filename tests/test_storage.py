@@ -5,13 +5,12 @@ checkpoint and writing classifier.json there -> Serve loading both from there.""
 import gzip
 import json
 import random
-import socket
 import time
 
 import pyarrow.fs as pafs
 import pytest
 import requests
-from conftest import new_bucket
+from conftest import free_port, new_bucket
 
 from sentdisc import storage
 from sentdisc.checkpoint import load
@@ -122,11 +121,6 @@ def test_transfer_reads_the_checkpoint_and_writes_its_outputs_there(transferred,
     assert clf["checkpoint"] == trained["checkpoint"] and clf["rnn_size"] == 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_loads_checkpoint_and_classifier_from_the_storage(serve_port, root, trained,
                                                                 transferred):
@@ -180,7 +174,7 @@ def test_missing_credentials(ray_local, s3_bucket, capsys, monkeypatch, tmp_path
 
 
 def test_an_unreachable_endpoint(ray_local, s3_bucket, capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     storage._s3.cache_clear()
     try:
         t0 = time.time()
