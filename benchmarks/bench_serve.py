@@ -6,8 +6,11 @@ instead, and against the model in process, all measured in the same run.
 
 Rows, on the same CPU budget (the model gets one thread everywhere):
 * in-process: ``featurize`` + the classifier on the texts in batches of 128, no HTTP (the
-  ceiling), and in batches of 32 (the most that 32 one-text clients can put in one call);
-* plain:      the same API and batching (sentdisc.serving.plain) in one uvicorn process;
+  ceiling), in batches of 32 (the most that 32 one-text clients can put in one call), and in
+  calls of 32 texts drawn at random (what a server's calls hold: featurize sorts by length,
+  arrivals are not sorted, and a call costs a step per byte of its longest text);
+* plain:      the same API and batching (sentdisc.serving.plain) in one uvicorn process (its
+              model in a process of its own, as in a replica: serving.model_process);
 * serve:      the Serve app as shipped (sentdisc.serving.ingress: HAProxy ingress, throughput-
               optimized mode), one 1-CPU replica;
 * serve-proxy: the same app behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0,
@@ -115,8 +118,12 @@ def load_test(url: str, texts: list[str], concurrency: int, n_requests: int) -> 
             "p99": 1e3 * np.percentile(latencies, 99), "batch": batches.mean()}
 
 
-def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3, batch: int = 128) -> dict:
-    """featurize + classify in this process, one thread, batches of ``batch``: the ceiling."""
+def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3, batch: int = 128,
+               arrival: bool = False) -> dict:
+    """featurize + classify in this process, one thread, batches of ``batch``: the ceiling.
+    featurize sorts its input by length, so its batches hold texts of about one length; with
+    ``arrival`` each call is ``batch`` texts drawn at random instead, as a server's batches
+    of single-text requests are (a call costs a step per byte of its longest text)."""
     import torch
 
     from sentdisc import featurize, load
@@ -124,11 +131,16 @@ def in_process(ckpt: Path, clf: Path, texts: list[str], reps: int = 3, batch: in
 
     torch.set_num_threads(1)
     model, classifier = load(str(ckpt)), load_classifier(str(clf))
+    rng = random.Random(0)
+    calls = [rng.sample(texts, batch) for _ in range(len(texts) // batch)] if arrival \
+        else [texts]
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        classifier.predict_proba(featurize(model, texts, batch_size=batch, kind="cell"))
+        for call in calls:
+            classifier.predict_proba(featurize(model, call, batch_size=batch, kind="cell"))
         best = min(best, time.perf_counter() - t0)
+    texts = [t for call in calls for t in call]
     one = min(_timed(lambda: classifier.predict_proba(featurize(model, texts[:1], kind="cell")))
               for _ in range(20))
     return {"texts_s": len(texts) / best, "p50": 1e3 * one, "p99": float("nan"), "batch": 0}
@@ -211,7 +223,7 @@ def main(argv=None):
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max_batch_size", type=int, default=32)
-    p.add_argument("--batch_wait_timeout_s", type=float, default=0.0)
+    p.add_argument("--batch_wait_timeout_s", type=float, default=0.02)
     p.add_argument("--requests", type=int, default=0,
                    help="requests per row (default: max(60, 16 x concurrency))")
     p.add_argument("--texts", default="sst2", choices=["amazon", "sst2", "synthetic"],
@@ -233,7 +245,9 @@ def main(argv=None):
           f"{load_note()}", flush=True)
     results = {"in-process": {c: in_process(ckpt, clf, texts) for c in levels[:1]},
                # what a server can reach at best: 32 clients make batches of 32 at most
-               "in-process-32": {c: in_process(ckpt, clf, texts, batch=32) for c in levels[:1]}}
+               "in-process-32": {c: in_process(ckpt, clf, texts, batch=32) for c in levels[:1]},
+               "in-process-arrival": {c: in_process(ckpt, clf, texts, batch=32, arrival=True)
+                                      for c in levels[:1]}}
     results["plain"] = run_plain(ckpt, clf, texts, levels, n_for, batching)
     results["serve"] = run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy=True)
     if not args.no_proxy_row:
@@ -251,6 +265,10 @@ def report(results: dict, levels: list, what: str, args) -> None:
     rows.append({"c": "-", "mode": "in-process, batches of 32", "tps": f"{small['texts_s']:.1f}",
                  "p50": "", "p99": "", "batch": "", "vs_plain": "",
                  "vs_inproc": f"{small['texts_s'] / ceiling['texts_s']:.2f}"})
+    arrival = next(iter(results["in-process-arrival"].values()))
+    rows.append({"c": "-", "mode": "in-process, 32 random texts a call", "p50": "", "p99": "",
+                 "tps": f"{arrival['texts_s']:.1f}", "batch": "", "vs_plain": "",
+                 "vs_inproc": f"{arrival['texts_s'] / ceiling['texts_s']:.2f}"})
     for c in levels:
         plain = results["plain"][c]
         for mode in [m for m in ("plain", "serve", "serve-proxy") if m in results]:

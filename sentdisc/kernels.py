@@ -247,10 +247,15 @@ class _StepWeight:
             if add is out:
                 return _mm(out, a, self.w, add=True)
             return _mm(out, a, self.w, bias=add)
-        linear = torch.ops.mkldnn._linear_pointwise
-        r = (linear(a, self.packed, None, "none", [], "") if add is None
-             else linear.binary(a, add, self.packed, None, "add"))
+        # the overloads themselves: the packet's __call__ resolves one per call, in Python
+        r = (_LINEAR(a, self.packed, None, "none", [], "") if add is None
+             else _LINEAR_ADD(a, add, self.packed, None, "add"))
         return r if out is None else out.copy_(r)
+
+
+_mkldnn_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_LINEAR = _mkldnn_linear.default if _mkldnn_linear is not None else None
+_LINEAR_ADD = _mkldnn_linear.binary if _mkldnn_linear is not None else None
 
 
 # On CPU tanh is ~5x slower than sigmoid (not vectorised in ATen), so there we use
@@ -527,7 +532,8 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     keep_ = keep.unbind(0) if keep is not None else None
     XM_ = XM.unbind(0)
     Hs_ = (h0,) + hs.unbind(1)  # Hs_[t]: the state before step t
-    full = (g, g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:], hm, c, tc)
+    full = (g, g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:], hm, c, tc, m_buf)
+    part = {}  # n -> the same views of the first n rows
     Wmh, Wh = _infer_step_weights(wmh, wh, B, T, fast, cd, tokens is not None, cache)
     for t in range(T):
         n, hp = rows[t], Hs_[t]
@@ -539,15 +545,18 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
             continue
         c_old = c.clone() if general is not None else None
         if n == B:  # (slicing costs microseconds per call: only when rows are dropped)
-            gn, i, f, o, u, hmn, cn, tcn = full
+            gn, i, f, o, u, hmn, cn, tcn, mn = full
             hpn, xm, out = hp, XM_[t], Hs_[t + 1]
-        else:
-            gn, hmn, cn, tcn = g[:n], hm[:n], c[:n], tc[:n]
-            i, f, o, u = gn[:, :H], gn[:, H:2 * H], gn[:, 2 * H:3 * H], gn[:, 3 * H:]
+        else:  # n changes only where a text ends: the step buffers' views are made once per n
+            if n not in part:
+                gn = g[:n]
+                part[n] = (gn, gn[:, :H], gn[:, H:2 * H], gn[:, 2 * H:3 * H], gn[:, 3 * H:],
+                           hm[:n], c[:n], tc[:n], m_buf[:n])
+            gn, i, f, o, u, hmn, cn, tcn, mn = part[n]
             hpn, xm, out = hp[:n], XM_[t][:n], Hs_[t + 1][:n]
         Wmh.mm(hpn, out=hmn)
         if tokens is not None:
-            m = torch.mul(hmn, xm, out=m_buf[:n])
+            m = torch.mul(hmn, xm, out=mn)
             torch.index_select(x_table, 0, ids_[t][:n], out=gn)
             Wh.mm(m, add=gn, out=gn)
         else:

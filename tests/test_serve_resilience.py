@@ -47,11 +47,24 @@ def _deploy(name, checkpoint, port, replicas, broken=None):
     return f"http://127.0.0.1:{port}/{name}"
 
 
-def _pids(url: str, want: int, timeout: float = 30) -> set:
-    seen, deadline = set(), time.time() + timeout
+def _pids(url: str, want: int, timeout: float = 30) -> dict:
+    """Replica pid -> its model process's pid, for ``want`` replicas."""
+    seen, deadline = {}, time.time() + timeout
     while len(seen) < want and time.time() < deadline:
-        seen.add(requests.get(url + "/healthz", timeout=10).json()["pid"])
+        health = requests.get(url + "/healthz", timeout=10).json()
+        seen[health["pid"]] = health.get("model_pid")
     return seen
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _load(url: str, seconds: float, clients: int, on_start=None, retries: int = 0) -> list:
@@ -108,8 +121,9 @@ def test_replica_killed_under_load_loses_no_request(serve_port, tiny_checkpoint,
     assert set(codes) == {200}, codes  # every request answered, with a client's retries at most
     assert max(o[2] for o in outcomes) < CLIENT_TIMEOUT_S
     assert len(outcomes) > 50, codes
-    # the lost replica is replaced: two answer again
+    # the lost replica is replaced: two answer again; its model process went with it
     assert len(_pids(url, 2, timeout=60)) == 2
+    assert _gone(pids[min(pids)], 10)
 
 
 def test_replica_killed_without_retries_never_hangs(serve_port, tiny_checkpoint, deployed):

@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.responses import JSONResponse
 
 import sentdisc
+from sentdisc.serving.model_process import MODEL
 from sentdisc.serving.schemas import (
     FeaturizeRequest,
     FeaturizeResponse,
@@ -47,7 +48,8 @@ RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a replica restarts in 
 ERRORS = errors(400, 413, 422, 500, 503)  # what every POST endpoint can answer besides 200
 
 
-def _server(request: Request) -> Any:
+async def _server(request: Request) -> Any:
+    # async: FastAPI runs a plain-def dependency in a thread pool, a thread hop per request
     return request.app.state.server
 
 
@@ -130,7 +132,7 @@ async def heatmap(req: HeatmapRequest, server: Server):
     server.check_texts([req.text], "text")
     neuron = server.pick_neuron(req.neuron, None)
     negate = server.probe.negate(neuron)
-    chars, values = await server.work(viz.neuron_values, server.model, req.text, neuron,
+    chars, values = await server.work(viz.neuron_values, MODEL, req.text, neuron,
                                       layer=server.probe.layer, kind=server.probe.trace_kind,
                                       negate=negate)
     if req.format == "png":
@@ -154,7 +156,7 @@ async def generate(req: GenerateRequest, server: Server) -> ORJSONResponse:
     if length > cap:  # the schema's maximum is this deployment's cap (apply_caps)
         raise invalid("length", f"{length} exceeds the limit of {cap} bytes")
     neuron = server.pick_neuron(req.neuron, 0)
-    out = await server.work(viz.generate_text, server.model, req.prompt, length,
+    out = await server.work(viz.generate_text, MODEL, req.prompt, length,
                             req.temperature, neuron=neuron, overwrite=req.overwrite,
                             layer=server.probe.layer, seed=req.seed,
                             negate=server.probe.negate(neuron))
@@ -233,7 +235,7 @@ def make_api(server) -> FastAPI:
     def openapi() -> dict:
         if api.openapi_schema is None:
             a = server.args
-            rnn = None if server.failure else server.model.config.rnn_size
+            rnn = None if server.failure else server.config.rnn_size
             api.openapi_schema = apply_caps(plain_openapi(), a.max_texts, a.max_text_bytes,
                                             a.max_generate_length, rnn)
         return api.openapi_schema

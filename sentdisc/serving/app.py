@@ -57,6 +57,15 @@ class SentdiscServer(ModelServer):
         self.configure(BatchConfig.model_validate(user_config or {}))
         logger.info(f"sentdisc serve: batching {self.batch.model_dump()}")
 
+    def check_health(self) -> None:
+        # A checkpoint that cannot be loaded keeps the replica up (a restart would fail the
+        # same way); a model process that died is replaced with the replica.
+        if self.model is not None and self.model.died:
+            raise RuntimeError(self.model.died)
+
+    def __del__(self):
+        self.close()
+
     def info(self) -> dict:
         # which replica answered: a retune must not restart it
         return {**super().info(), "replica": serve.get_replica_context().replica_tag}

@@ -50,9 +50,10 @@ class BatchConfig(_Settings):
         "requests coalesced into one featurize call; a replica holds at most its "
         "max_ongoing_requests (128 unless the config says otherwise), so keep this at half "
         "of that or less"))
-    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description=(
-        "how long an idle model waits for more requests before it starts (0: at once; "
-        "requests that queue while a batch runs join the next batch anyway)"))
+    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10, description=(
+        "after a featurize call, how long the next one may wait for the clients it answered "
+        "to send again, so that batches stay full under load (0: never wait); a lone request, "
+        "or one after a quiet spell, starts at once (serving.batching)"))
 
 
 class AppArgs(_Settings):

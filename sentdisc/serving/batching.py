@@ -1,10 +1,17 @@
-"""Request batching for one model: continuous, so a lone request never waits.
+"""Request batching for one model: a lone request never waits, and under load batches fill.
 
-Every request's texts join a queue; one runner task takes everything queued (up to
-``max_batch_size`` requests) each time the model is free and makes it one featurize call. Requests
-that arrive while a call runs therefore share the next one, with no timer involved: under load
-batches fill by themselves, and a request to an idle model starts at once. ``wait_s`` > 0 adds a
-short wait when the model was idle, for callers that prefer fuller batches to latency.
+Every request's texts join a queue; one runner task makes what is queued (up to
+``max_batch_size`` requests) one featurize call each time the model is free.
+
+* After a call that answered n requests, the next one waits until the n clients it answered
+  are back (plus those that queued meanwhile, up to ``max_batch_size``), but never past
+  ``wait_s`` after that call ended. Closed-loop clients usually send again within a few
+  milliseconds. Without this wait they split into two groups that take turns. The calls then
+  alternate between b and clients - b requests, and at 32 clients they averaged 18-20 requests
+  where 32 were there to be had. A call of 32 random texts does 393 texts/s here; calls of 16
+  do 274.
+* A lone request never waits: its client is the one expected back. A request after more than
+  ``wait_s`` of quiet starts at once: nobody else is expected any more.
 
 Plain asyncio (not ``@serve.batch``, which only runs inside a Serve replica), so the same
 batching serves a Serve replica and the plain FastAPI baseline of the benchmarks.
@@ -45,15 +52,24 @@ class Batcher:
         return features, shared
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        expected, answered_at = 0, 0.0  # requests expected for the next call; when
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.wait_s > 0 and len(self._pending) < self.max_batch_size:
-                await asyncio.sleep(self.wait_s)
-            while self._pending:
-                group = self._pending[:self.max_batch_size]
-                del self._pending[:len(group)]
-                await self._featurize_group(group)
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = answered_at + self.wait_s
+            target = min(self.max_batch_size, expected)
+            while len(self._pending) < target and (left := deadline - loop.time()) > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+            group = self._pending[:self.max_batch_size]
+            del self._pending[:len(group)]
+            await self._featurize_group(group)
+            expected, answered_at = len(group) + len(self._pending), loop.time()
 
     async def _featurize_group(self, group) -> None:
         flat = [t for texts, _ in group for t in texts]

@@ -1,19 +1,17 @@
 """One model + classifier answering requests: what a Serve replica (app.SentdiscServer) runs, and
 what the plain FastAPI baseline runs, with no Ray involved.
 
-All torch work runs on one worker thread, so the event loop stays free to collect the next batch
-and answer health checks. A checkpoint that cannot be loaded does not crash the process (a
+All torch work runs in the model's own process (serving.model_process), one call at a time, so
+the event loop stays free to parse requests, collect the next batch and answer health checks,
+and neither waits for the other's GIL. A checkpoint that cannot be loaded does not crash the process (a
 replica that raises in its constructor is retried in a loop, a traceback each time): the server
 stays up, says why in /healthz (503) and answers every model endpoint with a 503 naming the
 reason, and the one log line says it once.
 """
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi import HTTPException
@@ -22,6 +20,7 @@ from sentdisc import storage
 from sentdisc.errors import InputError
 from sentdisc.serving.args import AppArgs, BatchConfig, load_classifier, probe_of
 from sentdisc.serving.batching import Batcher
+from sentdisc.serving.model_process import MODEL, ModelProcess, ModelProcessDied
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,39 +46,33 @@ def invalid(field: str, msg: str) -> HTTPException:
 
 class ModelServer:
     def __init__(self, args: AppArgs, threads: int = 1):
-        import torch
-
-        torch.set_num_threads(max(1, int(threads)))
-        self.args, self.failure = args, None
+        self.args, self.failure, self.model = args, None, None
         self.batch = BatchConfig()
         self.batcher = Batcher(self._featurize, self.batch.max_batch_size,
                                self.batch.batch_wait_timeout_s)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sentdisc-model")
         try:
-            self._load(args)
+            self._load(args, threads)
         except (InputError, OSError, ValueError, RuntimeError) as e:
             self.failure = f"cannot load {args.checkpoint}: {last_line(e)}"
             logger.error(f"sentdisc serve: {self.failure}")
 
-    def _load(self, args: AppArgs) -> None:
-        import torch
-
-        from sentdisc.checkpoint import load
+    def _load(self, args: AppArgs, threads: int) -> None:
         from sentdisc.model import check_layer
 
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = device
-        self.model = load(args.checkpoint, map_location=device)
+        self.model = ModelProcess(str(args.checkpoint), args.device, threads)
+        self.config, self.device = self.model.config, self.model.device
         self.classifier = None
         if args.classifier:
             self.classifier = load_classifier(args.classifier)
-            self.classifier.predict_proba(np.zeros((1, self.model.config.rnn_size), np.float32))
+            self.classifier.predict_proba(np.zeros((1, self.config.rnn_size), np.float32))
         self.probe = probe_of(args, self.classifier)
-        check_layer(self.probe.layer, len(self.model.layers))  # OpenAI's weights: first read here
-        logger.info(f"sentdisc serve: loaded {args.checkpoint} (rnn {self.model.config.rnn_size}, "
-                    f"{device}), classifier={args.classifier}")
+        check_layer(self.probe.layer, self.config.layers)  # OpenAI's weights: first read here
+        logger.info(f"sentdisc serve: loaded {args.checkpoint} (rnn {self.config.rnn_size}, "
+                    f"{self.device}), classifier={args.classifier}")
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
 
     def configure(self, batch: BatchConfig) -> None:
         self.batch = batch
@@ -88,6 +81,8 @@ class ModelServer:
     def ready(self) -> None:
         if self.failure:
             raise Unavailable(self.failure)
+        if self.model.died:
+            raise Unavailable(self.model.died)
 
     # -- model work -------------------------------------------------------------------------
 
@@ -98,19 +93,22 @@ class ModelServer:
     async def _featurize(self, texts: list[str]) -> np.ndarray:
         from sentdisc import featurize
 
-        return await self.work(featurize, self.model, texts,
+        return await self.work(featurize, MODEL, texts,
                                batch_size=self.args.featurize_batch_size,
                                layer=self.probe.layer, kind=self.probe.feature_kind)
 
     async def work(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` on the model thread. The library's InputError is about the
-        request (422, its message); anything else is a server fault (500, logged)."""
+        """``fn(*args, **kwargs)`` in the model's process, ``MODEL`` standing for the model.
+        The library's InputError is about the request (422, its message); anything else is a
+        server fault (500, logged); a dead model process makes this server unavailable (503)."""
         self.ready()
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+            return await self.model.run(fn, *args, **kwargs)
         except InputError as e:
             raise invalid("body", last_line(e)) from None
+        except ModelProcessDied as e:
+            logger.error(f"sentdisc serve: {e}")
+            raise Unavailable(str(e)) from None
         except Exception as e:
             logger.error(f"sentdisc serve: {fn.__name__} failed: {type(e).__name__}: "
                          f"{last_line(e)}")
@@ -134,7 +132,7 @@ class ModelServer:
 
     def check_neuron(self, neuron: int, field: str = "neuron") -> int:
         self.ready()
-        H = self.model.config.rnn_size
+        H = self.config.rnn_size
         if neuron >= H:
             raise invalid(field, f"neuron {neuron} out of range for a rnn_size {H} model "
                                  f"(0..{H - 1})")
@@ -154,9 +152,11 @@ class ModelServer:
     def info(self) -> dict:
         common = {"checkpoint": storage.basename(self.args.checkpoint), "pid": os.getpid(),
                   **self.batch.model_dump()}  # what configure() last gave the batcher
-        if self.failure:
-            return {"status": "unavailable", "reason": self.failure, **common}
-        c = self.model.config
+        failure = self.failure or self.model.died
+        if failure:
+            return {"status": "unavailable", "reason": failure, **common}
+        common["model_pid"] = self.model.pid  # the model's own process (serving.model_process)
+        c = self.config
         return {"status": "ok", "rnn_size": c.rnn_size, "layers": c.layers,
                 "rnn_type": c.rnn_type, "feature_kind": self.probe.feature_kind,
                 "layer": self.probe.layer, "device": self.device,
