@@ -17,11 +17,11 @@ Rows, on the same CPU budget (the model gets one thread everywhere):
               RAY_SERVE_THROUGHPUT_OPTIMIZED=0), to show what the ingress is worth.
 Clients are threads (one keep-alive connection each) that send one SST-2 test sentence per
 request (Amazon reviews with --texts amazon; generated sentences without the shared data) and
-wait for the answer. Printed: texts/s,
-p50/p99 latency, the mean number of requests that shared a featurize call (X-Batch-Size), and
-the ratios serve / plain and serve / in-process. At concurrency 1 the latency difference
-between rows is the cost of the path: plain - in-process = HTTP + JSON + the batcher, serve -
-plain = Serve's ingress hop.
+wait for the answer. Printed: texts/s, p50/p99 latency, the mean number of texts in the model's
+running batch as a request's ended (X-Batch-Size), and the ratios serve / plain and serve /
+in-process. At concurrency 1 the latency difference between rows is the cost of the path:
+plain - in-process = HTTP + JSON + the hop to the model's process, serve - plain = Serve's
+ingress hop.
 """
 from __future__ import annotations
 
@@ -223,7 +223,6 @@ def main(argv=None):
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max_batch_size", type=int, default=32)
-    p.add_argument("--batch_wait_timeout_s", type=float, default=0.02)
     p.add_argument("--requests", type=int, default=0,
                    help="requests per row (default: max(60, 16 x concurrency))")
     p.add_argument("--texts", default="sst2", choices=["amazon", "sst2", "synthetic"],
@@ -233,8 +232,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     n_for = lambda c: args.requests or (max(30, 6 * c) if args.quick else max(60, 16 * c))
-    batching = {"max_batch_size": args.max_batch_size,
-                "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    batching = {"max_batch_size": args.max_batch_size}
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     ckpt, clf = make_model(tmp, args.embed_size, args.rnn_size)
@@ -279,8 +277,7 @@ def report(results: dict, levels: list, what: str, args) -> None:
                          "vs_plain": f"{r['texts_s'] / plain['texts_s']:.2f}",
                          "vs_inproc": f"{r['texts_s'] / ceiling['texts_s']:.2f}"})
     print(f"\n/sentiment, one {what[:-1]} per request, mLSTM-{args.rnn_size}, one model thread "
-          f"everywhere, max_batch_size {args.max_batch_size}, batch_wait_timeout_s "
-          f"{args.batch_wait_timeout_s}; {load_note()}")
+          f"everywhere, max_batch_size {args.max_batch_size}; {load_note()}")
     print_table(rows, [("c", "clients"), ("mode", "path"), ("tps", "texts/s"),
                        ("p50", "p50 ms"), ("p99", "p99 ms"), ("batch", "mean batch"),
                        ("vs_plain", "/ plain"), ("vs_inproc", "/ in-process")])

@@ -68,8 +68,8 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
                         cuda_graph)
     done = 0
     try:
-        for idx, feats in _featurize_pool(model, encoded, lengths, order, batch_size, layer,
-                                          kinds, chunk_size, run):
+        for idx, feats in _featurize_pool(model, encoded, iter(order.tolist()), batch_size,
+                                          layer, kinds, chunk_size, run):
             for k in kinds:
                 out[k][idx] = feats[k]
             done += len(idx)
@@ -80,11 +80,13 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     return out[kind] if isinstance(kind, str) else out
 
 
-def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chunk_size, run):
-    """Yield (text indices, {kind: features}) as texts finish, refilling finished rows."""
+def _featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, run):
+    """Yield (text indices, {kind: features}) as texts finish, refilling free rows from
+    ``queue`` (indices into ``encoded``) after every chunk. The queue may be fed while the
+    pool runs (serving.model_process): an index it yields later joins the running rows."""
     device, H, n_layers = model.device, model.config.rnn_size, layer + 1
-    queue = iter(order.tolist())
     rows: list[int] = []                      # text index held by each row
+    lengths = _Lengths(encoded)
     offset = np.zeros(0, dtype=np.int64)      # bytes of that text already read
     state = model.init_state(0)[:n_layers]
     total = torch.zeros(0, H, device=device)  # running sums / maxima of the hidden state
@@ -135,6 +137,7 @@ def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chu
         offset += T
         finished = offset >= lengths[rows]
         if not finished.any():
+            admit(pool_size - len(rows))
             continue
         fin = torch.from_numpy(np.flatnonzero(finished)).to(device)
         h, c = state[layer]
@@ -146,7 +149,18 @@ def _featurize_pool(model, encoded, lengths, order, pool_size, layer, kinds, chu
                {k: feats[k].float().cpu().numpy() for k in kinds})
         keep = np.flatnonzero(~finished)
         keep_rows(torch.from_numpy(keep).to(device), keep)
-        admit(len(fin))
+        admit(pool_size - len(rows))
+
+
+class _Lengths:
+    """Byte lengths of ``encoded`` by index, ``lengths[rows]`` -> an array, for a list or for
+    a dict that grows while the pool runs."""
+
+    def __init__(self, encoded):
+        self.encoded = encoded
+
+    def __getitem__(self, index):
+        return np.array([len(self.encoded[i]) for i in index], dtype=np.int64)
 
 
 # --- how a chunk runs: eagerly, or a captured step replayed -----------------------------------

@@ -211,7 +211,7 @@ def retune_in_place(cluster: Cluster, config: dict, base: str, path: Path):
                   if d["name"] == "SentdiscServer")
     assert {h["max_batch_size"] for h in before.values()} == \
         {server["user_config"]["max_batch_size"]}
-    server["user_config"] = {"max_batch_size": 7, "batch_wait_timeout_s": 0.01}
+    server["user_config"] = {"max_batch_size": 7}
     cluster.serve_deploy(config, path)
     deadline = time.time() + 120
     after = _replicas(base)
@@ -219,7 +219,6 @@ def retune_in_place(cluster: Cluster, config: dict, base: str, path: Path):
         assert time.time() < deadline, f"batch settings never changed: {after}"
         time.sleep(1)
         after = _replicas(base)
-    assert {h["batch_wait_timeout_s"] for h in after.values()} == {0.01}
     assert set(after) <= set(before), "a replica was restarted, not reconfigured"
     sent = requests.post(f"{base}/sentiment", json={"texts": ["fine"] * 3}, timeout=60)
     assert sent.status_code == 200 and int(sent.headers["X-Batch-Size"]) <= 7

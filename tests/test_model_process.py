@@ -1,6 +1,9 @@
-"""The model's own process (sentdisc.serving.model_process), through the plain uvicorn server
-over real HTTP: answers equal the library's in process; a dead model process makes the server
-say so (503 with the reason, no 500, no hang); a dead server leaves no model process behind."""
+"""The model's own process (sentdisc.serving.model_process): its running batch, which texts
+join and leave at any chunk, gives the library's features for every kind and layer; calls run
+between chunks. Through the plain uvicorn server over real HTTP: a dead model process makes the
+server say so (503 with the reason, no 500, no hang); a dead server leaves no model process
+behind."""
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,6 +17,103 @@ import requests
 from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_layer_lstm(tmp_path_factory):
+    import torch
+
+    from sentdisc import ByteLM, ModelConfig, save
+
+    torch.manual_seed(1)
+    model = ByteLM(ModelConfig(embed_size=8, rnn_size=16, layers=2, rnn_type="lstm"))
+    return save(model, tmp_path_factory.mktemp("ckpt") / "lstm2")
+
+
+TEXTS = ["a fine day", "not good at all", "x" * 300, "é ünïcode ok", "y" * 70, "z"]
+
+
+def _stream(checkpoint, layer, kind, rows, calls):
+    """Starts a ModelProcess and runs ``calls(process)`` in an event loop; closes it."""
+    from sentdisc.serving.model_process import ModelProcess
+
+    process = ModelProcess(str(checkpoint), "cpu", 1)
+    try:
+        process.configure(layer, kind, rows)
+        return asyncio.run(calls(process))
+    finally:
+        process.close()
+
+
+def test_texts_joining_a_running_batch_get_the_library_features(tiny_checkpoint):
+    """A long text runs; short ones join it at later chunks, end first, and leave."""
+    from sentdisc import featurize, load
+
+    long_text = "the long one " * 300  # ~3,900 bytes: ~120 chunks
+
+    async def calls(process):
+        first = asyncio.ensure_future(process.featurize([long_text]))
+        await asyncio.sleep(0.05)
+        order, results = [], {}
+
+        async def one(i, texts):
+            results[i] = await process.featurize(texts)
+            order.append(i)
+
+        await asyncio.gather(*(one(i, [t]) for i, t in enumerate(TEXTS)),
+                             one("pair", TEXTS[:2]))
+        results["long"] = await first
+        order.append("long")
+        return order, results
+
+    order, results = _stream(tiny_checkpoint, -1, "cell", 8, calls)
+    assert order[-1] == "long"  # the short texts did not wait for it
+    model = load(str(tiny_checkpoint))
+    for i, t in enumerate(TEXTS):
+        np.testing.assert_allclose(results[i][0], featurize(model, [t]), atol=1e-5)
+    np.testing.assert_allclose(results["pair"][0], featurize(model, TEXTS[:2]), atol=1e-5)
+    np.testing.assert_allclose(results["long"][0], featurize(model, [long_text]), atol=1e-5)
+    assert all(1 <= held <= 8 for _, held in results.values())
+
+
+def test_every_kind_and_layer_of_a_stacked_lstm(two_layer_lstm):
+    """Reconfigured live, as a replica's reconfigure does; fewer rows than texts: they queue."""
+    from sentdisc import featurize, load
+    from sentdisc.serving.model_process import ModelProcess
+
+    model = load(str(two_layer_lstm))
+    process = ModelProcess(str(two_layer_lstm), "cpu", 1)
+    try:
+        for layer, kind in [(0, "mean"), (1, "max"), (-1, "hidden"), (0, "cell")]:
+            process.configure(layer, kind, 3)
+
+            async def all_texts():
+                return await asyncio.gather(*(process.featurize([t]) for t in TEXTS))
+
+            got = asyncio.run(all_texts())
+            want = featurize(model, TEXTS, layer=layer, kind=kind)
+            np.testing.assert_allclose(np.concatenate([f for f, _ in got]), want, atol=1e-5,
+                                       err_msg=f"layer {layer} {kind}")
+            assert max(held for _, held in got) == 3
+    finally:
+        process.close()
+
+
+def test_calls_run_in_the_model_process_and_errors_come_back(tiny_checkpoint):
+    from sentdisc import load, viz
+    from sentdisc.errors import InputError
+    from sentdisc.serving.model_process import MODEL
+
+    async def calls(process):
+        values = await process.run(viz.neuron_values, MODEL, "a fine day", 3)
+        with pytest.raises(InputError, match="layer"):
+            await process.run(viz.neuron_values, MODEL, "a fine day", 3, layer=5)
+        return values
+
+    chars, values = _stream(tiny_checkpoint, -1, "cell", 4, calls)
+    want_chars, want = viz.neuron_values(load(str(tiny_checkpoint)), "a fine day", 3)
+    assert list(chars) == list(want_chars)
+    np.testing.assert_allclose(values, want, atol=1e-5)
 
 
 def _alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 APP_NAME = "sentdisc-test"
 LIMITS = dict(max_texts=8, max_text_bytes=2000, max_generate_length=64)
 # The deployment's user_config; a long wait makes concurrent requests share batches reliably.
-BATCHING = dict(max_batch_size=16, batch_wait_timeout_s=0.05)
+BATCHING = dict(max_batch_size=16)
 TEXTS = ["This movie was wonderful, I loved every minute.",
          "Terrible. A waste of money &amp; time!",
          "Caf\u00e9 cr\u00e8me was fine \U0001F600",
@@ -234,16 +234,16 @@ def test_redeploy_with_new_user_config_retunes_batching(url, tiny_checkpoint, cl
     from sentdisc.serving import make_app
 
     h = requests.get(url + "/healthz", timeout=30).json()
-    assert (h["max_batch_size"], h["batch_wait_timeout_s"]) == (16, 0.05)
+    assert h["max_batch_size"] == 16
     args = app_args(tiny_checkpoint, classifier)
     # serve.run gives a Python-built application a new code version, so Serve replaces the
     # replica here; the in-place retune by `serve deploy` is tests/test_e2e_cluster.py's.
-    serve.run(make_app(args, batching={"max_batch_size": 2, "batch_wait_timeout_s": 0.05}),
+    serve.run(make_app(args, batching={"max_batch_size": 2}),
               name=APP_NAME, route_prefix="/")
     try:
         h = healthz_when(url, lambda h: h["max_batch_size"] == 2)
-        assert (h.get("max_batch_size"), h.get("batch_wait_timeout_s")) == (2, 0.05), h
-        # the batcher obeys it: concurrent requests share featurize calls two at a time at most
+        assert h.get("max_batch_size") == 2, h
+        # the model obeys it: its running batch holds two texts at most
         with ThreadPoolExecutor(8) as pool:
             sizes = [int(r.headers["X-Batch-Size"]) for r in pool.map(
                 lambda t: post(url, "/sentiment", {"texts": [t]}), TEXTS)]

@@ -83,7 +83,8 @@ async def healthz(server: Server):
     return ORJSONResponse(info, status_code=200 if info["status"] == "ok" else 503)
 
 
-@router.get("/stats", summary="batch sizes (requests per featurize call) seen by this process")
+@router.get("/stats", summary="how many texts the model's running batch held as each request "
+                            "ended, counted by this process")
 async def stats(server: Server) -> dict:
     return server.stats()
 

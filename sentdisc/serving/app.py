@@ -5,10 +5,10 @@
 
 Each SentdiscServer replica loads the checkpoint and classifier.json once and answers HTTP
 itself, so a request makes one hop (proxy, or with Ray's HAProxy ingress the HAProxy, straight to
-the replica). It checks every request against the caps before any model work, coalesces
-featurize and sentiment requests continuously (serving.batching: whatever queued while the model
-was busy becomes one length-sorted, masked ``featurize`` call; X-Batch-Size says how many
-requests shared it), and runs all torch work on one worker thread. Batch settings are the
+the replica). It checks every request against the caps before any model work and hands the
+texts of featurize and sentiment requests to the model's running batch, in the model's own
+process (serving.model_process: texts join at the next chunk and leave when they end;
+X-Batch-Size says how many texts it held). Batch settings are the
 deployment's user_config, applied in ``reconfigure`` without a restart.
 
 All model work is the library's (sentdisc.featurize, sentdisc.viz, the transfer Classifier);

@@ -5,7 +5,7 @@ Two kinds of settings, because Serve applies them differently:
                key=value ...`` or a config file's ``args:``): files, request caps, device. A
                change rebuilds the application and restarts its replicas.
   BatchConfig  the deployment's ``user_config`` (a config file's ``deployments: - name:
-               SentdiscServer user_config:``): request batching. ``serve deploy`` with new values
+               SentdiscServer user_config:``): the model's batch size. ``serve deploy`` with new values
                calls ``reconfigure`` on the live replicas; nothing restarts.
 """
 from __future__ import annotations
@@ -43,17 +43,12 @@ class _Settings(BaseModel):
 
 
 class BatchConfig(_Settings):
-    """The deployment's user_config: how requests are coalesced into one featurize call."""
+    """The deployment's user_config: how many texts the model computes together."""
     what: ClassVar[str] = "user_config"
 
     max_batch_size: int = Field(32, ge=1, le=1024, description=(
-        "requests coalesced into one featurize call; a replica holds at most its "
-        "max_ongoing_requests (128 unless the config says otherwise), so keep this at half "
-        "of that or less"))
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=10, description=(
-        "after a featurize call, how long the next one may wait for the clients it answered "
-        "to send again, so that batches stay full under load (0: never wait); a lone request, "
-        "or one after a quiet spell, starts at once (serving.batching)"))
+        "texts in the model's running batch at most (serving.model_process): a request's "
+        "texts join it at the next chunk and leave when they end; more wait for a free row"))
 
 
 class AppArgs(_Settings):

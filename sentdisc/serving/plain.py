@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     port, threads = int(pairs.pop("port", 8000)), int(pairs.pop("threads", 1))
     host = pairs.pop("host", "127.0.0.1")
     batching = {k: pairs.pop(k) for k in list(pairs) if k in BatchConfig.model_fields}
-    batching = {k: float(v) if "timeout" in k else int(v) for k, v in batching.items()}
+    batching = {k: int(v) for k, v in batching.items()}
     app = plain_app(pairs, batching, threads)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

@@ -1,17 +1,18 @@
 """One model + classifier answering requests: what a Serve replica (app.SentdiscServer) runs, and
 what the plain FastAPI baseline runs, with no Ray involved.
 
-All torch work runs in the model's own process (serving.model_process), one call at a time, so
-the event loop stays free to parse requests, collect the next batch and answer health checks,
-and neither waits for the other's GIL. A checkpoint that cannot be loaded does not crash the process (a
-replica that raises in its constructor is retried in a loop, a traceback each time): the server
-stays up, says why in /healthz (503) and answers every model endpoint with a 503 naming the
-reason, and the one log line says it once.
+All torch work runs in the model's own process (serving.model_process): featurize requests join
+its running batch, other model work runs there between chunks. The event loop stays free to
+parse requests and answer health checks, and neither waits for the other's GIL. A checkpoint
+that cannot be loaded does not crash the process (a replica that raises in its constructor is
+retried in a loop, a traceback each time): the server stays up, says why in /healthz (503) and
+answers every model endpoint with a 503 naming the reason, and the one log line says it once.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 
 import numpy as np
 from fastapi import HTTPException
@@ -19,8 +20,7 @@ from fastapi import HTTPException
 from sentdisc import storage
 from sentdisc.errors import InputError
 from sentdisc.serving.args import AppArgs, BatchConfig, load_classifier, probe_of
-from sentdisc.serving.batching import Batcher
-from sentdisc.serving.model_process import MODEL, ModelProcess, ModelProcessDied
+from sentdisc.serving.model_process import ModelProcess, ModelProcessDied
 
 logger = logging.getLogger("ray.serve")
 
@@ -48,8 +48,7 @@ class ModelServer:
     def __init__(self, args: AppArgs, threads: int = 1):
         self.args, self.failure, self.model = args, None, None
         self.batch = BatchConfig()
-        self.batcher = Batcher(self._featurize, self.batch.max_batch_size,
-                               self.batch.batch_wait_timeout_s)
+        self.shared: Counter = Counter()  # texts the model held as a request ended -> requests
         try:
             self._load(args, threads)
         except (InputError, OSError, ValueError, RuntimeError) as e:
@@ -67,6 +66,8 @@ class ModelServer:
             self.classifier.predict_proba(np.zeros((1, self.config.rnn_size), np.float32))
         self.probe = probe_of(args, self.classifier)
         check_layer(self.probe.layer, self.config.layers)  # OpenAI's weights: first read here
+        self.model.configure(self.probe.layer, self.probe.feature_kind,
+                             self.batch.max_batch_size)
         logger.info(f"sentdisc serve: loaded {args.checkpoint} (rnn {self.config.rnn_size}, "
                     f"{self.device}), classifier={args.classifier}")
 
@@ -76,7 +77,9 @@ class ModelServer:
 
     def configure(self, batch: BatchConfig) -> None:
         self.batch = batch
-        self.batcher.configure(batch.max_batch_size, batch.batch_wait_timeout_s)
+        if self.model is not None and not self.failure and not self.model.died:
+            self.model.configure(self.probe.layer, self.probe.feature_kind,
+                                 batch.max_batch_size)
 
     def ready(self) -> None:
         if self.failure:
@@ -87,32 +90,32 @@ class ModelServer:
     # -- model work -------------------------------------------------------------------------
 
     async def features(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Features of one request's texts from the model's running batch, and how many texts
+        that batch held as they ended."""
         self.ready()
-        return await self.batcher.features(texts)
-
-    async def _featurize(self, texts: list[str]) -> np.ndarray:
-        from sentdisc import featurize
-
-        return await self.work(featurize, MODEL, texts,
-                               batch_size=self.args.featurize_batch_size,
-                               layer=self.probe.layer, kind=self.probe.feature_kind)
+        feats, held = await self._answer("featurize", self.model.featurize(texts))
+        self.shared[held] += 1
+        return feats, held
 
     async def work(self, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)`` in the model's process, ``MODEL`` standing for the model.
-        The library's InputError is about the request (422, its message); anything else is a
-        server fault (500, logged); a dead model process makes this server unavailable (503)."""
+        """``fn(*args, **kwargs)`` in the model's process, ``MODEL`` standing for the model."""
         self.ready()
+        return await self._answer(fn.__name__, self.model.run(fn, *args, **kwargs))
+
+    async def _answer(self, what: str, pending):
+        """The library's InputError is about the request (422, its message); anything else is
+        a server fault (500, logged); a dead model process makes this server unavailable
+        (503)."""
         try:
-            return await self.model.run(fn, *args, **kwargs)
+            return await pending
         except InputError as e:
             raise invalid("body", last_line(e)) from None
         except ModelProcessDied as e:
             logger.error(f"sentdisc serve: {e}")
             raise Unavailable(str(e)) from None
         except Exception as e:
-            logger.error(f"sentdisc serve: {fn.__name__} failed: {type(e).__name__}: "
-                         f"{last_line(e)}")
-            raise ModelError(fn.__name__) from None
+            logger.error(f"sentdisc serve: {what} failed: {type(e).__name__}: {last_line(e)}")
+            raise ModelError(what) from None
 
     # -- request checks (before any model work: a bad text never fails a batch it would join).
     # The caps are in the schema (api.make_api), so breaking one is a 422 like any schema rule.
@@ -164,4 +167,7 @@ class ModelServer:
                 "neuron_sign": -1 if self.probe.negate(self.probe.neuron) else 1, **common}
 
     def stats(self) -> dict:
-        return self.batcher.stats()
+        n = sum(self.shared.values())
+        return {"requests": n, "max_batch_size_seen": max(self.shared, default=0),
+                "mean_batch_size": sum(k * v for k, v in self.shared.items()) / max(n, 1),
+                "batch_sizes": {str(k): v for k, v in sorted(self.shared.items())}}
