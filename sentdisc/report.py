@@ -47,10 +47,13 @@ def write_history(rows: list[dict], path: str | Path) -> str | Path:
 
 
 def read_history(path: str | Path) -> list[dict]:
-    """CSV written by write_history -> rows with numbers parsed back."""
+    """CSV written by write_history -> rows with numbers parsed back. write_history writes every
+    cell of every row, so a row short of cells is one read while it was being written (a live
+    run's file): it is left out, and the next read has it whole."""
     text = storage.read_text(str(path))
     return [{k: parse_cell(v) for k, v in row.items() if v != ""}
-            for row in csv.DictReader(io.StringIO(text, newline=""))]
+            for row in csv.DictReader(io.StringIO(text, newline=""))
+            if None not in row.values() and None not in row]
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[dict | Sequence]

@@ -292,3 +292,15 @@ def test_an_over_long_record_is_capped_and_the_run_sized_to_what_the_packer_uses
     # the linear schedule reaches 0 where the epoch really ends, not 40x later
     assert abs(planned - windows) <= 0.05 * windows, (planned, windows, packer.counts)
     assert packer.counts["capped_records"] == 1
+
+
+def test_history_read_while_it_is_written_leaves_out_the_partial_row(tmp_path):
+    from sentdisc.report import read_history, write_history
+
+    rows = [{"iteration": i, "loss": 1.0 / i, "world_size": 2} for i in range(1, 4)]
+    path = write_history(rows, tmp_path / "history.csv")
+    whole = path.read_text()
+    path.write_text(whole[:whole.rindex(",")])  # the last row cut mid-way, as a reader may see
+    assert read_history(path) == rows[:2]
+    path.write_text(whole)
+    assert read_history(path) == rows
