@@ -5,7 +5,16 @@
 
 From Python: ``serve.run(make_app({"checkpoint": DIR}, batching={"max_batch_size": 16}))``.
 """
-from sentdisc.serving.app import SentdiscServer, build_app, make_app
 from sentdisc.serving.args import AppArgs, AppArgsError, BatchConfig
 
 __all__ = ["AppArgs", "AppArgsError", "BatchConfig", "SentdiscServer", "build_app", "make_app"]
+
+
+def __getattr__(name: str):
+    # Ray Serve is imported on first use, not with the package: the model's process
+    # (serving.model_process) and the plain server import this package and need none of it.
+    if name in ("SentdiscServer", "build_app", "make_app"):
+        from sentdisc.serving import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -85,10 +85,13 @@ class ModelProcess:
         return await asyncio.wrap_future(self._request("call", fn, args, kwargs))
 
     def close(self) -> None:
-        self._conn.close()
+        # The child keeps nothing worth a goodbye; closing the pipe alone would not wake it
+        # while the reply thread still blocks in a read on the same pipe.
+        self._process.terminate()
         self._process.join(5)
         if self._process.is_alive():
             self._process.kill()
+        self._conn.close()
 
     def _request(self, op: str, *payload) -> Future:
         future: Future = Future()
