@@ -32,7 +32,7 @@ def deployed():
         serve.delete(name)
 
 
-def _deploy(name, checkpoint, port, replicas, broken=None):
+def _deploy(name, checkpoint, port, replicas, broken=None, **options):
     from ray import serve
 
     from sentdisc.serving import SentdiscServer
@@ -42,7 +42,7 @@ def _deploy(name, checkpoint, port, replicas, broken=None):
     if broken:
         broken()  # after the builder's checks: only the replica can find out
     app = SentdiscServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5},
-                                 user_config={}).bind(args)
+                                 user_config={}, **options).bind(args)
     serve.run(app, name=name, route_prefix=f"/{name}")
     return f"http://127.0.0.1:{port}/{name}"
 
@@ -169,3 +169,29 @@ def test_unloadable_checkpoint_reported_in_healthz_without_a_crash_loop(
     time.sleep(3)  # the same process still answers: no restart loop
     again = requests.get(url + "/healthz", timeout=30).json()
     assert again["pid"] == body["pid"] and again["reason"] == body["reason"]
+
+
+def test_a_dead_model_process_is_a_503_then_a_new_replica(serve_port, tiny_checkpoint,
+                                                          deployed):
+    # health checked every second (the deployment's default is 10 s; Serve wants 3 misses)
+    url = deployed("lost-model", tiny_checkpoint, serve_port, replicas=1,
+                   health_check_period_s=1, health_check_timeout_s=5)
+    ((pid, model_pid),) = _pids(url, 1).items()
+    os.kill(model_pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    time.sleep(0.5)
+    r = requests.post(url + "/featurize", json={"texts": ["still there?"]}, timeout=30)
+    assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+    assert "model process exited" in r.json()["detail"][0]["msg"]
+    # the replica fails its next health check and Serve starts another, with a model process
+    deadline, health = time.time() + 90, {}
+    while time.time() < deadline:
+        try:
+            health = requests.get(url + "/healthz", timeout=10).json()
+        except (requests.RequestException, ValueError):
+            health = {}
+        if health.get("status") == "ok" and health.get("pid") != pid:
+            break
+        time.sleep(1)
+    assert health.get("status") == "ok" and health["pid"] != pid, health
+    ok = requests.post(url + "/featurize", json={"texts": ["back again"]}, timeout=30)
+    assert ok.status_code == 200
