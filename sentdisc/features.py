@@ -68,7 +68,7 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
                         cuda_graph)
     done = 0
     try:
-        for idx, feats in _featurize_pool(model, encoded, iter(order.tolist()), batch_size,
+        for idx, feats in featurize_pool(model, encoded, iter(order.tolist()), batch_size,
                                           layer, kinds, chunk_size, run):
             for k in kinds:
                 out[k][idx] = feats[k]
@@ -80,7 +80,7 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     return out[kind] if isinstance(kind, str) else out
 
 
-def _featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, run):
+def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, run):
     """Yield (text indices, {kind: features}) as texts finish, refilling free rows from
     ``queue`` (indices into ``encoded``) after every chunk. The queue may be fed while the
     pool runs (serving.model_process): an index it yields later joins the running rows."""

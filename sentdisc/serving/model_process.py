@@ -175,10 +175,10 @@ class _Child:
                 self.queued.clear()
 
     def stream(self) -> None:
-        from sentdisc.features import _featurize_pool
+        from sentdisc.features import featurize_pool
 
         while self.queued:
-            for ids, feats in _featurize_pool(self.model, self.encoded, self, self.rows,
+            for ids, feats in featurize_pool(self.model, self.encoded, self, self.rows,
                                               self.layer, [self.kind], STREAM_CHUNK, self.run):
                 self.finished(ids, feats[self.kind])
 
