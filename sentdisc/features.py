@@ -86,18 +86,19 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
     pool runs (serving.model_process): an index it yields later joins the running rows."""
     device, H, n_layers = model.device, model.config.rnn_size, layer + 1
     rows: list[int] = []                      # text index held by each row
-    lengths = _Lengths(encoded)
-    offset = np.zeros(0, dtype=np.int64)      # bytes of that text already read
+    length = np.zeros(0, dtype=np.int64)      # that text's bytes
+    offset = np.zeros(0, dtype=np.int64)      # bytes of it already read
     state = model.init_state(0)[:n_layers]
     total = torch.zeros(0, H, device=device)  # running sums / maxima of the hidden state
     peak = torch.zeros(0, H, device=device)
 
     def admit(n):
-        nonlocal rows, offset, state, total, peak
+        nonlocal rows, length, offset, state, total, peak
         new = [i for _, i in zip(range(n), queue)]
         if not new:
             return
         rows += new
+        length = np.concatenate([length, np.array([len(encoded[i]) for i in new], np.int64)])
         offset = np.concatenate([offset, np.zeros(len(new), dtype=np.int64)])
         fresh = model.init_state(len(new))[:n_layers]
         state = [(torch.cat([h, h0]), torch.cat([c, c0])) for (h, c), (h0, c0) in zip(state, fresh)]
@@ -105,19 +106,19 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
         peak = torch.cat([peak, torch.full((len(new), H), -torch.inf, device=device)])
         # Longest remaining first: the rows still live at any step are then a prefix, which
         # the kernel computes alone (any other mask pays for every row plus a select).
-        by_remaining = np.argsort(offset - lengths[rows], kind="stable")
+        by_remaining = np.argsort(offset - length, kind="stable")
         keep_rows(torch.from_numpy(by_remaining).to(device), by_remaining)
 
     def keep_rows(index, index_np):
-        nonlocal rows, offset, state, total, peak
+        nonlocal rows, length, offset, state, total, peak
         rows = [rows[r] for r in index_np.tolist()]
-        offset = offset[index_np]
+        length, offset = length[index_np], offset[index_np]
         state = [(h[index], c[index]) for h, c in state]
         total, peak = total[index], peak[index]
 
     admit(pool_size)
     while rows:
-        remaining = lengths[rows] - offset
+        remaining = length - offset
         if remaining.max() <= chunk_size:  # every row ends in this chunk: one call does all
             T = int(remaining.max())
         else:
@@ -135,7 +136,7 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
         if "max" in kinds:
             peak = torch.maximum(peak, hs.masked_fill(~m.unsqueeze(-1), -torch.inf).amax(1))
         offset += T
-        finished = offset >= lengths[rows]
+        finished = offset >= length
         if not finished.any():
             admit(pool_size - len(rows))
             continue
@@ -143,24 +144,13 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
         h, c = state[layer]
         feats = {"cell": c[fin], "hidden": h[fin], "max": peak[fin]}
         if "mean" in kinds:
-            n = torch.from_numpy(lengths[[rows[r] for r in fin.tolist()]]).to(device)
+            n = torch.from_numpy(length[finished]).to(device)
             feats["mean"] = total[fin] / n.unsqueeze(1).float()
         yield ([rows[r] for r in fin.tolist()],
                {k: feats[k].float().cpu().numpy() for k in kinds})
         keep = np.flatnonzero(~finished)
         keep_rows(torch.from_numpy(keep).to(device), keep)
         admit(pool_size - len(rows))
-
-
-class _Lengths:
-    """Byte lengths of ``encoded`` by index, ``lengths[rows]`` -> an array, for a list or for
-    a dict that grows while the pool runs."""
-
-    def __init__(self, encoded):
-        self.encoded = encoded
-
-    def __getitem__(self, index):
-        return np.array([len(self.encoded[i]) for i in index], dtype=np.int64)
 
 
 # --- how a chunk runs: eagerly, or a captured step replayed -----------------------------------

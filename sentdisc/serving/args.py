@@ -64,7 +64,6 @@ class AppArgs(_Settings):
     layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
                                                 "else -1")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
-    featurize_batch_size: int = Field(128, ge=1, description="texts per featurize forward pass")
     max_texts: int = Field(64, ge=1, description="texts per request (more -> 422; in the schema)")
     max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 422; in the schema)")
     max_generate_length: int = Field(1000, ge=1, description="bytes per /generate (more -> 422)")
