@@ -30,8 +30,8 @@ logger = logging.getLogger("ray.serve")
 
 # A full queue (every replica busy or gone) answers 503 + Retry-After at once instead of making
 # clients wait out their timeouts. No access log line per request: at hundreds of small
-# requests a second it costs the replica's event loop time the batcher needs (errors are
-# still logged). serve/config.yaml sets the same.
+# requests a second it costs the replica's event loop time it needs to read the next ones
+# (errors are still logged). serve/config.yaml sets the same.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=128,
                   health_check_period_s=10, max_queued_requests=256,
                   backpressure_config={"status_code": 503, "retry_after_s": 1},
