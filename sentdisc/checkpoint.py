@@ -5,6 +5,8 @@ A checkpoint is a directory:
     config.json           {"format": "sentdisc", "version": 1, "model": ModelConfig, ...meta}
     optimizer.safetensors + optimizer.json   optional optimizer/scheduler state
     train_state.json      optional (iteration, data position, ...)
+    classifier.json       optional: a fine-tuned checkpoint's classifier head
+                          (``sentdisc.classifier``; serving and scoring take it by default)
 
 Nothing is unpickled: tensors live in safetensors, everything else in JSON. OpenAI's released
 sentiment-neuron weights (15 ``.npy`` files) load through ``load_openai``. A checkpoint may live
@@ -37,6 +39,7 @@ from sentdisc.model import ByteLM, ModelConfig
 
 FORMAT, VERSION = "sentdisc", 1
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+CLASSIFIER_FILE = "classifier.json"  # a fine-tuned checkpoint's head (sentdisc.classifier)
 OPTIM_TENSORS, OPTIM_META, TRAIN_STATE = "optimizer.safetensors", "optimizer.json", "train_state.json"
 OPENAI = "openai"  # the checkpoint name of OpenAI's released weights (see resolve)
 # The unit of OpenAI's mLSTM-4096 that tracks sentiment (Radford et al. 2017; NVIDIA's README

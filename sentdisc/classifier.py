@@ -1,10 +1,21 @@
-"""The sentiment classifier that transfer writes and serving loads: plain JSON, numpy maths.
+"""The classifier that transfer and fine-tuning write and serving and scoring load: plain JSON,
+numpy maths. It owns its labels, and it alone turns features into scores and scores into
+labels (as sklearn's estimators own ``classes_``): every job and endpoint asks it.
 
-``classifier.json`` holds two logistic regressions over a checkpoint's features:
-the one on all neurons (``coef``, ``intercept``, ``C``) and the one on the top neurons only
-(``top.coef`` over ``neurons``, ``top.intercept``, ``top.C``), plus what is needed to featurize
-the same way (``feature_kind``, ``layer``, ``rnn_size``, ``checkpoint``). No sklearn object and
-no pickle is stored, so loading a classifier someone sent you runs no code.
+Three kinds, one logistic model each over a checkpoint's features x [N, H]:
+
+    binary      p = sigmoid(x . w + b): P(labels[1]) (labels[0] is the other); label p > 0.5
+    multiclass  p = softmax(x W^T + b) over labels [K]; label argmax p
+    multilabel  p_k = sigmoid(x . w_k + b_k), independent; labels with p_k > 0.5
+
+``classifier.json`` holds the all-neuron model (``coef``: [H] for binary, [K, H] otherwise;
+``intercept``; ``C``), the top neurons (``neurons``, ``signs``, and for multi-class and
+multi-label ``neuron_labels``: which label each was picked for), an optional model on the top
+neurons only (``top``), and what is needed to featurize the same way (``feature_kind``,
+``layer``, ``rnn_size``, ``checkpoint``; ``"."`` means the checkpoint folder the file sits in,
+as in a fine-tuned checkpoint). No sklearn object and no pickle is stored, so loading a
+classifier someone sent you runs no code. Version 1 files (binary, before label kinds) load as
+binary classifiers of negative/positive.
 """
 from __future__ import annotations
 
@@ -18,7 +29,11 @@ import numpy as np
 from sentdisc import storage
 from sentdisc.errors import InputError
 
-FORMAT, VERSION = "sentdisc-classifier", 1
+FORMAT, VERSION = "sentdisc-classifier", 2
+KINDS = ("binary", "multiclass", "multilabel")
+SENTIMENT = ("negative", "positive")  # a binary classifier's labels unless it names others
+THRESHOLD = 0.5  # binary and multi-label: a label is predicted when its probability exceeds it
+HERE = "."       # ``checkpoint``: the folder classifier.json sits in
 
 
 class ClassifierError(InputError):
@@ -27,7 +42,8 @@ class ClassifierError(InputError):
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     # Split by sign so exp never overflows for large |z|.
-    out = np.empty_like(z, dtype=np.float64)
+    z = np.asarray(z, dtype=np.float64)
+    out = np.empty_like(z)
     pos = z >= 0
     out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
     ez = np.exp(z[~pos])
@@ -35,40 +51,69 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 @dataclass
 class Classifier:
-    coef: np.ndarray                 # [rnn_size] weights of the all-neuron regression
-    intercept: float
-    C: float                         # its L1 regularisation (chosen on validation)
-    neurons: list[int]               # top neurons, ordered by |coef| (largest first)
-    signs: list[int]                 # +1 / -1: sign of each top neuron's weight in ``coef``
-    top_coef: np.ndarray             # [len(neurons)] weights of the top-neuron regression
-    top_intercept: float
-    top_C: float
+    coef: np.ndarray                 # binary [H]; multiclass / multilabel [K, H]
+    intercept: float | np.ndarray    # binary a number; otherwise [K]
+    C: float | None = None           # its L1 strength (None: a fine-tuned head)
+    neurons: list[int] = field(default_factory=list)   # top neurons, strongest first
+    signs: list[int] = field(default_factory=list)     # +1 / -1: each one's weight's sign
+    top_coef: np.ndarray | None = None   # the top-neuron model (None: there is none)
+    top_intercept: float | np.ndarray | None = None
+    top_C: float | None = None
     feature_kind: str = "cell"
     layer: int = -1
     rnn_size: int = 0
     checkpoint: str = ""
     meta: dict = field(default_factory=dict)  # dataset, accuracies: informative only
+    label_kind: str = "binary"
+    labels: list[str] = field(default_factory=lambda: list(SENTIMENT))
+    neuron_labels: list[str] = field(default_factory=list)  # the label each top neuron serves
 
     def __post_init__(self):
-        self.coef = np.asarray(self.coef, dtype=np.float64).reshape(-1)
-        self.top_coef = np.asarray(self.top_coef, dtype=np.float64).reshape(-1)
+        binary = self.label_kind == "binary"
+        self.coef = np.asarray(self.coef, dtype=np.float64)
+        self.coef = self.coef.reshape(-1) if binary else np.atleast_2d(self.coef)
+        self.intercept = float(np.asarray(self.intercept).reshape(-1)[0]) if binary else \
+            np.asarray(self.intercept, dtype=np.float64).reshape(-1)
+        if self.top_coef is not None:
+            top = np.asarray(self.top_coef, dtype=np.float64)
+            self.top_coef = top.reshape(-1) if binary else np.atleast_2d(top)
+            self.top_intercept = float(np.asarray(self.top_intercept).reshape(-1)[0]) \
+                if binary else np.asarray(self.top_intercept, dtype=np.float64).reshape(-1)
         self.neurons = [int(n) for n in self.neurons]
         self.signs = [int(s) for s in self.signs]
+        self.labels = [str(v) for v in self.labels]
         if not self.rnn_size:
-            self.rnn_size = len(self.coef)
+            self.rnn_size = int(self.coef.shape[-1])
 
-    # -- the top ("sentiment") neuron --------------------------------------------------------
+    # -- the top neuron -------------------------------------------------------------------------
     @property
     def neuron(self) -> int:
+        """The top neuron (binary: the sentiment neuron); heatmaps show it by default."""
         return self.neurons[0]
 
     @property
     def sign(self) -> int:
         return self.signs[0]
 
-    # -- prediction --------------------------------------------------------------------------
+    @property
+    def has_top(self) -> bool:
+        return self.top_coef is not None
+
+    def neurons_of(self, label: str) -> list[tuple[int, int]]:
+        """(neuron, sign) of the top neurons picked for ``label`` (binary: all of them)."""
+        if self.label_kind == "binary" or not self.neuron_labels:
+            return list(zip(self.neurons, self.signs, strict=True))
+        return [(n, s) for n, s, lab in zip(self.neurons, self.signs, self.neuron_labels,
+                                            strict=True) if lab == label]
+
+    # -- scores and labels: the one place they are computed -----------------------------------
     def _check(self, features) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)
         if x.ndim == 1:
@@ -78,32 +123,67 @@ class Classifier:
                                   f"features of layer {self.layer}), got shape {list(x.shape)}")
         return x
 
+    def _proba(self, z: np.ndarray) -> np.ndarray:
+        return _softmax(z) if self.label_kind == "multiclass" else _sigmoid(z)
+
     def decision_function(self, features) -> np.ndarray:
-        return self._check(features) @ self.coef + self.intercept
+        """Logits: [N] for binary, [N, K] otherwise."""
+        return self._check(features) @ self.coef.T + self.intercept
 
     def predict_proba(self, features) -> np.ndarray:
-        """P(positive) [N] from all neurons."""
-        return _sigmoid(self.decision_function(features))
-
-    def predict(self, features) -> np.ndarray:
-        """0/1 labels [N] from all neurons."""
-        return (self.decision_function(features) > 0).astype(np.int64)
+        """From all neurons: binary P(labels[1]) [N]; multiclass [N, K] (rows sum to 1);
+        multilabel [N, K] (each label on its own)."""
+        return self._proba(self.decision_function(features))
 
     def predict_proba_top(self, features) -> np.ndarray:
-        """P(positive) [N] from the top neurons only (features are still the full [N, H])."""
+        """As ``predict_proba``, from the top-neuron model (features are still the full
+        [N, H])."""
+        if not self.has_top:
+            raise ClassifierError("this classifier has no top-neuron model (a fine-tuned head)")
         x = self._check(features)[:, self.neurons]
-        return _sigmoid(x @ self.top_coef + self.top_intercept)
+        return self._proba(x @ self.top_coef.T + self.top_intercept)
 
-    # -- JSON I/O ----------------------------------------------------------------------------
+    def label_proba(self, features, top: bool = False) -> np.ndarray:
+        """[N, len(labels)]: each label's probability, columns in ``labels`` order (binary:
+        1 - p and p)."""
+        p = self.predict_proba_top(features) if top else self.predict_proba(features)
+        return np.stack([1.0 - p, p], axis=1) if self.label_kind == "binary" else p
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """Probabilities (as ``predict_proba`` gives them) -> label indices [N] (binary,
+        multiclass) or a 0/1 indicator [N, K] (multilabel)."""
+        if self.label_kind == "multiclass":
+            return np.argmax(proba, axis=1).astype(np.int64)
+        return (proba > THRESHOLD).astype(np.int64)
+
+    def predict(self, features) -> np.ndarray:
+        """Label indices [N] (binary: 0/1), or a 0/1 indicator [N, K] for multilabel."""
+        return self.decide(self.predict_proba(features))
+
+    def names(self, predicted: np.ndarray) -> list:
+        """``predict``'s output -> label names: one per text, or a list per text
+        (multilabel)."""
+        if self.label_kind == "multilabel":
+            return [[self.labels[k] for k in np.flatnonzero(row)] for row in predicted]
+        return [self.labels[int(i)] for i in predicted]
+
+    def predict_labels(self, features) -> list:
+        """A label name per text (binary, multiclass), or the list of labels over 0.5
+        (multilabel)."""
+        return self.names(self.predict(features))
+
+    # -- JSON I/O -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        top = None
+        if self.has_top:
+            top = {"neurons": self.neurons, "coef": np.asarray(self.top_coef).tolist(),
+                   "intercept": _plain(self.top_intercept), "C": _plain(self.top_C)}
         return {
             "format": FORMAT, "version": VERSION,
-            "coef": [float(v) for v in self.coef], "intercept": float(self.intercept),
-            "C": float(self.C),
-            "neurons": self.neurons, "signs": self.signs,
-            "top": {"neurons": self.neurons, "coef": [float(v) for v in self.top_coef],
-                    "intercept": float(self.top_intercept), "C": float(self.top_C)},
-            "feature_kind": self.feature_kind, "layer": int(self.layer),
+            "label_kind": self.label_kind, "labels": self.labels,
+            "coef": self.coef.tolist(), "intercept": _plain(self.intercept), "C": _plain(self.C),
+            "neurons": self.neurons, "signs": self.signs, "neuron_labels": self.neuron_labels,
+            "top": top, "feature_kind": self.feature_kind, "layer": int(self.layer),
             "rnn_size": int(self.rnn_size), "checkpoint": self.checkpoint, "meta": self.meta,
         }
 
@@ -118,58 +198,130 @@ class Classifier:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ClassifierError(f"{source}: not a sentdisc classifier (expected \"format\": "
                                   f"\"{FORMAT}\")")
-
-        def get(obj, key, where=""):
-            if key not in obj:
-                raise ClassifierError(f"{source}: missing field {where}{key!r}")
-            return obj[key]
-
-        top = get(d, "top")
-        if not isinstance(top, dict):
-            raise ClassifierError(f"{source}: field 'top' must be an object")
-        try:
-            coef = np.asarray(get(d, "coef"), dtype=np.float64)
-            top_coef = np.asarray(get(top, "coef", "top."), dtype=np.float64)
-            neurons = [int(n) for n in get(d, "neurons")]
-            signs = [int(s) for s in get(d, "signs")]
-            values = dict(intercept=float(get(d, "intercept")), C=float(get(d, "C")),
-                          top_intercept=float(get(top, "intercept", "top.")),
-                          top_C=float(get(top, "C", "top.")))
-        except (TypeError, ValueError) as e:
-            raise ClassifierError(f"{source}: bad value: {e}") from None
-        H = int(d.get("rnn_size") or len(coef))
-        if coef.ndim != 1 or len(coef) != H:
-            raise ClassifierError(f"{source}: 'coef' must be a list of rnn_size={H} numbers, "
-                                  f"got shape {list(coef.shape)}")
-        if not neurons or len(signs) != len(neurons) or len(top_coef) != len(neurons):
-            raise ClassifierError(f"{source}: 'neurons', 'signs' and 'top.coef' must be non-empty "
-                                  f"and of equal length, got {len(neurons)}, {len(signs)}, "
-                                  f"{len(top_coef)}")
-        bad = [n for n in neurons if not 0 <= n < H]
-        if bad:
-            raise ClassifierError(f"{source}: neuron indices {bad} out of range [0, {H})")
-        if not all(math.isfinite(v) for v in values.values()) or not np.isfinite(coef).all():
-            raise ClassifierError(f"{source}: non-finite weights")
-        return cls(coef=coef, top_coef=top_coef, neurons=neurons, signs=signs,
-                   feature_kind=str(d.get("feature_kind", "cell")), layer=int(d.get("layer", -1)),
-                   rnn_size=H, checkpoint=str(d.get("checkpoint", "")),
-                   meta=dict(d.get("meta") or {}), **values)
+        return _parse(d, source)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Classifier:
-        """classifier.json from a local path or URI (or the folder holding it)."""
+        """classifier.json from a local path or URI (or the folder holding it: a transfer
+        run's folder, or a fine-tuned checkpoint)."""
         p = str(path)
         if storage.is_dir(p):
             p = storage.join(p, "classifier.json")
-        return cls.from_dict(storage.read_json(p, error=ClassifierError, what="classifier file"), p)
+        clf = cls.from_dict(storage.read_json(p, error=ClassifierError, what="classifier file"), p)
+        if clf.checkpoint == HERE:  # a fine-tuned checkpoint's own head
+            folder = p.rstrip("/").rsplit("/", 1)[0] if "/" in p else "."
+            clf.checkpoint = storage.absolute(folder)
+        return clf
+
+
+def _plain(v):
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=np.float64)
+    return float(a) if a.ndim == 0 else a.tolist()
+
+
+def _parse(d: dict, source: str) -> Classifier:
+    def get(obj, key, where=""):
+        if key not in obj:
+            raise ClassifierError(f"{source}: missing field {where}{key!r}")
+        return obj[key]
+
+    kind = str(d.get("label_kind", "binary"))  # version 1: binary
+    if kind not in KINDS:
+        raise ClassifierError(f"{source}: label_kind must be one of {KINDS}, got {kind!r}")
+    labels = [str(v) for v in d.get("labels") or SENTIMENT]
+    top = d.get("top")
+    if top is not None and not isinstance(top, dict):
+        raise ClassifierError(f"{source}: field 'top' must be an object or null")
+    if int(d.get("version", 1)) < 2 and top is None:
+        top = get(d, "top")  # version 1 always had one
+    try:
+        coef = np.asarray(get(d, "coef"), dtype=np.float64)
+        intercept = np.asarray(get(d, "intercept"), dtype=np.float64)
+        neurons = [int(n) for n in get(d, "neurons")]
+        signs = [int(s) for s in get(d, "signs")]
+        C = None if d.get("C") is None else float(d["C"])
+        top_values = {}
+        if top is not None:
+            top_values = dict(top_coef=np.asarray(get(top, "coef", "top."), dtype=np.float64),
+                              top_intercept=np.asarray(get(top, "intercept", "top."),
+                                                       dtype=np.float64),
+                              top_C=None if top.get("C") is None else float(top["C"]))
+    except (TypeError, ValueError) as e:
+        raise ClassifierError(f"{source}: bad value: {e}") from None
+    H = int(d.get("rnn_size") or coef.shape[-1])
+    K = 1 if kind == "binary" else len(labels)
+    want = [H] if kind == "binary" else [K, H]
+    if list(coef.shape) != want or intercept.size != K:
+        raise ClassifierError(f"{source}: a {kind} classifier of {len(labels)} labels over "
+                              f"rnn_size={H} features has 'coef' of shape {want} and {K} "
+                              f"intercept(s), got {list(coef.shape)} and {intercept.size}")
+    if kind == "binary" and len(labels) != 2 or kind == "multiclass" and len(labels) < 2 \
+            or len(set(labels)) != len(labels) or not labels:
+        raise ClassifierError(f"{source}: {kind} labels must be distinct (binary: 2, "
+                              f"multiclass: 2 or more), got {labels}")
+    if not neurons or len(signs) != len(neurons):
+        raise ClassifierError(f"{source}: 'neurons' and 'signs' must be non-empty and of equal "
+                              f"length, got {len(neurons)}, {len(signs)}")
+    if top_values and top_values["top_coef"].shape[-1] != len(neurons):
+        raise ClassifierError(f"{source}: 'top.coef' must hold one weight per top neuron "
+                              f"({len(neurons)}), got shape {list(top_values['top_coef'].shape)}")
+    bad = [n for n in neurons if not 0 <= n < H]
+    if bad:
+        raise ClassifierError(f"{source}: neuron indices {bad} out of range [0, {H})")
+    numbers = [coef, intercept, *(v for v in top_values.values() if isinstance(v, np.ndarray))]
+    scalars = [v for v in (C, top_values.get("top_C")) if v is not None]
+    if not all(np.isfinite(a).all() for a in numbers) or not all(map(math.isfinite, scalars)):
+        raise ClassifierError(f"{source}: non-finite weights")
+    neuron_labels = [str(v) for v in d.get("neuron_labels") or []]
+    if neuron_labels and (len(neuron_labels) != len(neurons) or set(neuron_labels) - set(labels)):
+        raise ClassifierError(f"{source}: 'neuron_labels' must name one of the labels for each "
+                              f"top neuron")
+    return Classifier(coef=coef, intercept=intercept, C=C, neurons=neurons, signs=signs,
+                      feature_kind=str(d.get("feature_kind", "cell")),
+                      layer=int(d.get("layer", -1)), rnn_size=H,
+                      checkpoint=str(d.get("checkpoint", "")), meta=dict(d.get("meta") or {}),
+                      label_kind=kind, labels=labels, neuron_labels=neuron_labels, **top_values)
+
+
+def rank_neurons(coef: np.ndarray, k: int, labels=None) -> tuple[list[int], list[int], list[str]]:
+    """The top ``k`` neurons by |weight| (binary [H]), or for each label its own top ``k``
+    (coef [K, H]), interleaved by rank and without repeats: (neurons, signs, the label each
+    serves; [] for binary)."""
+    coef = np.asarray(coef, dtype=np.float64)
+    if coef.ndim == 1:
+        order = np.argsort(-np.abs(coef), kind="stable")[:k]
+        return [int(n) for n in order], [1 if coef[n] >= 0 else -1 for n in order], []
+    ranked = [np.argsort(-np.abs(row), kind="stable")[:k] for row in coef]
+    neurons, signs, serves = [], [], []
+    for r in range(min(k, coef.shape[1])):
+        for lab, order in enumerate(ranked):
+            n = int(order[r])
+            if n not in neurons:
+                neurons.append(n)
+                signs.append(1 if coef[lab, n] >= 0 else -1)
+                serves.append(str(labels[lab]) if labels is not None else str(lab))
+    return neurons, signs, serves
 
 
 def fit_result_to_classifier(coef, intercept, C, neurons, top_coef, top_intercept, top_C,
-                             feature_kind="cell", layer=-1, checkpoint="") -> Classifier:
-    coef = np.asarray(coef, dtype=np.float64).reshape(-1)
-    signs = [1 if coef[n] >= 0 else -1 for n in neurons]
-    return Classifier(coef=coef, intercept=float(intercept), C=float(C), neurons=list(neurons),
-                      signs=signs, top_coef=np.asarray(top_coef).reshape(-1),
-                      top_intercept=float(top_intercept), top_C=float(top_C),
-                      feature_kind=feature_kind, layer=layer, rnn_size=len(coef),
-                      checkpoint=str(checkpoint))
+                             feature_kind="cell", layer=-1, checkpoint="", *,
+                             label_kind="binary", labels=SENTIMENT,
+                             neuron_labels=()) -> Classifier:
+    """A Classifier from fitted weights; each top neuron's sign is its weight's (for the label
+    it serves)."""
+    coef = np.asarray(coef, dtype=np.float64)
+    neurons = [int(n) for n in neurons]
+    if label_kind == "binary":
+        coef = coef.reshape(-1)
+        signs = [1 if coef[n] >= 0 else -1 for n in neurons]
+    else:
+        row = {str(v): i for i, v in enumerate(labels)}
+        signs = [1 if coef[row[lab], n] >= 0 else -1 for n, lab in zip(
+            neurons, neuron_labels, strict=True)]
+    return Classifier(coef=coef, intercept=intercept, C=C, neurons=neurons, signs=signs,
+                      top_coef=top_coef, top_intercept=top_intercept, top_C=top_C,
+                      feature_kind=feature_kind, layer=layer, rnn_size=coef.shape[-1],
+                      checkpoint=str(checkpoint), label_kind=label_kind, labels=list(labels),
+                      neuron_labels=list(neuron_labels))

@@ -162,23 +162,38 @@ def _pct(v) -> str:
 
 
 def format_report(results: dict) -> str:
-    """The report of NVIDIA's transfer.py, from ``sentdisc.sweep.train_classifier``'s results."""
+    """The report of NVIDIA's transfer.py, from ``sentdisc.sweep.train_classifier``'s results;
+    for the multi kinds also macro-F1 and the top neurons of each label."""
     a, t = results["all_neurons"], results["top_neurons"]
+    multi = "by_label" in t
     k = len(t["neurons"])
     lines = [f"all neuron regression took {a['seconds']} seconds",
              f"{_pct(a['train_acc'])}, {_pct(a['val_acc'])}, {_pct(a['test_acc'])} "
-             f"train, val, test accuracy for all neuron regression",
-             f"{a['C']:g} regularization coefficient used",
-             f"{a['nnz']} features used in all neuron regression", "",
-             f"using neuron(s) {', '.join(str(n) for n in t['neurons'])} as features for "
-             f"regression"]
-    for n, w in zip(t["neurons"], t["weights"], strict=True):
-        lines.append(f"  neuron {n}: weight {w:+.4f} "
-                     f"({'positive' if w >= 0 else 'negative'} sentiment)")
+             f"train, val, test accuracy for all neuron regression"]
+    if multi:
+        lines.append(f"{_pct(a['train_macro_f1'])}, {_pct(a['val_macro_f1'])}, "
+                     f"{_pct(a['test_macro_f1'])} train, val, test macro-F1 for all neuron "
+                     f"regression (C chosen by it)")
+    lines += [f"{a['C']:g} regularization coefficient used",
+              f"{a['nnz']} features used in all neuron regression", "",
+              f"using neuron(s) {', '.join(str(n) for n in t['neurons'])} as features for "
+              f"regression"]
+    if multi:
+        for label, picked in t["by_label"].items():
+            shown = ", ".join(f"{p['neuron']} ({p['weight']:+.4f})" for p in picked)
+            lines.append(f"  label {label}: {shown}")
+    else:
+        for n, w in zip(t["neurons"], t["weights"], strict=True):
+            lines.append(f"  neuron {n}: weight {w:+.4f} "
+                         f"({'positive' if w >= 0 else 'negative'} sentiment)")
     lines += [f"{k} neuron regression took {t['seconds']} seconds",
               f"{_pct(t['train_acc'])}, {_pct(t['val_acc'])}, {_pct(t['test_acc'])} "
-              f"train, val, test accuracy for {k} neuron regression",
-              f"{t['C']:g} regularization coefficient used"]
+              f"train, val, test accuracy for {k} neuron regression"]
+    if multi:
+        lines.append(f"{_pct(t['train_macro_f1'])}, {_pct(t['val_macro_f1'])}, "
+                     f"{_pct(t['test_macro_f1'])} train, val, test macro-F1 for {k} neuron "
+                     f"regression")
+    lines.append(f"{t['C']:g} regularization coefficient used")
     for name, r in (("all neuron", a), (f"{k} neuron", t)):
         if not r["converged"]:
             lines.append(f"note: the {name} regression stopped at max_iter before converging "
@@ -186,36 +201,63 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def metrics_lines(metrics: dict) -> str:
+    """Per split: accuracy, macro-F1, balanced accuracy; per label F1 and ROC AUC."""
+    lines = []
+    for split, m in metrics.items():
+        bal = m.get("balanced_accuracy")
+        lines.append(f"{split}: accuracy {_pct(m['accuracy'])}, macro-F1 {_pct(m['macro_f1'])}"
+                     f", balanced accuracy {_pct(bal)} ({m['n']} texts)")
+        for label, v in m["per_label"].items():
+            auc = "n/a" if v["roc_auc"] is None else f"{v['roc_auc']:.3f}"
+            lines.append(f"  {label:<14} precision {_pct(v['precision'])}  recall "
+                         f"{_pct(v['recall'])}  F1 {_pct(v['f1'])}  ROC AUC {auc}  "
+                         f"(support {v['support']})")
+    return "\n".join(lines)
+
+
 def write_tune_csv(path: str | Path, rows: Sequence[dict], chosen_C: float) -> None:
-    cols = ["C", "val_acc", "train_acc", "nnz", "converged", "fit_s", "trial_id", "chosen"]
+    cols = ["C", "val_acc", "train_acc", "val_macro_f1", "train_macro_f1", "nnz", "converged",
+            "fit_s", "trial_id", "chosen"]
     write_csv(path, cols, [{**r, "chosen": int(r["C"] == chosen_C)} for r in rows])
 
 
-def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[int], C: float) -> None:
+def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[int], C: float,
+                        labels: Sequence[str] | None = None) -> None:
+    """The all-neuron model's weights, top neurons marked: one panel (binary), or one per label
+    (coef [K, H])."""
     plt = _pyplot()
-    coef = np.asarray(coef).reshape(-1)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.vlines(np.arange(len(coef)), 0, coef, color="0.6", linewidth=0.8)
-    ax.axhline(0, color="0.3", linewidth=0.5)
-    for n in neurons:
-        ax.plot([n], [coef[n]], "o", color="crimson" if coef[n] >= 0 else "navy")
-        ax.annotate(f"{n}", (n, coef[n]), textcoords="offset points", xytext=(4, 4 if
-                    coef[n] >= 0 else -12), fontsize=8)
-    ax.set_xlabel("neuron (feature) index")
-    ax.set_ylabel("L1 logistic regression weight")
-    ax.set_title(f"Neuron weights (C={C:g}, {int(np.sum(coef != 0))} non-zero); "
-                 f"top {len(neurons)} highlighted")
+    rows = np.atleast_2d(np.asarray(coef))
+    names = list(labels) if rows.shape[0] > 1 and labels is not None else [None]
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.2 + 1.8 * len(names)), squeeze=False,
+                             sharex=True)
+    for ax, row, name in zip(axes[:, 0], rows, names):
+        ax.vlines(np.arange(len(row)), 0, row, color="0.6", linewidth=0.8)
+        ax.axhline(0, color="0.3", linewidth=0.5)
+        for n in neurons:
+            ax.plot([n], [row[n]], "o", color="crimson" if row[n] >= 0 else "navy")
+            ax.annotate(f"{n}", (n, row[n]), textcoords="offset points",
+                        xytext=(4, 4 if row[n] >= 0 else -12), fontsize=8)
+        ax.set_ylabel("weight" if name is None else f"{name}")
+    axes[-1, 0].set_xlabel("neuron (feature) index")
+    nnz = int(np.sum(np.any(rows != 0, axis=0)))
+    axes[0, 0].set_title(f"L1 logistic regression weights (C={C:g}, {nnz} non-zero neurons); "
+                         f"top {len(neurons)} highlighted")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
 
 
-def plot_neuron_histogram(path: str | Path, values: np.ndarray, labels: np.ndarray, neuron: int,
+def plot_neuron_histogram(path: str | Path, values: np.ndarray, groups: dict, neuron: int,
                           boundary: float | None, split: str) -> None:
+    """The neuron's feature values on ``split``, one histogram per group ({name: row mask}:
+    negative / positive, or one per class)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.histogram_bin_edges(values, bins=30)
-    ax.hist(values[labels == 0], bins=bins, alpha=0.55, color="navy", label="negative")
-    ax.hist(values[labels == 1], bins=bins, alpha=0.55, color="crimson", label="positive")
+    two = {"negative": "navy", "positive": "crimson"}
+    for i, (name, mask) in enumerate(groups.items()):
+        ax.hist(values[mask], bins=bins, alpha=0.55, label=name,
+                color=two.get(name) if len(groups) == 2 else f"C{i}")
     if boundary is not None and np.isfinite(boundary):
         ax.axvline(boundary, color="black", linestyle="--",
                    label=f"decision boundary {boundary:.3g}")
@@ -227,16 +269,77 @@ def plot_neuron_histogram(path: str | Path, values: np.ndarray, labels: np.ndarr
     save_figure(fig, path, dpi=100)
 
 
+def plot_confusion(path: str | Path, confusion, labels: Sequence[str], split: str) -> None:
+    """Counts of true (rows) against predicted (columns) labels, with row-normalised shading."""
+    plt = _pyplot()
+    m = np.asarray(confusion, dtype=np.float64)
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.6 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = np.trace(m) / max(m.sum(), 1)
+    ax.set_title(f"Confusion on {split} (accuracy {100 * acc:.1f}%)")
+    fig.colorbar(image, ax=ax, label="share of the true label's texts")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
+def plot_label_auc(path: str | Path, metrics: dict, split: str) -> None:
+    """ROC AUC and F1 of each label on ``split`` (multi-label)."""
+    plt = _pyplot()
+    names = list(metrics["per_label"])
+    auc = [metrics["per_label"][n]["roc_auc"] or 0.0 for n in names]
+    f1 = [metrics["per_label"][n]["f1"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(2 + 1.1 * len(names), 4))
+    ax.bar(x - 0.2, auc, width=0.4, label="ROC AUC", color="teal")
+    ax.bar(x + 0.2, f1, width=0.4, label="F1", color="orange")
+    for i, v in enumerate(auc):
+        ax.text(i - 0.2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+    ax.axhline(0.5, color="0.4", linestyle=":", linewidth=0.8)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_title(f"Per-label ROC AUC and F1 on {split} (macro-F1 "
+                 f"{100 * metrics['macro_f1']:.1f}%)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
 def write_results_csv(path: str | Path, texts, labels, feats: np.ndarray, clf,
                       neurons: Sequence[int]) -> None:
-    """Per sample: P(positive) with all neurons (``clf``, a ``sentdisc.classifier.Classifier``),
-    with its top neurons, and the values of ``neurons``."""
-    p_all, p_top = clf.predict_proba(feats), clf.predict_proba_top(feats)
-    columns = (["text"] + (["label"] if labels is not None else []) +
-               ["prob_all", f"prob_top{len(clf.neurons)}"] + [f"neuron_{n}" for n in neurons])
+    """Per sample: the probabilities with all neurons (``clf``, a
+    ``sentdisc.classifier.Classifier``) and with its top neurons, and the values of ``neurons``.
+    Binary: ``prob_all`` and ``prob_top<k>`` (P(positive)); the other kinds: ``pred`` and one
+    ``prob_<label>`` column per label."""
+    neuron_cols = [f"neuron_{n}" for n in neurons]
+    has_label = labels is not None
+    if clf.label_kind == "binary":
+        p_all = clf.predict_proba(feats)
+        p_top = clf.predict_proba_top(feats) if clf.has_top else None
+        columns = (["text"] + (["label"] if has_label else []) + ["prob_all"] +
+                   ([f"prob_top{len(clf.neurons)}"] if p_top is not None else []) + neuron_cols)
+        rows = ([text] + ([int(labels[i])] if has_label else []) + [f"{p_all[i]:.6f}"] +
+                ([f"{p_top[i]:.6f}"] if p_top is not None else []) +
+                [f"{feats[i, n]:.6f}" for n in neurons] for i, text in enumerate(texts))
+        write_csv(path, columns, rows)
+        return
+    proba, said = clf.label_proba(feats), clf.names(clf.predict(feats))
+    truth = clf.names(labels) if has_label else None
+    join = (lambda v: ";".join(v)) if clf.label_kind == "multilabel" else (lambda v: v)
+    columns = (["text"] + (["label"] if has_label else []) + ["pred"] +
+               [f"prob_{lab}" for lab in clf.labels] + neuron_cols)
     write_csv(path, columns, (
-        [text] + ([int(labels[i])] if labels is not None else []) +
-        [f"{p_all[i]:.6f}", f"{p_top[i]:.6f}"] + [f"{feats[i, n]:.6f}" for n in neurons]
+        [text] + ([join(truth[i])] if has_label else []) + [join(said[i])] +
+        [f"{p:.6f}" for p in proba[i]] + [f"{feats[i, n]:.6f}" for n in neurons]
         for i, text in enumerate(texts)))
 
 

@@ -51,10 +51,21 @@ EXAMPLE_TYPE = pa.list_(pa.struct([("file", pa.string()), ("line", pa.int64()),
                                    ("reason", pa.string())]))
 
 
-def columns(id_key: str = "") -> list[str]:
-    """The output's columns, in order."""
-    return ["file", "line"] + (["id"] if id_key else []) + [
-        "label", "prob", "prob_top", "neuron_value", "capped"]
+def columns(id_key: str = "", clf: Classifier | None = None) -> list[str]:
+    """The output's columns, in order: for a binary classifier ``label`` (0/1), ``prob``
+    (P(positive)) and ``prob_top`` (when it has a top-neuron model); for multi-class ``label``
+    (its name) and one ``prob_<label>`` per label; for multi-label ``labels`` (those over 0.5)
+    and one ``prob_<label>`` per label."""
+    head = ["file", "line"] + (["id"] if id_key else [])
+    if clf is None or clf.label_kind == "binary":
+        top = ["prob_top"] if clf is None or clf.has_top else []
+        return head + ["label", "prob", *top, "neuron_value", "capped"]
+    said = "labels" if clf.label_kind == "multilabel" else "label"
+    return head + [said] + prob_columns(clf) + ["neuron_value", "capped"]
+
+
+def prob_columns(clf: Classifier) -> list[str]:
+    return [f"prob_{label}" for label in clf.labels]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -73,10 +84,15 @@ def check_inputs(checkpoint: str, classifier: str, output: str,
                  overwrite: bool = False) -> tuple[Classifier, str]:
     """The classifier and the checkpoint it scores with (default: the one it names), checked
     against each other, and an output folder that holds no earlier run; one line each."""
-    if not classifier:
-        raise InputError("--classifier is required (a transfer run's classifier.json)")
     if not output:
         raise InputError("--output is required (a folder or URI for the Parquet files)")
+    if not classifier:
+        from sentdisc.serving.args import own_classifier
+
+        classifier = own_classifier(checkpoint) if checkpoint else None
+        if classifier is None:
+            raise InputError("--classifier is required (a transfer run's classifier.json), "
+                             "unless --load_model is a fine-tuned checkpoint, which holds one")
     clf = Classifier.load(classifier)
     checkpoint = checkpoint or clf.checkpoint
     if not checkpoint:
@@ -230,8 +246,21 @@ class _ScoreReplica:
     def __call__(self, batch: dict) -> dict:
         out = self.featurize(batch)
         feats = out.pop("features")
-        out.update(label=self.clf.predict(feats), prob=self.clf.predict_proba(feats),
-                   prob_top=self.clf.predict_proba_top(feats), neuron_value=feats[:, self.neuron])
+        clf = self.clf
+        if clf.label_kind == "binary":
+            out.update(label=clf.predict(feats), prob=clf.predict_proba(feats))
+            if clf.has_top:
+                out["prob_top"] = clf.predict_proba_top(feats)
+        else:
+            said = clf.predict_labels(feats)
+            if clf.label_kind == "multilabel":
+                out["labels"] = np.empty(len(said), dtype=object)  # a list of names per row
+                for i, names in enumerate(said):
+                    out["labels"][i] = names
+            else:
+                out["label"] = np.array(said, dtype=object)
+            out.update(zip(prob_columns(clf), clf.label_proba(feats).T, strict=True))
+        out["neuron_value"] = feats[:, self.neuron]
         self.counter.add.remote(len(feats), os.getpid(), rss_mib())
         return {k: out[k] for k in self.names}
 
@@ -315,7 +344,7 @@ def scored(rows, checkpoint: str, clf: Classifier, id_key: str, batch_size: int,
     return texts.map_batches(
         _ScoreReplica, batch_size=batch_size * CALL_BATCHES, batch_format="numpy",
         fn_constructor_args=(checkpoint, clf.to_dict(), batch_size, chunk_size,
-                             cpus_per_replica, counter, columns(id_key)),
+                             cpus_per_replica, counter, columns(id_key, clf)),
         compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus_per_replica)
 
 
@@ -371,7 +400,8 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     n_rows, n_files = written(output)
     summary = summarize(counts, n_rows, n_files, (t0, t1, t2, time.perf_counter()), watch,
                         dict(data=data, checkpoint=checkpoint, classifier=str(classifier),
-                             output=output, replicas=replicas, id_key=data_cfg.label_key))
+                             output=output, replicas=replicas, id_key=data_cfg.label_key,
+                             columns=columns(data_cfg.label_key or "", clf)))
     storage.write_json(storage.join(output, SUMMARY), {**summary, **probe_fields(clf)})
     log(summary_lines(summary))
     if n_rows != counts["records"]:
@@ -383,14 +413,15 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
 def probe_fields(clf: Classifier) -> dict:
     probe = Probe.from_classifier(clf)
     return {"neuron": probe.neuron, "sign": probe.signs[0], "top_neurons": list(probe.neurons),
-            "layer": probe.layer, "feature_kind": probe.feature_kind}
+            "layer": probe.layer, "feature_kind": probe.feature_kind,
+            "label_kind": clf.label_kind, "labels": clf.labels}
 
 
 def summarize(counts: dict, n_rows: int, n_files: int, times: tuple, watch: _Watch,
               run: dict) -> dict:
     t0, t1, t2, t3 = times
     bad = malformed(counts)
-    return {**run, "columns": columns(run.get("id_key") or ""),
+    return {**run,
             "rows_written": n_rows, "files_written": n_files,
             "lines": counts["lines"], "records": counts["records"],
             "malformed_total": sum(bad.values()), "malformed": bad,

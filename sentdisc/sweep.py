@@ -1,11 +1,15 @@
 """The L1 sweep: which C, which neurons, and the classifier they make.
 
 Each C of a grid is fit on train and scored on validation (never test), one Ray Tune trial
-per C or all in process; the best C's fit is kept (ties go to the smaller, sparser C). The
-neurons are ranked by |weight| and a second regression, its C swept on validation too, is fit
-on the top ``num_neurons`` only. With ``standardize`` the regressions see train-standardized
-features (neurons then compete on equal terms under L1) and the scaling is folded back into
-the saved weights, so the ``Classifier`` takes raw features.
+per C or all in process; the best C's fit is kept (ties go to the smaller, sparser C). Binary
+classifiers are chosen by validation accuracy, the other kinds by macro-F1. The label kind
+decides the model: one L1 logistic regression (binary), a multinomial one (multiclass, saga), or
+one per label (multilabel). The neurons are ranked by |weight| (per label for the multi kinds),
+and a second regression, its C swept on validation too, is fit on the top ``num_neurons`` only.
+With ``standardize`` the regressions see train-standardized features (neurons then compete on
+equal terms under L1) and the scaling is folded back into the saved weights, so the
+``Classifier`` takes raw features. Every score here comes from the ``Classifier`` the weights
+make, so the sweep, the report and serving label texts by one rule.
 
 Importing this module does not import torch, so a Tune trial worker pays only for numpy and
 sklearn.
@@ -23,7 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sentdisc.classifier import Classifier, fit_result_to_classifier
+from sentdisc.classifier import SENTIMENT, Classifier, fit_result_to_classifier, rank_neurons
+from sentdisc.metrics import SELECTION, classification_metrics
 from sentdisc.runtime import ensure_ray
 
 BACKENDS = ("tune", "local")
@@ -43,17 +48,28 @@ class SweepConfig:
     Cs: list[float] = field(default_factory=c_grid)  # the L1 strengths to try
     seed: int = 42                # the solvers' random_state
     max_iter: int = 100           # solver iterations per fit
-    solver: str = "liblinear"     # liblinear | saga: both do L1
+    solver: str = "liblinear"     # liblinear | saga: both do L1 (multiclass: saga only)
     backend: str = "tune"         # tune: a Ray Tune trial per C; local: in process
     storage: Path | None = None   # where Tune keeps its trials (None: a temporary folder)
     cpus_per_trial: float = 1.0
     standardize: bool = False     # fit on train-standardized features (see the module doc)
-    num_neurons: int = 1          # top neurons for the small classifier
+    num_neurons: int = 1          # top neurons for the small classifier (per label)
+    label_kind: str = "binary"
+    labels: Sequence[str] = SENTIMENT
 
     def __post_init__(self):
         self.Cs = [float(c) for c in self.Cs]
+        self.labels = [str(v) for v in self.labels]
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.label_kind == "multiclass" and self.solver == "liblinear":
+            raise ValueError("liblinear fits multi-class as one-vs-rest; the multinomial L1 "
+                             "regression needs solver saga")
+
+    @property
+    def metric(self) -> str:
+        """The validation number C is chosen by (sentdisc.metrics.SELECTION)."""
+        return {"accuracy": "val_acc", "macro_f1": "val_macro_f1"}[SELECTION[self.label_kind]]
 
 
 # --- one L1 logistic regression ----------------------------------------------------------------
@@ -79,38 +95,54 @@ def fit_l1(X: np.ndarray, y: np.ndarray, C: float, seed: int = 42, max_iter: int
     return model, converged
 
 
-def _accuracy(model, X, y) -> float:
-    return float((model.predict(X) == y).mean())
+def fit_weights(X, y, C: float, kind: str, seed: int = 42, max_iter: int = 100,
+                solver: str = "liblinear") -> tuple[np.ndarray, np.ndarray, bool]:
+    """(coef [K', H], intercept [K'], converged) of the ``kind``'s L1 model: K' = 1 for
+    binary, K for multiclass (multinomial), one regression per label for multilabel."""
+    if kind == "multilabel":
+        fits = [fit_l1(X, y[:, k], C, seed, max_iter, solver) for k in range(y.shape[1])]
+        return (np.stack([m.coef_[0] for m, _ in fits]),
+                np.array([m.intercept_[0] for m, _ in fits]), all(ok for _, ok in fits))
+    model, converged = fit_l1(X, y, C, seed, max_iter, solver)
+    return model.coef_, model.intercept_, converged
+
+
+def as_classifier(coef, intercept, kind: str, labels) -> Classifier:
+    """Fitted weights as a bare Classifier, to be scored by its own rules."""
+    return Classifier(coef=coef, intercept=intercept, label_kind=kind, labels=list(labels))
+
+
+def scores(clf: Classifier, X, y) -> dict:
+    """Accuracy and macro-F1 of ``clf`` on (X, y), decided by the classifier."""
+    m = classification_metrics(clf.label_kind, clf.labels, y, clf.predict(X), clf.label_proba(X))
+    return {"acc": m["accuracy"], "macro_f1": m["macro_f1"]}
 
 
 def evaluate_C(Xtr, ytr, Xva, yva, C: float, seed: int = 42, max_iter: int = 100,
-               solver: str = "liblinear") -> dict:
+               solver: str = "liblinear", kind: str = "binary", labels=SENTIMENT) -> dict:
     """One sweep point: fit on train, score on validation (never test)."""
     t0 = time.perf_counter()
-    model, converged = fit_l1(Xtr, ytr, C, seed, max_iter, solver)
-    return {"C": float(C), "val_acc": _accuracy(model, Xva, yva),
-            "train_acc": _accuracy(model, Xtr, ytr), "nnz": int(np.sum(model.coef_ != 0)),
-            "converged": bool(converged), "fit_s": round(time.perf_counter() - t0, 3),
-            "coef": model.coef_.reshape(-1).tolist(), "intercept": float(model.intercept_[0])}
-
-
-def _fitted(row: dict, classes: np.ndarray, sweep: SweepConfig):
-    """The sweep's own fit at row's C, as a LogisticRegression: refitting on the same train
-    set with the same seed would give the same weights, at the cost of the slowest fit."""
-    model = _l1_logreg(row["C"], sweep.seed, sweep.max_iter, sweep.solver)
-    model.coef_ = np.asarray(row["coef"], dtype=np.float64).reshape(1, -1)
-    model.intercept_ = np.array([row["intercept"]], dtype=np.float64)
-    model.classes_ = classes
-    model.n_features_in_ = model.coef_.shape[1]
-    return model
+    coef, intercept, converged = fit_weights(Xtr, ytr, C, kind, seed, max_iter, solver)
+    clf = as_classifier(coef, intercept, kind, labels)
+    val, train = scores(clf, Xva, yva), scores(clf, Xtr, ytr)
+    return {"C": float(C), "val_acc": val["acc"], "train_acc": train["acc"],
+            "val_macro_f1": val["macro_f1"], "train_macro_f1": train["macro_f1"],
+            "nnz": int(np.sum(np.any(coef != 0, axis=0))), "converged": bool(converged),
+            "fit_s": round(time.perf_counter() - t0, 3), "coef": coef.tolist(),
+            "intercept": intercept.tolist()}
 
 
 # --- the sweep over C ----------------------------------------------------------------------------
 
-def _tune_trial(config, Xtr, ytr, Xva, yva, seed, max_iter, solver):
+ROW_KEYS = ("C", "val_acc", "train_acc", "val_macro_f1", "train_macro_f1", "nnz", "converged",
+            "fit_s", "coef", "intercept")
+
+
+def _tune_trial(config, Xtr, ytr, Xva, yva, seed, max_iter, solver, kind, labels):
     from ray import tune
 
-    tune.report(evaluate_C(Xtr, ytr, Xva, yva, config["C"], seed, max_iter, solver))
+    tune.report(evaluate_C(Xtr, ytr, Xva, yva, config["C"], seed, max_iter, solver, kind,
+                           labels))
 
 
 def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]:
@@ -124,21 +156,20 @@ def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]
     trainable = tune.with_resources(
         tune.with_parameters(_tune_trial, Xtr=np.ascontiguousarray(Xtr), ytr=ytr,
                              Xva=np.ascontiguousarray(Xva), yva=yva, seed=sweep.seed,
-                             max_iter=sweep.max_iter, solver=sweep.solver),
+                             max_iter=sweep.max_iter, solver=sweep.solver,
+                             kind=sweep.label_kind, labels=list(sweep.labels)),
         {"cpu": sweep.cpus_per_trial})
     tuner = tune.Tuner(
         trainable, param_space={"C": tune.grid_search(sweep.Cs)},
         # Reusing trial actors saves a Python start + sklearn import per trial.
-        tune_config=tune.TuneConfig(metric="val_acc", mode="max", reuse_actors=True),
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
     rows = []
     for result in tuner.fit():
         if result.error is not None:
             raise RuntimeError(f"Tune trial C={result.config.get('C')} failed: {result.error}")
         m = result.metrics
-        rows.append({k: m[k] for k in ("C", "val_acc", "train_acc", "nnz", "converged",
-                                        "fit_s", "coef", "intercept")}
-                    | {"trial_id": m.get("trial_id", "")})
+        rows.append({k: m[k] for k in ROW_KEYS} | {"trial_id": m.get("trial_id", "")})
     return rows
 
 
@@ -148,20 +179,14 @@ def sweep_C(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str = "sweep") -> list
     if sweep.backend == "tune":
         rows = _sweep_tune(Xtr, ytr, Xva, yva, sweep, name)
     else:
-        rows = [evaluate_C(Xtr, ytr, Xva, yva, c, sweep.seed, sweep.max_iter, sweep.solver)
-                for c in sweep.Cs]
+        rows = [evaluate_C(Xtr, ytr, Xva, yva, c, sweep.seed, sweep.max_iter, sweep.solver,
+                           sweep.label_kind, sweep.labels) for c in sweep.Cs]
     return sorted(rows, key=lambda r: r["C"])
 
 
-def choose_C(rows: Sequence[dict]) -> dict:
-    """Best validation accuracy; ties go to the smaller C (the sparser model)."""
-    return min(rows, key=lambda r: (-r["val_acc"], r["C"]))
-
-
-def top_neurons(coef: np.ndarray, k: int) -> list[int]:
-    """Indices of the k largest |weights|, largest first (ties: lower index)."""
-    coef = np.asarray(coef).reshape(-1)
-    return [int(i) for i in np.argsort(-np.abs(coef), kind="stable")[:k]]
+def choose_C(rows: Sequence[dict], metric: str = "val_acc") -> dict:
+    """Best on validation (``metric``); ties go to the smaller C (the sparser model)."""
+    return min(rows, key=lambda r: (-r[metric], r["C"]))
 
 
 # --- the classifier: all neurons, then the top ones ---------------------------------------------
@@ -181,38 +206,40 @@ class _Scaling:
     def apply(self, X: np.ndarray | None) -> np.ndarray | None:
         return None if X is None else ((X - self.mean) / self.std).astype(np.float32)
 
-    def fold(self, coef: np.ndarray, intercept: float, columns=slice(None)):
-        """Weights on scaled ``columns`` -> the same function of raw ones:
+    def fold(self, coef: np.ndarray, intercept: np.ndarray, columns=slice(None)):
+        """Weights [K', n] on scaled ``columns`` -> the same function of raw ones:
         w.(x - mu)/sigma + b == (w/sigma).x + (b - sum(w mu/sigma))."""
         mean, std = self.mean[columns], self.std[columns]
-        return coef / std, intercept - float(np.sum(coef * mean / std))
+        return coef / std, intercept - np.sum(coef * mean / std, axis=-1)
 
 
 class _Fit(NamedTuple):
     rows: list      # the sweep, one row per C
     best: dict      # the chosen row
-    model: object   # its LogisticRegression
-    scores: dict    # {role}_acc of the chosen model (None where a set or its labels are absent)
+    model: Classifier  # its weights, as a classifier of (possibly scaled) features
+    scores: dict    # {role}_acc and {role}_macro_f1 of the chosen model (None without labels)
     seconds: float
 
     @property
     def coef(self) -> np.ndarray:
-        return self.model.coef_.reshape(-1)
+        return np.atleast_2d(self.model.coef)
 
     @property
-    def intercept(self) -> float:
-        return float(self.model.intercept_[0])
+    def intercept(self) -> np.ndarray:
+        return np.atleast_1d(self.model.intercept)
 
 
-def _sweep_and_fit(sets: dict, classes: np.ndarray, sweep: SweepConfig, name: str) -> _Fit:
+def _sweep_and_fit(sets: dict, sweep: SweepConfig, name: str) -> _Fit:
     """Sweep C on sets["train"] / sets["val"], keep the best, score it on every set."""
     t0 = time.perf_counter()
     rows = sweep_C(*sets["train"], *sets["val"], sweep, name=name)
-    best = choose_C(rows)
-    model = _fitted(best, classes, sweep)
-    scores = {f"{role}_acc": None if X is None or y is None else _accuracy(model, X, y)
-              for role, (X, y) in sets.items()}
-    return _Fit(rows, best, model, scores, round(time.perf_counter() - t0, 3))
+    best = choose_C(rows, sweep.metric)
+    model = as_classifier(best["coef"], best["intercept"], sweep.label_kind, sweep.labels)
+    measured = {}
+    for role, (X, y) in sets.items():
+        got = scores(model, X, y) if X is not None and y is not None else {}
+        measured.update({f"{role}_acc": got.get("acc"), f"{role}_macro_f1": got.get("macro_f1")})
+    return _Fit(rows, best, model, measured, round(time.perf_counter() - t0, 3))
 
 
 def _scores_only(rows: list[dict]) -> list[dict]:
@@ -221,23 +248,39 @@ def _scores_only(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("coef", "intercept")} for r in rows]
 
 
-def _results(all_fit: _Fit, top_fit: _Fit, neurons: list[int], sweep: SweepConfig) -> dict:
+def _results(all_fit: _Fit, top_fit: _Fit, clf: Classifier, sweep: SweepConfig) -> dict:
     coef = all_fit.coef
-    all_res = {"C": all_fit.best["C"], "nnz": int(np.sum(coef != 0)),
+    all_res = {"C": all_fit.best["C"], "nnz": int(np.sum(np.any(coef != 0, axis=0))),
                "converged": all_fit.best["converged"], **all_fit.scores,
                "seconds": all_fit.seconds}
-    top_res = {"neurons": neurons, "weights": [float(coef[n]) for n in neurons],
-               "signs": [1 if coef[n] >= 0 else -1 for n in neurons],
-               "C": top_fit.best["C"], "coef": [float(v) for v in top_fit.coef],
-               "intercept": top_fit.intercept, "converged": top_fit.best["converged"],
-               **top_fit.scores, "seconds": top_fit.seconds}
+    neurons = clf.neurons
+    row = {lab: i for i, lab in enumerate(sweep.labels)}
+    serves = clf.neuron_labels or [None] * len(neurons)
+    weights = [float(coef[0 if lab is None else row[lab], n]) for n, lab in zip(
+        neurons, serves, strict=True)]
+    top_res = {"neurons": neurons, "weights": weights, "signs": clf.signs,
+               "C": top_fit.best["C"], "coef": top_fit.model.coef.tolist(),
+               "intercept": _number_or_list(top_fit.model.intercept),
+               "converged": top_fit.best["converged"], **top_fit.scores,
+               "seconds": top_fit.seconds}
+    if sweep.label_kind != "binary":
+        top_res["labels"] = clf.neuron_labels
+        top_res["by_label"] = {lab: [{"neuron": n, "weight": float(coef[row[lab], n])}
+                                     for n, _ in clf.neurons_of(lab)] for lab in sweep.labels}
     return {"all_neurons": all_res, "top_neurons": top_res, "sweep": _scores_only(all_fit.rows),
-            "top_sweep": _scores_only(top_fit.rows), "C_grid": sweep.Cs}
+            "top_sweep": _scores_only(top_fit.rows), "C_grid": sweep.Cs,
+            "selection_metric": sweep.metric}
 
 
-def _raw_feature_classifier(all_fit: _Fit, top_fit: _Fit, neurons: list[int],
-                            scaling: _Scaling | None, feature_kind: str, layer: int,
-                            checkpoint: str) -> Classifier:
+def _number_or_list(v):
+    a = np.asarray(v, dtype=np.float64)
+    return float(a) if a.ndim == 0 else a.tolist()
+
+
+def _raw_feature_classifier(all_fit: _Fit, top_fit: _Fit, ranked: tuple,
+                            scaling: _Scaling | None, sweep: SweepConfig, feature_kind: str,
+                            layer: int, checkpoint: str) -> Classifier:
+    neurons, _, serves = ranked
     coef, intercept = all_fit.coef, all_fit.intercept
     top_coef, top_intercept = top_fit.coef, top_fit.intercept
     if scaling is not None:
@@ -245,40 +288,46 @@ def _raw_feature_classifier(all_fit: _Fit, top_fit: _Fit, neurons: list[int],
         top_coef, top_intercept = scaling.fold(top_coef, top_intercept, neurons)
     return fit_result_to_classifier(coef, intercept, all_fit.best["C"], neurons, top_coef,
                                     top_intercept, top_fit.best["C"], feature_kind, layer,
-                                    checkpoint)
+                                    checkpoint, label_kind=sweep.label_kind,
+                                    labels=sweep.labels, neuron_labels=serves)
 
 
 def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, sweep: SweepConfig | None = None,
                      *, feature_kind: str = "cell", layer: int = -1, checkpoint: str = "",
                      log=print) -> tuple[Classifier, dict]:
-    """Sweep C on all neurons, keep the best fit, pick the top neurons, sweep C on them.
+    """Sweep C on all neurons, keep the best fit, pick the top neurons (per label for the
+    multi kinds), sweep C on them.
 
-    feature_kind, layer and checkpoint say what the features are; the Classifier records
-    them. Returns the Classifier (on raw features) and a results dict (accuracies, Cs,
-    sweeps, top neurons).
+    y: class indices [N] (binary, multiclass) or 0/1 [N, K] (multilabel), as ``sweep``'s
+    label_kind says. feature_kind, layer and checkpoint say what the features are; the
+    Classifier records them. Returns the Classifier (on raw features) and a results dict
+    (scores, Cs, sweeps, top neurons).
     """
     sweep = sweep or SweepConfig()
     scaling = _Scaling.of(Xtr) if sweep.standardize else None
     sets = {"train": (Xtr, ytr), "val": (Xva, yva), "test": (Xte, yte)}
     if scaling is not None:
         sets = {role: (scaling.apply(X), y) for role, (X, y) in sets.items()}
-    classes = np.unique(ytr)
-    all_fit = _sweep_and_fit(sets, classes, sweep, "sweep_all_neurons")
+    all_fit = _sweep_and_fit(sets, sweep, "sweep_all_neurons")
     if not np.any(all_fit.coef != 0):
         log("warning: the chosen C zeroes every weight; the top neurons below are arbitrary")
-    neurons = top_neurons(all_fit.coef, min(sweep.num_neurons, len(all_fit.coef)))
+    coef = all_fit.model.coef
+    ranked = rank_neurons(coef, min(sweep.num_neurons, coef.shape[-1]), sweep.labels)
+    neurons = ranked[0]
     top_sets = {role: (None if X is None else X[:, neurons], y) for role, (X, y) in sets.items()}
     # A k-neuron fit takes milliseconds: Tune's per-trial overhead would dominate.
-    top_fit = _sweep_and_fit(top_sets, classes, replace(sweep, backend="local"),
-                             "sweep_top_neurons")
-    clf = _raw_feature_classifier(all_fit, top_fit, neurons, scaling, feature_kind, layer,
+    top_fit = _sweep_and_fit(top_sets, replace(sweep, backend="local"), "sweep_top_neurons")
+    clf = _raw_feature_classifier(all_fit, top_fit, ranked, scaling, sweep, feature_kind, layer,
                                   checkpoint)
-    return clf, _results(all_fit, top_fit, neurons, sweep)
+    return clf, _results(all_fit, top_fit, clf, sweep)
 
 
 def single_neuron_boundary(X: np.ndarray, y: np.ndarray, neuron: int, C: float,
                            sweep: SweepConfig) -> float | None:
-    """Value of ``neuron`` where a one-neuron regression flips class (None if its weight is 0)."""
+    """Value of ``neuron`` where a one-neuron binary regression flips class (None if its
+    weight is 0, and for the multi kinds, which have no single boundary)."""
+    if sweep.label_kind != "binary":
+        return None
     model, _ = fit_l1(X[:, [neuron]], y, C, sweep.seed, sweep.max_iter, sweep.solver)
     w, b = float(model.coef_[0, 0]), float(model.intercept_[0])
     return None if w == 0 else -b / w

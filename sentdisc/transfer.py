@@ -1,16 +1,21 @@
-"""Sentiment transfer: featurize labeled text, sweep an L1 logistic regression, find the neuron.
+"""Transfer: featurize labeled text, sweep an L1 logistic regression, find the neurons.
 
-The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``, composed from:
+The pipeline of Radford et al. (2017) and NVIDIA's ``transfer.py``, for one binary label (the
+sentiment neuron) and beyond it, composed from:
 
-1. ``sentdisc.labeled.prepare_data``: labeled train / val / test tables, ratings binarized if
-   asked, labels checked to be 0/1;
+1. ``sentdisc.labeled.prepare_data``: labeled train / val / test tables and their
+   ``LabelSpec`` (binary, multiclass or multilabel, read off the data), every label checked;
 2. ``sentdisc.features_ray.featurize_texts``: every text featurized with a pretrained
    checkpoint, in process for small sets, on a Ray Data pool of model replicas for large ones;
-3. ``sentdisc.sweep.train_classifier``: the L1 strength C swept with Ray Tune on validation,
-   the neurons ranked by |weight|, a second regression on the top ``num_neurons``;
-4. ``sentdisc.report``: the printed report, tune_results.csv, the neuron plots; then
+3. ``sentdisc.sweep.train_classifier``: the L1 strength C swept with Ray Tune on validation
+   (accuracy for binary, macro-F1 otherwise), the neurons ranked by |weight| (per label), a
+   second regression on the top ``num_neurons``;
+4. ``sentdisc.metrics`` on every split, from the classifier's own decisions;
+5. ``sentdisc.report`` and ``sentdisc.extremes``: the printed report, tune_results.csv, the
+   plots (neuron weights and histogram; a confusion matrix for multi-class, per-label AUC for
+   multi-label), the extreme samples as results and as a page of heatmaps; then
    classifier.json (``sentdisc.classifier.Classifier``) and results.json;
-5. ``sentdisc.tracking``: all of it as an MLflow run tagged with the checkpoint.
+6. ``sentdisc.tracking``: all of it as an MLflow run tagged with the checkpoint.
 
 Every input (``--load_model``, the tables, ``--write_results``) and every output may be a local
 path or a storage URI (``sentdisc.storage``).
@@ -28,29 +33,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from sentdisc import storage
 from sentdisc.config import OutputConfig
 from sentdisc.features_ray import featurize_texts
-from sentdisc.labeled import LabeledDataConfig, TransferError, prepare_data
+from sentdisc.labeled import LabeledDataConfig, LabelSpec, TransferError, prepare_data
+from sentdisc.metrics import classification_metrics
 from sentdisc.report import (
     format_report,
+    metrics_lines,
+    plot_confusion,
+    plot_label_auc,
     plot_neuron_histogram,
     plot_neuron_weights,
     write_results_csv,
     write_tune_csv,
 )
-from sentdisc.sweep import (
-    SweepConfig,
-    c_grid,
-    single_neuron_boundary,
-    top_neurons,
-    train_classifier,
-)
+from sentdisc.sweep import SweepConfig, c_grid, single_neuron_boundary, train_classifier
 from sentdisc.tracking import TrackingConfig, transfer_tracker
 
 __all__ = ["TransferConfig", "TransferError", "run_transfer"]
 
 ROLES = ("train", "val", "test")
+SOLVERS = ("auto", "liblinear", "saga")
 
 
 @dataclass
@@ -58,7 +64,8 @@ class TransferConfig(LabeledDataConfig):
     """The labeled data (``LabeledDataConfig``'s fields), the features, the sweep."""
     load_model: str = field(default="", metadata={
         "help": "checkpoint directory to featurize with", "path": True})
-    num_neurons: int = field(default=1, metadata={"help": "top neurons for the small classifier"})
+    num_neurons: int = field(default=1, metadata={
+        "help": "top neurons for the small classifier (per label for multiclass/multilabel)"})
     num_samples: int = field(default=0, metadata={
         "help": "0: the C grid 2^-8..2^1; N: N values of C log-uniform in that range"})
     feature_kind: str = field(default="cell", metadata={"help": "cell|hidden|mean|max"})
@@ -67,6 +74,9 @@ class TransferConfig(LabeledDataConfig):
     chunk_size: int = field(default=256, metadata={"help": "bytes per featurization chunk"})
     write_results: str = field(default="", metadata={
         "help": "CSV of per-test-sample probabilities and top-5 neuron values", "path": True})
+    extremes: int = field(default=5, metadata={
+        "help": "texts listed at each end of each top neuron's values (results.json and "
+                "extremes.html with their heatmaps; 0: none)"})
     dataset: str = field(default="", metadata={
         "help": "name of the output folder; empty: the train file's parent folder"})
     ray_featurize_threshold: int = field(default=20000, metadata={
@@ -74,7 +84,9 @@ class TransferConfig(LabeledDataConfig):
                 "(0: always, -1: never)"})
     featurize_replicas: int = field(default=2, metadata={"help": "model replicas (actors)"})
     cpus_per_replica: int = field(default=1, metadata={"help": "CPUs (torch threads) per replica"})
-    solver: str = field(default="liblinear", metadata={"help": "liblinear|saga"})
+    solver: str = field(default="auto", metadata={
+        "help": "auto (liblinear; saga for multiclass, whose multinomial L1 fit liblinear "
+                "lacks) | liblinear | saga"})
     max_iter: int = field(default=100, metadata={"help": "logistic regression iterations"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per Tune trial"})
     standardize: bool = field(default=True, metadata={
@@ -87,22 +99,26 @@ class TransferConfig(LabeledDataConfig):
         super().__post_init__()
         if self.feature_kind not in KINDS:
             raise ValueError(f"feature_kind must be one of {KINDS}, got {self.feature_kind!r}")
-        if self.solver not in ("liblinear", "saga"):
-            raise ValueError(f"solver must be liblinear or saga (both do L1), got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS} (each does L1), got "
+                             f"{self.solver!r}")
+        if self.solver == "liblinear" and self.label_kind == "multiclass":
+            raise ValueError("solver liblinear fits multi-class one-vs-rest; the multinomial L1 "
+                             "regression needs saga (or auto)")
         if self.num_neurons < 1:
             raise ValueError(f"num_neurons must be >= 1, got {self.num_neurons}")
-        if self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.num_samples < 0 or self.extremes < 0:
+            raise ValueError("num_samples and extremes must be >= 0")
         if self.featurize_replicas < 1 or self.cpus_per_replica < 1:
             raise ValueError("featurize_replicas and cpus_per_replica must be >= 1")
 
 
-def output_dir(cfg: TransferConfig, out: OutputConfig) -> str:
-    """<experiment_dir>/<experiment_name>/transfer/<dataset> on any storage; the dataset is
+def output_dir(cfg: LabeledDataConfig, out: OutputConfig, job: str = "transfer") -> str:
+    """<experiment_dir>/<experiment_name>/<job>/<dataset> on any storage; the dataset is
     named after the train file's folder unless --dataset says otherwise."""
     folder = storage.absolute(cfg.train).rstrip("/").rsplit("/", 1)[0]
-    name = cfg.dataset or storage.basename(folder) or "dataset"
-    return storage.join(out.run_dir, "transfer", name)
+    name = getattr(cfg, "dataset", "") or storage.basename(folder) or "dataset"
+    return storage.join(out.run_dir, job, name)
 
 
 def load_checkpoint(cfg: TransferConfig):
@@ -123,8 +139,9 @@ def load_checkpoint(cfg: TransferConfig):
     return model
 
 
-def featurize_sets(data: dict, model, cfg: TransferConfig, log=print) -> tuple[dict, dict]:
-    """{role: features or None} and {role: featurize stats} of the train / val / test sets."""
+def featurize_sets(data: dict, model, cfg, log=print) -> tuple[dict, dict]:
+    """{role: features or None} and {role: featurize stats} of the train / val / test sets
+    (``cfg``: a TransferConfig, or any config with its featurize fields)."""
     feats, stats = dict.fromkeys(ROLES), {}
     for role in ROLES:
         if data[role] is None:
@@ -138,52 +155,115 @@ def featurize_sets(data: dict, model, cfg: TransferConfig, log=print) -> tuple[d
     return feats, stats
 
 
-def sweep_config(cfg: TransferConfig, run_dir: str) -> SweepConfig:
+def solver_for(cfg: TransferConfig, spec: LabelSpec) -> str:
+    if cfg.solver != "auto":
+        if cfg.solver == "liblinear" and spec.kind == "multiclass":
+            raise TransferError("--solver liblinear fits multi-class one-vs-rest; the "
+                                "multinomial L1 regression needs --solver saga (or auto)")
+        return cfg.solver
+    return "saga" if spec.kind == "multiclass" else "liblinear"
+
+
+def sweep_config(cfg: TransferConfig, run_dir: str, spec: LabelSpec) -> SweepConfig:
     # Tune's trial folders are scratch: beside the outputs when those are local, else in a
     # temporary folder (the sweep's results go to tune_results.csv on any storage).
     scratch = None if storage.is_uri(run_dir) else Path(run_dir) / "tune_runs"
     return SweepConfig(Cs=c_grid(cfg.num_samples, cfg.seed), seed=cfg.seed,
-                       max_iter=cfg.max_iter, solver=cfg.solver, backend="tune",
+                       max_iter=cfg.max_iter, solver=solver_for(cfg, spec), backend="tune",
                        storage=scratch, cpus_per_trial=cfg.cpus_per_trial,
-                       standardize=cfg.standardize, num_neurons=cfg.num_neurons)
+                       standardize=cfg.standardize, num_neurons=cfg.num_neurons,
+                       label_kind=spec.kind, labels=spec.labels)
 
 
 def fit_classifier(feats: dict, labels: dict, cfg: TransferConfig, sweep: SweepConfig,
                    log=print):
     """The Tune sweep and the two regressions; logs each C and the report."""
-    log(f"sweeping C over {len(sweep.Cs)} values with Ray Tune: "
-        f"{', '.join(f'{c:.4g}' for c in sweep.Cs)}")
+    log(f"sweeping C over {len(sweep.Cs)} values with Ray Tune ({sweep.label_kind}, chosen by "
+        f"{sweep.metric}): {', '.join(f'{c:.4g}' for c in sweep.Cs)}")
     clf, res = train_classifier(
         feats["train"], labels["train"], feats["val"], labels["val"], feats["test"],
         labels["test"], sweep, feature_kind=cfg.feature_kind, layer=cfg.layer,
         checkpoint=storage.absolute(cfg.load_model), log=log)
+    f1 = sweep.label_kind != "binary"
     for r in res["sweep"]:
         log(f"  C={r['C']:<10.4g} val {100 * r['val_acc']:.2f}  train {100 * r['train_acc']:.2f}"
-            f"  non-zero {r['nnz']}{'' if r['converged'] else '  (not converged)'}")
+            + (f"  val macro-F1 {100 * r['val_macro_f1']:.2f}" if f1 else "")
+            + f"  non-zero {r['nnz']}{'' if r['converged'] else '  (not converged)'}")
     log(format_report(res))
     return clf, res
 
 
-def write_outputs(run_dir: str, cfg: TransferConfig, data: dict, feats: dict, labels: dict,
-                  clf, res: dict, boundary, log=print) -> dict:
-    """tune_results.csv, the two neuron plots and --write_results; returns {name: path},
-    results.json and classifier.json included (``run_transfer`` writes those last)."""
+def split_metrics(clf, feats: dict, labels: dict) -> dict:
+    """{role: classification_metrics} of every labeled split, from the classifier's own
+    decisions and probabilities."""
+    return {role: classification_metrics(clf.label_kind, clf.labels, labels[role],
+                                         clf.predict(feats[role]), clf.label_proba(feats[role]))
+            for role in ROLES if feats[role] is not None and labels[role] is not None}
+
+
+def shown_split(labels: dict) -> str:
+    """The split the plots and extreme samples show: test when it has labels, else val."""
+    return "test" if labels["test"] is not None else "val"
+
+
+def _groups(clf, y: np.ndarray) -> dict:
+    """{name: row mask} to split a neuron's histogram by: the classes, or for multi-label the
+    top neuron's own label present / absent."""
+    if clf.label_kind == "multilabel":
+        k = clf.labels.index(clf.neuron_labels[0]) if clf.neuron_labels else 0
+        return {f"not {clf.labels[k]}": y[:, k] == 0, clf.labels[k]: y[:, k] == 1}
+    return {name: y == i for i, name in enumerate(clf.labels)}
+
+
+def write_outputs(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf, res: dict,
+                  metrics: dict, boundary, log=print) -> dict:
+    """tune_results.csv (with a sweep), the plots, the extreme samples and --write_results;
+    returns {name: path}, results.json and classifier.json included (written last by the
+    caller). ``res`` None: no sweep (a fine-tuned head)."""
     files = {name: storage.join(run_dir, file) for name, file in (
         ("results", "results.json"), ("classifier", "classifier.json"),
-        ("tune_results", "tune_results.csv"), ("neuron_weights", "neuron_weights.png"),
-        ("neuron_histogram", "neuron_histogram.png"))}
-    write_tune_csv(files["tune_results"], res["sweep"], res["all_neurons"]["C"])
-    plot_neuron_weights(files["neuron_weights"], clf.coef, clf.neurons, clf.C)
-    hist_role = "test" if labels["test"] is not None else "val"
-    plot_neuron_histogram(files["neuron_histogram"], feats[hist_role][:, clf.neuron],
-                          labels[hist_role], clf.neuron, boundary, hist_role)
-    if cfg.write_results:
-        role = "test" if feats["test"] is not None else "val"
+        ("neuron_weights", "neuron_weights.png"), ("neuron_histogram", "neuron_histogram.png"))}
+    if res is not None:
+        files["tune_results"] = storage.join(run_dir, "tune_results.csv")
+        write_tune_csv(files["tune_results"], res["sweep"], res["all_neurons"]["C"])
+    plot_neuron_weights(files["neuron_weights"], clf.coef, clf.neurons,
+                        clf.C if clf.C is not None else float("nan"), clf.labels)
+    role = shown_split(labels)
+    plot_neuron_histogram(files["neuron_histogram"], feats[role][:, clf.neuron],
+                          _groups(clf, labels[role]), clf.neuron, boundary, role)
+    if role in metrics and clf.label_kind == "multiclass":
+        files["confusion"] = storage.join(run_dir, "confusion.png")
+        plot_confusion(files["confusion"], metrics[role]["confusion"], clf.labels, role)
+    if role in metrics and clf.label_kind == "multilabel":
+        files["label_auc"] = storage.join(run_dir, "label_auc.png")
+        plot_label_auc(files["label_auc"], metrics[role], role)
+    if getattr(cfg, "write_results", ""):
+        shown = "test" if feats["test"] is not None else "val"
         files["write_results"] = cfg.write_results
-        write_results_csv(files["write_results"], data[role].texts, labels[role], feats[role],
-                          clf, top_neurons(clf.coef, min(5, len(clf.coef))))
-        log(f"wrote per-sample {role} results to {cfg.write_results}")
+        strongest = np.argsort(-np.abs(np.atleast_2d(clf.coef)).max(axis=0), kind="stable")
+        write_results_csv(files["write_results"], data[shown].texts, labels[shown],
+                          feats[shown], clf, [int(n) for n in strongest[:5]])
+        log(f"wrote per-sample {shown} results to {cfg.write_results}")
     return files
+
+
+def write_extremes(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf, model,
+                   files: dict, log=print) -> list:
+    """The extreme samples of each top neuron: returned for results.json, and drawn as
+    extremes.html (heatmaps of the neuron over each text)."""
+    from sentdisc.extremes import extreme_samples, write_page
+    from sentdisc.probe import Probe
+
+    if not cfg.extremes:
+        return []
+    role = "test" if feats["test"] is not None else "val"  # labeled or not
+    samples = extreme_samples(clf, feats[role], data[role].texts, labels[role], cfg.extremes,
+                              role)
+    files["extremes"] = storage.join(run_dir, "extremes.html")
+    write_page(files["extremes"], model, samples, clf.layer, Probe.from_classifier(clf).trace_kind,
+               title=f"extreme samples: {storage.basename(run_dir)}")
+    log(f"extreme samples of {len(samples)} neuron(s) on {role}: {files['extremes']}")
+    return samples
 
 
 def _inputs(cfg: TransferConfig, model, data: dict) -> dict:
@@ -196,18 +276,28 @@ def _inputs(cfg: TransferConfig, model, data: dict) -> dict:
         "checkpoint": storage.absolute(cfg.load_model),
         "model": ckpt_meta.get("model", model.config.to_dict()),
         "feature_kind": cfg.feature_kind, "layer": cfg.layer,
-        "rnn_size": model.config.rnn_size, "sizes": _sizes(data), "val_source": data["val_source"],
-        "dropped": {r: data[r].dropped for r in ROLES if data[r] is not None},
-        "rating_midpoint": data["rating_midpoint"], "no_test_eval": cfg.no_test_eval,
+        "rnn_size": model.config.rnn_size, **label_fields(data),
+        "no_test_eval": cfg.no_test_eval,
     }
 
 
-def _outcome(clf, res: dict, boundary) -> dict:
-    """results.json on what came out: the two regressions, the neuron, the sweeps."""
+def label_fields(data: dict) -> dict:
+    """results.json on the labeled sets: sizes, where val came from, drops, the labels."""
+    spec: LabelSpec = data["spec"]
+    return {"sizes": _sizes(data), "val_source": data["val_source"],
+            "dropped": {r: data[r].dropped for r in ROLES if data[r] is not None},
+            "rating_midpoint": data["rating_midpoint"], "label_kind": spec.kind,
+            "labels": list(spec.labels), "label_keys": list(spec.keys)}
+
+
+def _outcome(clf, res: dict, metrics: dict, boundary) -> dict:
+    """results.json on what came out: the two regressions, the neuron, the sweeps, the
+    metrics of every split."""
     return {
         "all_neurons": res["all_neurons"], "top_neurons": res["top_neurons"],
         "neuron": clf.neuron, "sign": clf.sign, "histogram_boundary": boundary,
         "sweep": res["sweep"], "top_sweep": res["top_sweep"], "C_grid": res["C_grid"],
+        "selection_metric": res["selection_metric"], "metrics": metrics,
     }
 
 
@@ -234,7 +324,7 @@ def run_transfer(cfg: TransferConfig, out: OutputConfig, log=print,
         results = _transfer(cfg, run_dir, model, data, tracker, log)
         results.update(seconds=round(time.perf_counter() - t_start, 3), config=config)
         storage.write_json(results["files"]["results"], results, indent=1)
-        tracker.log_result(_tracked_metrics(results), _tracked_tags(results),
+        tracker.log_result(tracked_metrics(results), _tracked_tags(results),
                            {storage.basename(f): f for f in results["files"].values()})
     log(f"results successfully written to {run_dir}")
     return results
@@ -244,41 +334,54 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
     """Featurize, sweep, write the outputs; results.json's content (the caller writes it)."""
     storage.makedirs(run_dir)
     log(f"writing results to {run_dir}")
-    sizes = _sizes(data)
+    sizes, spec = _sizes(data), data["spec"]
+    log(f"labels: {spec.describe()}")
     log(f"train {sizes['train']}, val {sizes['val']} ({data['val_source']}), test {sizes['test']}"
         f" texts; features: layer {cfg.layer} {cfg.feature_kind}, rnn_size {model.config.rnn_size}")
 
     feats, feat_stats = featurize_sets(data, model, cfg, log)
     tracker.ready()  # the store opened while featurizing: fail before the sweep if it did not
     labels = {r: (data[r].labels if data[r] is not None else None) for r in ROLES}
-    sweep = sweep_config(cfg, run_dir)
+    sweep = sweep_config(cfg, run_dir, spec)
     clf, res = fit_classifier(feats, labels, cfg, sweep, log)
+    metrics = split_metrics(clf, feats, labels)
+    if spec.kind != "binary":
+        log(metrics_lines(metrics))
     boundary = single_neuron_boundary(feats["train"], labels["train"], clf.neuron,
                                       res["top_neurons"]["C"], sweep)
-    files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, boundary, log)
+    files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, metrics, boundary, log=log)
+    extremes = write_extremes(run_dir, cfg, data, feats, labels, clf, model, files, log)
 
     dataset = storage.basename(run_dir)
     results = {"dataset": dataset, **_inputs(cfg, model, data),
-               **_outcome(clf, res, boundary), "featurize": feat_stats,
-               "files": {k: str(v) for k, v in files.items()}}
-    clf.meta = {"dataset": dataset, "accuracy": {
+               **_outcome(clf, res, metrics, boundary), "extremes": extremes,
+               "featurize": feat_stats, "files": {k: str(v) for k, v in files.items()}}
+    clf.meta = {"dataset": dataset, "label_spec": spec.describe(), "accuracy": {
         "all": {k: res["all_neurons"][f"{k}_acc"] for k in ROLES},
-        "top": {k: res["top_neurons"][f"{k}_acc"] for k in ROLES}}}
+        "top": {k: res["top_neurons"][f"{k}_acc"] for k in ROLES}},
+        "macro_f1": {k: m["macro_f1"] for k, m in metrics.items()}}
     clf.save(files["classifier"])
     return results
 
 
-def _tracked_metrics(results: dict) -> dict:
-    """results.json -> MLflow metrics: both regressions' accuracies and Cs, the neuron, and
-    the sweep (validation accuracy by C, smallest C first, as steps)."""
+def tracked_metrics(results: dict) -> dict:
+    """results.json -> MLflow metrics: both regressions' scores and Cs, the neuron, every
+    split's accuracy / macro-F1 / balanced accuracy, and the sweep (validation score by C,
+    smallest C first, as steps)."""
     out: dict = {}
     for which in ("all_neurons", "top_neurons"):
-        r = results[which]
+        r = results.get(which) or {}
         out.update({f"{which}.{k}": r.get(k) for k in (
-            "train_acc", "val_acc", "test_acc", "C", "nnz", "seconds")})
-    sweep = sorted(results["sweep"], key=lambda r: r["C"])
-    out.update({"neuron": results["neuron"], "seconds": results["seconds"],
-                "sweep.C": [r["C"] for r in sweep], "sweep.val_acc": [r["val_acc"] for r in sweep]})
+            "train_acc", "val_acc", "test_acc", "train_macro_f1", "val_macro_f1",
+            "test_macro_f1", "C", "nnz", "seconds")})
+    for split, m in (results.get("metrics") or {}).items():
+        out.update({f"{split}.{k}": m.get(k) for k in ("accuracy", "macro_f1",
+                                                        "balanced_accuracy")})
+    sweep = sorted(results.get("sweep") or [], key=lambda r: r["C"])
+    out.update({"neuron": results["neuron"], "seconds": results.get("seconds")})
+    if sweep:
+        out.update({"sweep.C": [r["C"] for r in sweep],
+                    "sweep.val_acc": [r["val_acc"] for r in sweep]})
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -286,4 +389,5 @@ def _tracked_tags(results: dict) -> dict:
     top = results["top_neurons"]
     return {"sentdisc.top_neurons": ",".join(str(n) for n in top["neurons"]),
             "sentdisc.top_weights": ",".join(f"{w:+.4f}" for w in top["weights"]),
-            "sentdisc.neuron": results["neuron"], "sentdisc.sign": results["sign"]}
+            "sentdisc.neuron": results["neuron"], "sentdisc.sign": results["sign"],
+            "sentdisc.label_kind": results["label_kind"]}

@@ -104,12 +104,12 @@ def test_c_grid_and_tie_break():
 def test_labels_binarize_drop_and_clear_errors(tmp_path):
     stars = _write_csv(tmp_path / "amz" / "train.csv", [[s, f"review {i} with {s} stars"]
                                                         for i, s in enumerate([1, 2, 3, 4, 5] * 4)])
-    cfg = TransferConfig(train=stars)
+    cfg = TransferConfig(train=stars, label_kind="binary")
     with pytest.raises(TransferError,
                        match=r"train.csv.*binary 0/1.*\[1, 2, 3, 4, 5\].*--binarize_sent"):
         load_labeled(stars, cfg, "train")
-    data, mid = load_labeled(stars, TransferConfig(binarize_sent=True), "train")
-    assert mid == 3.0 and len(data) == 16 and data.dropped == {"middle_rating": 4}
+    data, spec = load_labeled(stars, TransferConfig(binarize_sent=True), "train")
+    assert spec.midpoint == 3.0 and len(data) == 16 and data.dropped == {"middle_rating": 4}
     assert data.labels.tolist() == [0, 0, 1, 1] * 4
     assert data.texts[2] == "review 3 with 4 stars"
 
@@ -121,9 +121,10 @@ def test_labels_binarize_drop_and_clear_errors(tmp_path):
     assert data.texts == ["good", "bad"] and data.labels.tolist() == [1, 0]
     assert data.dropped == {"unlabeled": 1}
 
+    # two named classes are binary, in sorted order (the second is the "positive" one)
     words = _write_csv(tmp_path / "words.csv", [["pos", "good"], ["neg", "bad"]])
-    with pytest.raises(TransferError, match=r"words.csv: labels must be numbers.*\['neg', 'pos'\]"):
-        load_labeled(words, cfg, "train")
+    data, spec = load_labeled(words, cfg, "train")
+    assert (spec.kind, spec.labels, data.labels.tolist()) == ("binary", ("neg", "pos"), [1, 0])
     with pytest.raises(TransferError, match=r"columns: label, sentence"):
         load_labeled(stars, TransferConfig(text_key="reviewText"), "train")
     with pytest.raises(TransferError, match=r"train file .*missing.csv does not exist"):
@@ -280,3 +281,126 @@ def test_standardized_fit_is_folded_into_raw_feature_weights():
     np.testing.assert_allclose(clf.predict_proba(Xva * scale),
                                model.predict_proba((Xva * scale - mu) / sd)[:, 1], atol=1e-6)
     assert res["all_neurons"]["val_acc"] == pytest.approx((clf.predict(Xva * scale) == yva).mean())
+
+
+# --- beyond one binary label ---------------------------------------------------------------
+
+def _multiclass(n, seed, drivers=(1, 4, 7, 10)):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 40)).astype(np.float32)
+    y = np.argmax(X[:, list(drivers)] + 0.3 * rng.normal(size=(n, len(drivers))), axis=1)
+    return X, y.astype(np.int64)
+
+
+def test_multiclass_classifier_ranks_each_class_neuron_and_owns_its_labels(tmp_path):
+    from sentdisc.metrics import classification_metrics
+
+    labels = ["books", "dvd", "electronics", "kitchen"]
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = (_multiclass(n, s) for n, s in ((800, 0), (200, 1),
+                                                                          (200, 2)))
+    sweep = SweepConfig(Cs=[0.05, 0.5], num_neurons=1, backend="local", solver="saga",
+                        max_iter=300, label_kind="multiclass", labels=labels)
+    clf, res = train_classifier(Xtr, ytr, Xva, yva, Xte, yte, sweep)
+    # each class's top neuron is the one that drives it, with a positive weight
+    assert dict(zip(clf.neuron_labels, clf.neurons)) == dict(zip(labels, (1, 4, 7, 10)))
+    assert clf.signs == [1, 1, 1, 1] and res["top_neurons"]["by_label"]["dvd"][0]["neuron"] == 4
+    proba = clf.predict_proba(Xte)
+    assert proba.shape == (200, 4) and np.allclose(proba.sum(1), 1, atol=1e-12)
+    # the numpy classifier is sklearn's multinomial refit, decisions included
+    model, _ = fit_l1(Xtr, ytr, clf.C, solver="saga", max_iter=300)
+    np.testing.assert_allclose(proba, model.predict_proba(Xte), atol=1e-6)
+    assert (clf.predict(Xte) == model.predict(Xte)).all()
+    assert clf.predict_labels(Xte[:3]) == [labels[i] for i in model.predict(Xte[:3])]
+    assert res["all_neurons"]["test_acc"] > 0.8 and res["selection_metric"] == "val_macro_f1"
+    best = max(r["val_macro_f1"] for r in res["sweep"])
+    assert res["all_neurons"]["val_macro_f1"] == best
+    # the top-neuron model is multinomial too
+    assert np.allclose(clf.predict_proba_top(Xte).sum(1), 1)
+    m = classification_metrics("multiclass", labels, yte, clf.predict(Xte), clf.label_proba(Xte))
+    assert m["accuracy"] == pytest.approx(res["all_neurons"]["test_acc"])
+    assert np.array(m["confusion"]).sum() == 200 and set(m["per_label"]) == set(labels)
+    assert all(v["roc_auc"] > 0.9 for v in m["per_label"].values())
+
+    back = Classifier.load(clf.save(tmp_path / "classifier.json"))
+    assert (back.label_kind, back.labels, back.neuron_labels) == ("multiclass", labels,
+                                                                 clf.neuron_labels)
+    np.testing.assert_allclose(back.label_proba(Xte), clf.label_proba(Xte))
+    raw = json.loads((tmp_path / "classifier.json").read_text())
+    raw["coef"] = raw["coef"][:3]
+    (tmp_path / "short.json").write_text(json.dumps(raw))
+    with pytest.raises(ClassifierError, match=r"'coef' of shape \[4, 40\] .* got \[3, 40\]"):
+        Classifier.load(tmp_path / "short.json")
+
+
+def test_multilabel_classifier_fits_one_regression_per_label(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        X = rng.normal(size=(n, 30)).astype(np.float32)
+        return X, (X[:, [2, 9, 21]] + 0.3 * rng.normal(size=(n, 3)) > 0).astype(np.int64)
+
+    (Xtr, ytr), (Xva, yva) = sample(600), sample(200)
+    labels = ["books", "dvd", "positive"]
+    clf, res = train_classifier(Xtr, ytr, Xva, yva, sweep=SweepConfig(
+        Cs=[0.1, 1.0], backend="local", label_kind="multilabel", labels=labels))
+    assert dict(zip(clf.neuron_labels, clf.neurons)) == {"books": 2, "dvd": 9, "positive": 21}
+    for k in range(3):  # each label is its own binary L1 regression
+        model, _ = fit_l1(Xtr, ytr[:, k], clf.C)
+        np.testing.assert_allclose(clf.predict_proba(Xva)[:, k], model.predict_proba(Xva)[:, 1],
+                                   atol=1e-9)
+    said = clf.predict_labels(Xva[:20])
+    assert said == [[lab for lab, on in zip(labels, row) if on] for row in clf.predict(Xva[:20])]
+    assert res["all_neurons"]["val_macro_f1"] > 0.8
+    back = Classifier.load(clf.save(tmp_path / "c.json"))
+    np.testing.assert_allclose(back.predict_proba(Xva), clf.predict_proba(Xva))
+
+
+def test_version_1_classifier_loads_as_binary_sentiment(tmp_path):
+    v1 = {"format": "sentdisc-classifier", "version": 1, "coef": [0.5, -1.0, 0.0],
+          "intercept": 0.1, "C": 1.0, "neurons": [1], "signs": [-1],
+          "top": {"neurons": [1], "coef": [-1.0], "intercept": 0.0, "C": 1.0},
+          "feature_kind": "mean", "layer": -1, "rnn_size": 3, "checkpoint": "", "meta": {}}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    clf = Classifier.load(tmp_path / "v1.json")
+    assert (clf.label_kind, clf.labels, clf.neuron, clf.sign) == (
+        "binary", ["negative", "positive"], 1, -1)
+    x = np.array([[1.0, 2.0, 0.0]])
+    assert clf.predict_labels(x) == ["negative"] and clf.label_proba(x).sum() == pytest.approx(1)
+
+
+def test_transfer_command_multiclass_on_amazon_categories(ray_local, tiny_checkpoint,
+                                                          shared_data, tmp_path, capsys):
+    amz = shared_data / "amazon_blitzer"
+    assert main(["--load_model", str(tiny_checkpoint), "--train", str(amz / "train.csv"),
+                 "--valid", str(amz / "val.csv"), "--test", str(amz / "test.csv"),
+                 "--text_key", "text", "--label_key", "category", "--feature_kind", "mean",
+                 "--max_train", "300", "--max_eval", "100", "--num_samples", "3",
+                 "--extremes", "2", "--experiment_dir", str(tmp_path / "exp")]) == 0
+    printed = capsys.readouterr().out
+    assert "labels: multiclass: 4 labels of 'category': books, dvd, electronics, kitchen" in printed
+    assert "macro-F1 for all neuron regression" in printed and "label kitchen:" in printed
+    out = tmp_path / "exp" / "default" / "transfer" / "amazon_blitzer"
+    res = json.loads((out / "results.json").read_text())
+    assert res["label_kind"] == "multiclass"
+    assert res["labels"] == ["books", "dvd", "electronics", "kitchen"]
+    test = res["metrics"]["test"]
+    assert test["n"] == 100 and 0 <= test["macro_f1"] <= 1 and 0 <= test["balanced_accuracy"] <= 1
+    assert test["accuracy"] == pytest.approx(res["all_neurons"]["test_acc"])
+    assert set(test["per_label"]) == set(res["labels"])
+    assert all(set(v) == {"precision", "recall", "f1", "roc_auc", "support"}
+               for v in test["per_label"].values())
+    assert np.array(test["confusion"]).shape == (4, 4) and np.array(test["confusion"]).sum() == 100
+    assert res["selection_metric"] == "val_macro_f1"
+    assert set(res["top_neurons"]["by_label"]) == set(res["labels"])
+    assert (out / "confusion.png").read_bytes().startswith(PNG_MAGIC)
+    # the extreme samples: per top neuron, the 2 highest and lowest test texts, with heatmaps
+    clf = Classifier.load(out / "classifier.json")
+    assert [e["neuron"] for e in res["extremes"]] == clf.neurons
+    first = res["extremes"][0]
+    assert len(first["highest"]) == len(first["lowest"]) == 2
+    assert first["highest"][0]["value"] >= first["lowest"][0]["value"]
+    page = (out / "extremes.html").read_text()
+    assert page.count('class="sentdisc-heatmap"') == 4 * len(clf.neurons)
+    assert first["highest"][0]["label"] in res["labels"]
+    probs = clf.label_proba(np.zeros((1, 32)))
+    assert probs.shape == (1, 4) and probs.sum() == pytest.approx(1, abs=1e-9)

@@ -81,8 +81,22 @@ def strip_compression(name: str) -> str:
     return name[: -len(os.path.splitext(name)[1])] if compression_of(name) else name
 
 
-def file_format(path: str, cfg: DataConfig) -> str:
-    """The format a file is read as: ``cfg.data_format``, else from its (uncompressed) name."""
+def open_decompressed(fs, path: str, uri: str, buffer_size: int = 0):
+    """A sequential stream of ``path`` on ``fs``, decompressed as ``uri``'s suffix says
+    (pyarrow's codecs; xz through Python's lzma, which pyarrow lacks): how every reader here,
+    corpora and labeled sets alike, opens a file."""
+    import lzma
+
+    codec = compression_of(uri)
+    if codec == "xz":
+        return lzma.open(fs.open_input_stream(path, buffer_size=buffer_size or None))
+    return fs.open_input_stream(path, compression=codec, buffer_size=buffer_size or None)
+
+
+def file_format(path: str, cfg: DataConfig, unknown: Optional[str] = None) -> str:
+    """The format a file is read as: ``cfg.data_format``, else from its (uncompressed) name;
+    a name this table does not know is ``unknown`` if given (a labeled table: csv), else loose
+    JSON or text as ``cfg.loose_json`` says."""
     name = strip_compression(str(path).lower())
     fmt = cfg.data_format
     if fmt == "auto":
@@ -92,7 +106,7 @@ def file_format(path: str, cfg: DataConfig) -> str:
         elif ext == ".json":
             fmt = "loose_json" if cfg.loose_json else "json"
         else:
-            fmt = "loose_json" if cfg.loose_json else "text"
+            fmt = unknown or ("loose_json" if cfg.loose_json else "text")
     if fmt not in FORMATS:
         raise DataError(f"unknown data_format {fmt!r} (one of {', '.join(FORMATS)})")
     if fmt in ("parquet", "encoded") and compression_of(path):

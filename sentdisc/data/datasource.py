@@ -22,7 +22,6 @@ with ``shuffle`` the pieces are in a seeded order, the same every run.
 from __future__ import annotations
 
 import functools
-import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -41,7 +40,14 @@ from ray.data.datasource.file_based_datasource import (
 from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
 from sentdisc.data import formats
-from sentdisc.data.config import LINE_FORMATS, DataConfig, DataError, compression_of, file_format
+from sentdisc.data.config import (
+    LINE_FORMATS,
+    DataConfig,
+    DataError,
+    compression_of,
+    file_format,
+    open_decompressed,
+)
 
 
 @dataclass(frozen=True)
@@ -192,11 +198,7 @@ class _Reader:
                 raise DataError(f"{uri}: format {fmt!r} is not read by the corpus reader")
 
     def _open(self, fs, path: str, uri: str):
-        """A sequential stream, decompressed as it is read (pyarrow's codecs; xz: lzma)."""
-        codec = compression_of(uri)
-        if codec == "xz":
-            return lzma.open(fs.open_input_stream(path, buffer_size=self.buffer_size))
-        return fs.open_input_stream(path, compression=codec, buffer_size=self.buffer_size)
+        return open_decompressed(fs, path, uri, self.buffer_size)
 
     def _read_range(self, fs, piece: Piece, uri: str, is_json: bool) -> Iterator[pa.Table]:
         with fs.open_input_file(piece.path) as f:

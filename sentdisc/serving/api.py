@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse
 import sentdisc
 from sentdisc.serving.model_process import MODEL
 from sentdisc.serving.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
     FeaturizeRequest,
     FeaturizeResponse,
     GenerateRequest,
@@ -105,20 +107,42 @@ async def featurize(req: FeaturizeRequest, server: Server) -> ORJSONResponse:
                           headers={"X-Batch-Size": str(batch)})
 
 
-@router.post("/sentiment", response_model=SentimentResponse, responses=ERRORS,
-             summary="per text: label, P(positive), and the sentiment neuron's value")
+@router.post("/sentiment", response_model=SentimentResponse, responses=errors(
+                400, 409, 413, 422, 500, 503),
+             summary="binary classifiers: per text its label, P(positive) and the sentiment "
+                     "neuron's value (/classify answers every kind)")
 async def sentiment(req: SentimentRequest, server: Server) -> ORJSONResponse:
     server.check_texts(req.texts)
-    server.ready()
-    if server.classifier is None:
-        raise HTTPException(503, detail="no classifier loaded: deploy with classifier=FILE")
+    clf = server.the_classifier()
+    if clf.label_kind != "binary":
+        raise HTTPException(409, detail=(
+            f"/sentiment answers binary classifiers; this one is {clf.label_kind} "
+            f"({len(clf.labels)} labels: {', '.join(clf.labels[:8])}"
+            f"{' ...' if len(clf.labels) > 8 else ''}): use POST /classify"))
     feats, batch = await server.features(req.texts)
-    prob = finite(server.classifier.predict_proba(feats))
+    prob = clf.predict_proba(feats)
     neuron = server.probe.neuron
-    results = [{"label": "positive" if p >= 0.5 else "negative", "probability": p,
-                "neuron_value": v} for p, v in zip(prob, finite(feats[:, neuron]), strict=True)]
+    results = [{"label": label, "probability": p, "neuron_value": v} for label, p, v in zip(
+        clf.predict_labels(feats), finite(prob), finite(feats[:, neuron]), strict=True)]
     return ORJSONResponse({"results": results, "neuron": neuron},
                           headers={"X-Batch-Size": str(batch)})
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS,
+             summary="per text: the predicted label(s) and every label's probability, for a "
+                     "binary, multi-class or multi-label classifier")
+async def classify(req: ClassifyRequest, server: Server) -> ORJSONResponse:
+    server.check_texts(req.texts)
+    clf = server.the_classifier()
+    feats, batch = await server.features(req.texts)
+    proba = clf.label_proba(feats)
+    predicted = clf.predict_labels(feats)
+    single = clf.label_kind != "multilabel"
+    results = [{"label": said if single else None, "labels": [said] if single else said,
+                "probabilities": dict(zip(clf.labels, finite(p), strict=True))}
+               for said, p in zip(predicted, proba, strict=True)]
+    return ORJSONResponse({"results": results, "label_kind": clf.label_kind,
+                           "labels": clf.labels}, headers={"X-Batch-Size": str(batch)})
 
 
 @router.post("/heatmap", summary="the neuron's value after each character: PNG, SVG or JSON",

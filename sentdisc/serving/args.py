@@ -58,7 +58,9 @@ class AppArgs(_Settings):
     checkpoint: str = Field(description="checkpoint folder or storage URI (s3://...): sentdisc "
                                         "format or OpenAI's 0..14.npy")
     classifier: str | None = Field(None, description="classifier.json (a path or URI); "
-                                                     "/sentiment needs it")
+                                                     "/sentiment and /classify need it; "
+                                                     "default: the checkpoint's own (a "
+                                                     "fine-tuned checkpoint holds one)")
     feature_kind: Literal["cell", "hidden", "mean", "max"] | None = Field(
         None, description="features served by /featurize; default: the classifier's, else cell")
     layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
@@ -144,6 +146,17 @@ def _checked_classifier(path: str, args: AppArgs, ckpt: str, model_config):
     return clf
 
 
+def own_classifier(checkpoint: str) -> str | None:
+    """The classifier.json a fine-tuned checkpoint holds (its head), if any."""
+    from sentdisc.checkpoint import CLASSIFIER_FILE
+
+    path = storage.join(checkpoint, CLASSIFIER_FILE)
+    try:
+        return path if storage.is_file(path) else None
+    except InputError:
+        return None
+
+
 def check_args(args: AppArgs) -> AppArgs:
     """Check the files ``args`` name before anything deploys. Returns the args with absolute
     paths (replicas do not run in this folder) and the served feature kind and layer filled in:
@@ -157,8 +170,11 @@ def check_args(args: AppArgs) -> AppArgs:
         raise AppArgsError(f"sentdisc serve: {e}") from None
     model_config = _checkpoint_config(ckpt)
     clf_path = clf = None
-    if args.classifier is not None:
+    if args.classifier is None:
+        clf_path = own_classifier(ckpt)
+    else:
         clf_path = storage.absolute(args.classifier)
+    if clf_path is not None:
         clf = _checked_classifier(clf_path, args, ckpt, model_config)
     probe = probe_of(args, clf)
     if model_config is not None:

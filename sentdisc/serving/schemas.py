@@ -57,15 +57,35 @@ class SentimentRequest(_Request):
 
 
 class SentimentResult(BaseModel):
-    label: Literal["positive", "negative"]
-    probability: Finite = Field(ge=0, le=1, description="P(positive) from the classifier on all "
-                                                        "features")
+    label: str = Field(description="the classifier's label: positive or negative (or the two "
+                                   "classes a binary classifier was fitted on)")
+    probability: Finite = Field(ge=0, le=1, description="P(positive), the second label's "
+                                                        "probability, from all features")
     neuron_value: Finite = Field(description="the sentiment neuron's feature value")
 
 
 class SentimentResponse(BaseModel):
     results: list[SentimentResult]
     neuron: int
+
+
+class ClassifyRequest(_Request):
+    texts: list[Text] = Field(min_length=1)
+
+
+class ClassifyResult(BaseModel):
+    label: str | None = Field(description="binary and multiclass: the predicted label; "
+                                          "multilabel: null (see labels)")
+    labels: list[str] = Field(description="the predicted labels: the one label (binary, "
+                                          "multiclass), or every label over 0.5 (multilabel)")
+    probabilities: dict[str, Finite] = Field(description="every label's probability (they sum "
+                                                         "to 1 except for multilabel)")
+
+
+class ClassifyResponse(BaseModel):
+    results: list[ClassifyResult]
+    label_kind: Literal["binary", "multiclass", "multilabel"]
+    labels: list[str] = Field(description="the classifier's labels, in its order")
 
 
 class HeatmapRequest(_Request):
@@ -124,6 +144,8 @@ def errors(*codes: int) -> dict:
              413: "the body is larger than any valid request can be",
              422: "a field breaks its schema (caps included) or a rule the schema states",
              500: "a fault in the server (the log has it; the message never does)",
+             409: "the classifier is not binary: /sentiment answers binary classifiers, "
+                  "/classify every kind",
              503: "the model is not loaded (its reason), no classifier, or the queue is full "
                   "(Retry-After says when to try again)"}
     return {c: {"model": Error, "description": about[c]} for c in codes}
@@ -153,7 +175,7 @@ def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_len
         prop["description"] = (f"at least one non-whitespace character, at most "
                                f"{max_text_bytes} UTF-8 bytes")
 
-    for name in ("FeaturizeRequest", "SentimentRequest"):
+    for name in ("FeaturizeRequest", "SentimentRequest", "ClassifyRequest"):
         texts = schemas.get(name, {}).get("properties", {}).get("texts")
         if texts:
             texts["maxItems"] = max_texts

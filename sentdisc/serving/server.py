@@ -81,6 +81,14 @@ class ModelServer:
             self.model.configure(self.probe.layer, self.probe.feature_kind,
                                  batch.max_batch_size)
 
+    def the_classifier(self):
+        """The loaded classifier, or a 503 saying how to deploy one."""
+        self.ready()
+        if self.classifier is None:
+            raise HTTPException(503, detail="no classifier loaded: deploy with classifier=FILE "
+                                            "(or a fine-tuned checkpoint, which holds one)")
+        return self.classifier
+
     def ready(self) -> None:
         if self.failure:
             raise Unavailable(self.failure)
@@ -164,6 +172,8 @@ class ModelServer:
                 "rnn_type": c.rnn_type, "feature_kind": self.probe.feature_kind,
                 "layer": self.probe.layer, "device": self.device,
                 "classifier": self.classifier is not None, "neuron": self.probe.neuron,
+                "label_kind": getattr(self.classifier, "label_kind", None),
+                "labels": getattr(self.classifier, "labels", None),
                 "neuron_sign": -1 if self.probe.negate(self.probe.neuron) else 1, **common}
 
     def stats(self) -> dict:
