@@ -11,7 +11,8 @@ import sys
 COMMANDS = {
     "pretrain": ("sentdisc.recipes.pretrain:main", "unsupervised byte-LM pretraining on Ray Train"),
     "transfer": ("sentdisc.recipes.transfer:main", "featurize + L1 logistic regression swept by Ray Tune"),
-    "score": ("sentdisc.recipes.score:main", "score a corpus -> Parquet of sentiment per record"),
+    "finetune": ("sentdisc.recipes.finetune:main", "fine-tune the LM with a classifier head on Ray Train"),
+    "score": ("sentdisc.recipes.score:main", "score a corpus -> Parquet of labels per record"),
     "heatmap": ("sentdisc.recipes.visualize:heatmap_main", "per-character heatmap of one neuron"),
     "generate": ("sentdisc.recipes.visualize:generate_main", "generate text, optionally forcing a neuron"),
     "data preprocess": ("sentdisc.data.preprocess:main", "encode a corpus once into Parquet shards"),

@@ -120,7 +120,8 @@ def _coerce(value: Any, tp, name: str, source: str) -> Any:
                          f"got {value!r}") from None
 
 
-def build_parser(description: str, *classes) -> argparse.ArgumentParser:
+def build_parser(description: str, *classes, defaults: dict | None = None
+                 ) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", type=str, default=None, help="YAML file of defaults")
@@ -134,6 +135,7 @@ def build_parser(description: str, *classes) -> argparse.ArgumentParser:
             seen[f.name] = cls.__name__
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (defaults or {}).get(f.name, default)
             helptext = f.metadata.get("help", "")
             if _base_type(hints[f.name]) is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
@@ -196,12 +198,13 @@ def build(classes: Sequence[type], values: dict, source: str = "config") -> tupl
 
 
 def parse(classes: Sequence[type], argv: Sequence[str] | None = None, description: str = "",
-          parser: argparse.ArgumentParser | None = None) -> tuple:
-    """Command line -> one instance per dataclass in ``classes``."""
-    parser = parser or build_parser(description, *classes)
+          parser: argparse.ArgumentParser | None = None, defaults: dict | None = None) -> tuple:
+    """Command line -> one instance per dataclass in ``classes``. ``defaults`` (a recipe's
+    own, e.g. fine-tuning's TrainConfig) sit between the dataclasses' and the YAML file's."""
+    parser = parser or build_parser(description, *classes, defaults=defaults)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
-        values = load_yaml(args.config, classes) if args.config else {}
+        values = {**(defaults or {}), **(load_yaml(args.config, classes) if args.config else {})}
         source = f"config {args.config}" if args.config else "config"
         build(classes, values, source)  # report a bad file value against the file
         cli = {k: v for k, v in vars(args).items() if k != "config"}

@@ -10,11 +10,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sentdisc.report import ProgressLine
 from sentdisc.runtime import ensure_ray
+
+
+@dataclass
+class PoolConfig:
+    """When a job featurizes on a Ray Data pool of model replicas instead of in process."""
+    ray_featurize_threshold: int = field(default=20000, metadata={
+        "help": "sets of at least this many texts featurize on a Ray Data actor pool "
+                "(0: always, -1: never)"})
+    featurize_replicas: int = field(default=2, metadata={"help": "model replicas (actors)"})
+    cpus_per_replica: int = field(default=1, metadata={"help": "CPUs (torch threads) per replica"})
+
+    def __post_init__(self):
+        if self.featurize_replicas < 1 or self.cpus_per_replica < 1:
+            raise ValueError("featurize_replicas and cpus_per_replica must be >= 1")
 
 
 class _FeaturizeReplica:

@@ -77,24 +77,34 @@ def save_figure(fig, path: str | Path, **kw) -> str | Path:
 
 
 def plot_loss(rows: list[dict], path: str | Path, title: str = "pretraining") -> Path | None:
-    """Training bits per byte against bytes seen (val/test as horizontal marks when present)."""
+    """Training bits per byte (or, for a classifier, its loss) against bytes seen; val/test
+    bits per byte as horizontal marks, and validation scores (``val_score``, fine-tuning) on a
+    second axis, when present."""
     plt = _pyplot()
-    train = [r for r in rows if _finite(r.get("bpb")) and r.get("bytes_seen") is not None]
+    key = "bpb" if any(_finite(r.get("bpb")) for r in rows) else "loss"
+    train = [r for r in rows if _finite(r.get(key)) and r.get("bytes_seen") is not None]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     x = [r["bytes_seen"] / 1e6 for r in train]
-    ax.plot(x, [r["bpb"] for r in train], lw=1.5, label="train")
+    ax.plot(x, [r[key] for r in train], lw=1.5, label="train")
     for name, style in (("val_bpb", "--"), ("test_bpb", ":")):
         vals = [r[name] for r in rows if _finite(r.get(name))]
         if vals:
             ax.axhline(vals[-1], ls=style, color="k" if name == "val_bpb" else "grey",
                        label=f"{name.split('_')[0]} {vals[-1]:.3f}")
     ax.set_xlabel("training bytes seen (MB, all workers)")
-    ax.set_ylabel("bits per byte")
+    ax.set_ylabel("bits per byte" if key == "bpb" else "training loss")
+    scored = [r for r in rows if _finite(r.get("val_score")) and r.get("bytes_seen") is not None]
+    if scored:
+        ax2 = ax.twinx()
+        ax2.plot([r["bytes_seen"] / 1e6 for r in scored], [r["val_score"] for r in scored],
+                 "o-", color="darkorange", ms=4, label="validation score")
+        ax2.set_ylabel(f"validation {scored[-1].get('val_metric', 'score')}")
+        ax2.legend(loc="upper right")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left" if scored else "best")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -106,7 +116,8 @@ def progress_line(row: dict) -> str:
     where = f"iter {it}/{total} ({100 * it / total:.0f}%)" if total else f"iter {it}"
     parts = [f"epoch {row.get('epoch', 0)}", where]
     if _finite(row.get("loss")):
-        parts.append(f"loss {row['loss']:.3f} ({row['bpb']:.3f} bpb)")
+        bpb = f" ({row['bpb']:.3f} bpb)" if _finite(row.get("bpb")) else ""
+        parts.append(f"loss {row['loss']:.3f}{bpb}")
     if row.get("lr") is not None:
         parts.append(f"lr {row['lr']:.2e}")
     if row.get("bytes_per_s"):
@@ -222,10 +233,10 @@ def write_tune_csv(path: str | Path, rows: Sequence[dict], chosen_C: float) -> N
     write_csv(path, cols, [{**r, "chosen": int(r["C"] == chosen_C)} for r in rows])
 
 
-def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[int], C: float,
-                        labels: Sequence[str] | None = None) -> None:
+def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[int],
+                        C: float | None, labels: Sequence[str] | None = None) -> None:
     """The all-neuron model's weights, top neurons marked: one panel (binary), or one per label
-    (coef [K, H])."""
+    (coef [K, H]). ``C`` None: a fine-tuned head, not an L1 fit."""
     plt = _pyplot()
     rows = np.atleast_2d(np.asarray(coef))
     names = list(labels) if rows.shape[0] > 1 and labels is not None else [None]
@@ -241,8 +252,9 @@ def plot_neuron_weights(path: str | Path, coef: np.ndarray, neurons: Sequence[in
         ax.set_ylabel("weight" if name is None else f"{name}")
     axes[-1, 0].set_xlabel("neuron (feature) index")
     nnz = int(np.sum(np.any(rows != 0, axis=0)))
-    axes[0, 0].set_title(f"L1 logistic regression weights (C={C:g}, {nnz} non-zero neurons); "
-                         f"top {len(neurons)} highlighted")
+    what = f"L1 logistic regression weights (C={C:g}, " if C is not None else \
+        "fine-tuned classifier head weights ("
+    axes[0, 0].set_title(f"{what}{nnz} non-zero neurons); top {len(neurons)} highlighted")
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
 

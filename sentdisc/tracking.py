@@ -48,10 +48,11 @@ class TrackingConfig:
         "help": "MLflow tracking URI (e.g. http://host:5000); empty: a SQLite store "
                 "<experiment_dir>/mlflow.db", "path": True})
     mlflow_experiment: str = field(default="", metadata={
-        "help": "MLflow experiment name; empty: 'pretrain', or 'transfer-<dataset>'"})
+        "help": "MLflow experiment name; empty: 'pretrain', 'transfer-<dataset>' or "
+                "'finetune-<dataset>'"})
     tensorboard: bool = field(default=False, metadata={
-        "help": "pretraining: also write the curves as TensorBoard event files to "
-                "<run_dir>/tensorboard"})
+        "help": "pretraining and fine-tuning: also write the curves as TensorBoard event "
+                "files to <run_dir>/tensorboard"})
 
     def __post_init__(self):
         self.tracking = str(self.tracking).lower()
@@ -405,20 +406,42 @@ def pretrain_tracker(cfg: Optional[TrackingConfig], output, resume: bool, prior_
                      log=print) -> Tracker:
     """The tracker of a pretraining run (``output`` its OutputConfig, experiment_dir
     absolute); ``resume``: the run continues a checkpoint, so its MLflow run continues too."""
+    return train_tracker(cfg, output, output.run_dir, "pretrain", output.experiment_name,
+                         {"sentdisc.job": "pretrain"}, resume, prior_rows, log)
+
+
+def finetune_tracker(cfg: Optional[TrackingConfig], output, run_dir: str, dataset: str,
+                     checkpoint: str, resume: bool, prior_rows: list, log=print) -> Tracker:
+    """The tracker of a fine-tuning run: experiment ``finetune-<dataset>``, the run named
+    ``<experiment_name>/<dataset>`` and tagged with the checkpoint it started from; a rerun
+    continues its run, as pretraining's does."""
+    tags = {"sentdisc.job": "finetune", "sentdisc.dataset": dataset,
+            "sentdisc.base_checkpoint": checkpoint}
+    pretrain_run = _pretrain_run_of(checkpoint)
+    if pretrain_run:
+        tags["sentdisc.pretrain_run_id"] = pretrain_run
+    return train_tracker(cfg, output, run_dir, f"finetune-{dataset}",
+                         f"{output.experiment_name}/{dataset}", tags, resume, prior_rows, log)
+
+
+def train_tracker(cfg: Optional[TrackingConfig], output, run_dir: str, experiment: str,
+                  run_name: str, tags: dict, resume: bool, prior_rows: list,
+                  log=print) -> Tracker:
+    """A Train job's tracker: an MLflow run fed with rank 0's rows (continued by a rerun, its
+    id in ``<run_dir>/mlflow_run.json``), and TensorBoard curves when asked."""
     cfg = cfg or TrackingConfig()
     sinks: list = []
     if cfg.mlflow:
         uri, artifacts = store_for(cfg, output.experiment_dir, log)
         probe(uri)
         sinks.append(MlflowRun(
-            uri, artifacts, cfg.mlflow_experiment or "pretrain", output.experiment_name,
-            {"sentdisc.job": "pretrain", "sentdisc.run_dir": output.run_dir},
-            run_file=storage.join(output.run_dir, RUN_FILE), resume=resume,
-            prior_rows=prior_rows))
+            uri, artifacts, cfg.mlflow_experiment or experiment, run_name,
+            {**tags, "sentdisc.run_dir": run_dir}, run_file=storage.join(run_dir, RUN_FILE),
+            resume=resume, prior_rows=prior_rows))
     if cfg.tensorboard:
         from sentdisc.tensorboard import TensorBoardCurves
 
-        sinks.append(TensorBoardCurves(output.run_dir, prior_rows))
+        sinks.append(TensorBoardCurves(run_dir, prior_rows))
     return Tracker(sinks, log)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from sentdisc import storage
 from sentdisc.config import OutputConfig
-from sentdisc.features_ray import featurize_texts
+from sentdisc.features_ray import PoolConfig, featurize_texts
 from sentdisc.labeled import LabeledDataConfig, LabelSpec, TransferError, prepare_data
 from sentdisc.metrics import classification_metrics
 from sentdisc.report import (
@@ -60,7 +60,7 @@ SOLVERS = ("auto", "liblinear", "saga")
 
 
 @dataclass
-class TransferConfig(LabeledDataConfig):
+class TransferConfig(PoolConfig, LabeledDataConfig):
     """The labeled data (``LabeledDataConfig``'s fields), the features, the sweep."""
     load_model: str = field(default="", metadata={
         "help": "checkpoint directory to featurize with", "path": True})
@@ -79,11 +79,6 @@ class TransferConfig(LabeledDataConfig):
                 "extremes.html with their heatmaps; 0: none)"})
     dataset: str = field(default="", metadata={
         "help": "name of the output folder; empty: the train file's parent folder"})
-    ray_featurize_threshold: int = field(default=20000, metadata={
-        "help": "sets of at least this many texts featurize on a Ray Data actor pool "
-                "(0: always, -1: never)"})
-    featurize_replicas: int = field(default=2, metadata={"help": "model replicas (actors)"})
-    cpus_per_replica: int = field(default=1, metadata={"help": "CPUs (torch threads) per replica"})
     solver: str = field(default="auto", metadata={
         "help": "auto (liblinear; saga for multiclass, whose multinomial L1 fit liblinear "
                 "lacks) | liblinear | saga"})
@@ -96,7 +91,8 @@ class TransferConfig(LabeledDataConfig):
     def __post_init__(self):
         from sentdisc.features import KINDS
 
-        super().__post_init__()
+        LabeledDataConfig.__post_init__(self)
+        PoolConfig.__post_init__(self)
         if self.feature_kind not in KINDS:
             raise ValueError(f"feature_kind must be one of {KINDS}, got {self.feature_kind!r}")
         if self.solver not in SOLVERS:
@@ -109,8 +105,6 @@ class TransferConfig(LabeledDataConfig):
             raise ValueError(f"num_neurons must be >= 1, got {self.num_neurons}")
         if self.num_samples < 0 or self.extremes < 0:
             raise ValueError("num_samples and extremes must be >= 0")
-        if self.featurize_replicas < 1 or self.cpus_per_replica < 1:
-            raise ValueError("featurize_replicas and cpus_per_replica must be >= 1")
 
 
 def output_dir(cfg: LabeledDataConfig, out: OutputConfig, job: str = "transfer") -> str:
@@ -139,19 +133,21 @@ def load_checkpoint(cfg: TransferConfig):
     return model
 
 
-def featurize_sets(data: dict, model, cfg, log=print) -> tuple[dict, dict]:
-    """{role: features or None} and {role: featurize stats} of the train / val / test sets
-    (``cfg``: a TransferConfig, or any config with its featurize fields)."""
+def featurize_sets(data: dict, model, checkpoint: str, pool: PoolConfig, *, kind: str,
+                   layer: int = -1, batch_size: int = 128, chunk_size: int = 256,
+                   roles=ROLES, log=print) -> tuple[dict, dict]:
+    """{role: features or None} and {role: featurize stats} of the train / val / test sets,
+    in process with ``model`` or on ``pool``'s Ray Data replicas of ``checkpoint``."""
     feats, stats = dict.fromkeys(ROLES), {}
-    for role in ROLES:
+    for role in roles:
         if data[role] is None:
             continue
         log(f"transforming {role}")
         feats[role], stats[role] = featurize_texts(
-            data[role].texts, model, cfg.load_model, name=role, kind=cfg.feature_kind,
-            layer=cfg.layer, batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
-            ray_threshold=cfg.ray_featurize_threshold, replicas=cfg.featurize_replicas,
-            cpus_per_replica=cfg.cpus_per_replica, log=log)
+            data[role].texts, model, checkpoint, name=role, kind=kind, layer=layer,
+            batch_size=batch_size, chunk_size=chunk_size,
+            ray_threshold=pool.ray_featurize_threshold, replicas=pool.featurize_replicas,
+            cpus_per_replica=pool.cpus_per_replica, log=log)
     return feats, stats
 
 
@@ -226,8 +222,7 @@ def write_outputs(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf,
     if res is not None:
         files["tune_results"] = storage.join(run_dir, "tune_results.csv")
         write_tune_csv(files["tune_results"], res["sweep"], res["all_neurons"]["C"])
-    plot_neuron_weights(files["neuron_weights"], clf.coef, clf.neurons,
-                        clf.C if clf.C is not None else float("nan"), clf.labels)
+    plot_neuron_weights(files["neuron_weights"], clf.coef, clf.neurons, clf.C, clf.labels)
     role = shown_split(labels)
     plot_neuron_histogram(files["neuron_histogram"], feats[role][:, clf.neuron],
                           _groups(clf, labels[role]), clf.neuron, boundary, role)
@@ -339,7 +334,9 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
     log(f"train {sizes['train']}, val {sizes['val']} ({data['val_source']}), test {sizes['test']}"
         f" texts; features: layer {cfg.layer} {cfg.feature_kind}, rnn_size {model.config.rnn_size}")
 
-    feats, feat_stats = featurize_sets(data, model, cfg, log)
+    feats, feat_stats = featurize_sets(data, model, cfg.load_model, cfg, kind=cfg.feature_kind,
+                                       layer=cfg.layer, batch_size=cfg.batch_size,
+                                       chunk_size=cfg.chunk_size, log=log)
     tracker.ready()  # the store opened while featurizing: fail before the sweep if it did not
     labels = {r: (data[r].labels if data[r] is not None else None) for r in ROLES}
     sweep = sweep_config(cfg, run_dir, spec)

@@ -145,7 +145,7 @@ def test_labeled_tables_read_like_corpora_compressed(tmp_path):
 
     import pyarrow.fs as pafs
 
-    body = "label,text\n1,good\n0,bad\n".encode()
+    body = b"label,text\n1,good\n0,bad\n"
     lines = b'{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n'
     local = pafs.LocalFileSystem()
     for codec in ("lz4", "zstd"):

@@ -86,8 +86,10 @@ def test_healthz_openapi_and_docs(url):
     assert gen["length"]["maximum"] == LIMITS["max_generate_length"]
     assert gen["temperature"]["minimum"] == 0 and gen["seed"]["anyOf"][0]["maximum"] == 2**32 - 1
     assert schemas["HeatmapRequest"]["properties"]["neuron"]["anyOf"][0]["maximum"] == 31
-    for path in ("/featurize", "/sentiment", "/heatmap", "/generate"):
+    for path in ("/featurize", "/sentiment", "/classify", "/heatmap", "/generate"):
         assert {"400", "413", "422", "500", "503"} <= set(spec["paths"][path]["post"]["responses"]), path
+    assert "409" in spec["paths"]["/sentiment"]["post"]["responses"]
+    assert schemas["ClassifyRequest"]["properties"]["texts"]["maxItems"] == LIMITS["max_texts"]
     # /docs: Swagger UI from the app's own assets, nothing from a CDN
     docs = requests.get(url + "/docs", timeout=30)
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()
@@ -138,6 +140,74 @@ def test_sentiment_equals_classifier_on_features(url, model, classifier):
         assert res["neuron_value"] == pytest.approx(f[clf.neuron], abs=1e-5)
     # the classifier was fitted to separate these texts: both labels occur
     assert {res["label"] for res in body["results"]} == {"positive", "negative"}
+
+
+def test_classify_binary_is_the_classifier_on_features(url, model, classifier):
+    clf = classifier[0]
+    r = post(url, "/classify", {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label_kind"] == "binary" and body["labels"] == ["negative", "positive"]
+    feats = featurize(model, TEXTS, kind="mean")
+    want = clf.label_proba(feats)
+    for res, p, said in zip(body["results"], want, clf.predict_labels(feats), strict=True):
+        assert res["label"] == said and res["labels"] == [said]
+        assert list(res["probabilities"]) == ["negative", "positive"]
+        np.testing.assert_allclose(list(res["probabilities"].values()), p, atol=1e-5)
+        assert sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+
+
+def _multi_classifier(kind: str, labels: list, path: Path):
+    """A classifier of ``kind`` over the tiny model's mean features, random but fixed."""
+    from sentdisc.classifier import Classifier, rank_neurons
+
+    rng = np.random.default_rng(3)
+    coef = rng.normal(size=(len(labels), 32)) * 3
+    neurons, signs, serves = rank_neurons(coef, 1, labels)
+    clf = Classifier(coef=coef, intercept=rng.normal(size=len(labels)), neurons=neurons,
+                     signs=signs, neuron_labels=serves, feature_kind="mean", label_kind=kind,
+                     labels=labels)
+    clf.save(path)
+    return clf
+
+
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
+def test_multi_kind_app_classifies_and_sentiment_points_to_classify(
+        serve_port, tiny_checkpoint, model, tmp_path, kind):
+    from ray import serve
+
+    from sentdisc.serving import make_app
+
+    labels = ["books", "dvd", "electronics", "kitchen"]
+    clf = _multi_classifier(kind, labels, tmp_path / "classifier.json")
+    name = f"sentdisc-{kind}"
+    serve.run(make_app({"checkpoint": str(tiny_checkpoint),
+                        "classifier": str(tmp_path / "classifier.json"), **LIMITS}),
+              name=name, route_prefix=f"/{kind}")
+    try:
+        url = f"http://127.0.0.1:{serve_port}/{kind}"
+        r = post(url, "/classify", {"texts": TEXTS})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["label_kind"] == kind and body["labels"] == labels
+        feats = featurize(model, TEXTS, kind="mean")
+        want, said = clf.label_proba(feats), clf.predict_labels(feats)
+        for res, p, names in zip(body["results"], want, said, strict=True):
+            assert list(res["probabilities"]) == labels
+            np.testing.assert_allclose(list(res["probabilities"].values()), p, atol=1e-5)
+            if kind == "multiclass":
+                assert sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+                assert res["label"] == names and res["labels"] == [names]
+            else:  # every label over 0.5
+                assert res["label"] is None and res["labels"] == names
+                assert names == [lab for lab, q in zip(labels, p) if q > 0.5]
+        r = post(url, "/sentiment", {"texts": ["fine"]})
+        assert r.status_code == 409
+        msg = r.json()["detail"][0]["msg"]
+        assert "/classify" in msg and kind in msg and "books" in msg
+        assert requests.get(url + "/healthz", timeout=30).json()["label_kind"] == kind
+    finally:
+        serve.delete(name)
 
 
 def test_heatmap_png_svg_json(url, model, classifier):

@@ -187,9 +187,12 @@ def lr_multiplier(tc: TrainConfig, total_iters: Optional[int]):
     return f
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, total_iters: Optional[int]):
-    """The run's optimizer and its LambdaLR schedule."""
-    optimizer = optimizer_class(tc.optimizer_type)(model.parameters(), lr=tc.lr,
+def make_optimizer(params, tc: TrainConfig, total_iters: Optional[int]):
+    """The run's optimizer and its LambdaLR schedule, over a module's parameters or over
+    parameter groups (each may set its own ``lr``; the schedule scales every group's)."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    optimizer = optimizer_class(tc.optimizer_type)(params, lr=tc.lr,
                                                    weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(tc, total_iters))
     return optimizer, scheduler

@@ -15,8 +15,9 @@ import dataclasses
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
@@ -39,10 +40,16 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
              tracking: Optional[TrackingConfig] = None) -> dict:
     """Run a pretraining job on the current Ray cluster (started locally if none), tracked
     in MLflow unless ``tracking`` says otherwise (``sentdisc.tracking``)."""
-    from sentdisc.data.readers import build_datasets
+    from sentdisc.data.readers import build_datasets, train_split
+    from sentdisc.train.loop import train_loop
+    from sentdisc.train.resume import RESUME_SPLIT, data_config
 
-    model_cfg, tc, output = _prepare(model_cfg, train_cfg, output or OutputConfig())
-    prior = _prior_history(output.run_dir, tc.resume)
+    output = checked_output(output or OutputConfig())
+    run_dir = output.run_dir
+    tc = resumed(train_cfg, run_dir, "[pretrain]")
+    if tc.resume:  # a resumed checkpoint's weights decide the architecture
+        model_cfg = ckpt_io.load_config(tc.resume)
+    prior = prior_history(run_dir, tc.resume)
     # a tracking server that does not answer fails the run here; a rerun continues its run
     tracker = pretrain_tracker(tracking, output, resume=bool(tc.resume), prior_rows=prior)
     # Worker logs stay in Ray's log folder: the driver prints one progress line per report.
@@ -50,49 +57,147 @@ def pretrain(model_cfg: ModelConfig, data_cfg, train_cfg: TrainConfig,
     check_fits(tc)
     datasets = {k: v for k, v in build_datasets(data_cfg).items() if v is not None}
     total_iters = plan_iterations(data_cfg, tc, datasets["train"])
+    job = TrainJob(
+        "[pretrain]", run_dir, tc, train_loop,
+        run_config={"model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
+                    "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
+                    "total_iters": total_iters},
+        loop_config={"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
+                     "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
+                     "total_iters": total_iters, "run_dir": run_dir,
+                     "train_split": train_split(data_cfg),
+                     "eval_splits": [k for k in datasets if k != "train"]},
+        datasets={**datasets, RESUME_SPLIT: datasets["train"]},
+        dataset_config=data_config(run_dir, tc.resume),
+        title=f"{output.experiment_name}: bits per byte")
     with tracker:  # the inputs are good: only now is the store opened and written
-        return _run(model_cfg, data_cfg, tc, output, datasets, total_iters, prior, tracker,
-                    progress)
-
-
-def _run(model_cfg: ModelConfig, data_cfg, tc: TrainConfig, output: OutputConfig,
-         datasets: dict, total_iters: Optional[int], prior: list, tracker: Tracker,
-         progress: bool) -> dict:
-    from sentdisc.data.readers import train_split
-
-    run_dir = output.run_dir
-    storage.makedirs(run_dir)
-    run_config = {"model": model_cfg.to_dict(), "data": dataclasses.asdict(data_cfg),
-                  "train": dataclasses.asdict(tc), "output": dataclasses.asdict(output),
-                  "total_iters": total_iters}
-    storage.write_json(storage.join(run_dir, "run_config.json"), run_config)
-    tracker.start(run_config)  # every config value as an MLflow param
-    loop_config = {"model": model_cfg.to_dict(), "train": dataclasses.asdict(tc),
-                   "persist_state": data_cfg.persist_state, "seed": data_cfg.seed,
-                   "total_iters": total_iters, "run_dir": run_dir,
-                   "train_split": train_split(data_cfg),
-                   "eval_splits": [k for k in datasets if k != "train"]}
-    tracker.ready()  # before any worker starts
-    t0 = time.perf_counter()
-    history = storage.join(run_dir, "history.csv")
-
-    def on_rows(new: list) -> None:
-        # appended as reports arrive, so a killed driver leaves its curve behind
-        write_history(merge_rows(prior, watch.rows), history)
-        tracker.log_rows(new)  # rank 0's rows only: no other rank sends any
-
-    watch = Progress(printed=progress, stall_warn_s=tc.stall_warn_s,
-                     stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
-                     on_rows=on_rows)
-    loop_config["progress_actor"] = watch.actor_name
-    result = _fit(_trainer(tc, output, loop_config, datasets), watch)
-    summary = _write_outputs(run_dir, output, prior, watch.rows, result, time.perf_counter() - t0)
-    tracker.log_result({}, {CHECKPOINT_TAG: summary["checkpoint"]} if summary["checkpoint"]
-                       else {}, {"loss.png": summary["loss_plot"],
-                                 "history.csv": summary["history"],
-                                 "summary.json": storage.join(run_dir, "summary.json"),
-                                 "run_config.json": storage.join(run_dir, "run_config.json")})
+        summary = job.run(prior, tracker, progress)
+        tracker.log_result({}, {CHECKPOINT_TAG: summary["checkpoint"]} if summary["checkpoint"]
+                           else {}, job.artifacts(summary))
     return summary
+
+
+# --- what every Train job's driver does ----------------------------------------------------------
+
+def checked_output(output: OutputConfig) -> OutputConfig:
+    """Where outputs go, checked now, with an absolute experiment_dir."""
+    exp = output.experiment_dir
+    storage.check_access(exp, "--experiment_dir")
+    if "runtime_resources" in str(Path.cwd()) and not storage.is_uri(exp) \
+            and not Path(exp).is_absolute():
+        print(f"[train] note: experiment_dir {exp!r} is inside this Ray job's temporary "
+              f"working directory ({storage.absolute(exp)}); pass an absolute "
+              f"--experiment_dir or a storage URI to keep the outputs", flush=True)
+    return dataclasses.replace(output, experiment_dir=storage.absolute(exp))
+
+
+def resumed(tc: TrainConfig, run_dir: str, prefix: str) -> TrainConfig:
+    """The run's TrainConfig with ``resume`` set: --resume (checked), else the newest complete
+    checkpoint of ``run_dir`` (a rerun of the same experiment continues it)."""
+    if not tc.resume:
+        newest = ckpt_io.newest_complete(run_dir)
+        if newest:
+            print(f"{prefix} resuming from {newest}, the newest complete checkpoint of "
+                  f"{run_dir}", flush=True)
+            tc = dataclasses.replace(tc, resume=newest)
+    if tc.resume:
+        storage.check_access(tc.resume, "--resume")
+        reason = ckpt_io.incomplete_reason(tc.resume) if storage.exists(
+            storage.join(tc.resume, ckpt_io.TRAIN_STATE)) else None
+        if reason:
+            raise ckpt_io.CheckpointError(f"--resume {tc.resume} is incomplete: {reason}")
+        tc = dataclasses.replace(tc, resume=storage.absolute(tc.resume))
+    return tc
+
+
+def prior_history(run_dir: str, resume: str) -> list:
+    """The history of an earlier run of this experiment, if it left checkpoints to resume, up
+    to the checkpoint this run resumes from: the reports since the checkpoint before it are in
+    that checkpoint, for an earlier driver that died before writing them down."""
+    history = storage.join(run_dir, "history.csv")
+    rows = []
+    if storage.exists(history) and any(n.startswith("checkpoint_")
+                                       for n in storage.list_dir(run_dir)):
+        rows = read_history(history)
+    state = storage.join(resume, ckpt_io.TRAIN_STATE) if resume else ""
+    if rows and state and storage.exists(state):
+        saved = storage.read_json(state)
+        have = {r.get("iteration") for r in rows}
+        last = max((i for i in have if i is not None), default=-1)
+        lost = [r for r in saved.get("reports") or [saved.get("report")]
+                if r and r.get("iteration") not in have and r.get("iteration", -1) > last]
+        rows = merge_rows(rows, lost)
+    return rows
+
+
+@dataclasses.dataclass
+class TrainJob:
+    """One Ray Train run as its driver sees it: ``loop`` on the workers with ``loop_config``,
+    checkpoints and outputs in ``run_dir`` (also Ray Train's run folder), rows from the
+    workers printed with ``prefix`` and written to history.csv as they come."""
+    prefix: str
+    run_dir: str
+    tc: TrainConfig
+    loop: Callable
+    run_config: dict
+    loop_config: dict
+    datasets: dict = dataclasses.field(default_factory=dict)
+    dataset_config: Any = None
+    checkpoint_config: Any = None   # default: the newest --keep_checkpoints
+    title: str = ""
+    final_checkpoint: Optional[Callable] = None  # (result) -> the Checkpoint to keep as final
+
+    def run(self, prior: list, tracker: Tracker, progress: bool = True) -> dict:
+        """run_config.json, the fit with its progress channel, then history.csv, the loss plot,
+        checkpoint_final and summary.json; returns the summary (with every row)."""
+        storage.makedirs(self.run_dir)
+        storage.write_json(storage.join(self.run_dir, "run_config.json"), self.run_config)
+        tracker.start(self.run_config)  # every config value as an MLflow param
+        tracker.ready()  # before any worker starts
+        t0 = time.perf_counter()
+        history = storage.join(self.run_dir, "history.csv")
+
+        def on_rows(new: list) -> None:
+            # appended as reports arrive, so a killed driver leaves its curve behind
+            write_history(merge_rows(prior, watch.rows), history)
+            tracker.log_rows(new)  # rank 0's rows only: no other rank sends any
+
+        tc = self.tc
+        watch = Progress(prefix=self.prefix, printed=progress, stall_warn_s=tc.stall_warn_s,
+                         stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
+                         on_rows=on_rows)
+        result = _fit(self.trainer(watch.actor_name), watch)
+        final = (self.final_checkpoint or (lambda r: r.checkpoint))(result)
+        return _write_outputs(self.run_dir, self.title, prior, watch.rows, final,
+                              time.perf_counter() - t0)
+
+    def trainer(self, progress_actor: str):
+        import ray.train
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        tc = self.tc
+        resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}),
+                     **tc.extra_resources}
+        root, name = self.run_dir.rstrip("/").rsplit("/", 1)
+        storage_path, storage_fs = storage.for_ray(root)
+        extra = {"dataset_config": self.dataset_config} if self.dataset_config else {}
+        return TorchTrainer(
+            self.loop, train_loop_config={**self.loop_config, "progress_actor": progress_actor},
+            datasets=self.datasets or None, **extra,
+            torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=tc.scaling, use_gpu=tc.use_gpu, resources_per_worker=resources,
+                elastic_resize_monitor_interval_s=tc.resize_interval_s),
+            run_config=ray.train.RunConfig(
+                storage_path=storage_path, storage_filesystem=storage_fs, name=name,
+                checkpoint_config=self.checkpoint_config or ray.train.CheckpointConfig(
+                    num_to_keep=tc.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)))
+
+    def artifacts(self, summary: dict) -> dict:
+        return {"loss.png": summary["loss_plot"], "history.csv": summary["history"],
+                "summary.json": storage.join(self.run_dir, "summary.json"),
+                "run_config.json": storage.join(self.run_dir, "run_config.json")}
 
 
 def _fit(trainer, watch: Progress):
@@ -114,99 +219,24 @@ def _fit(trainer, watch: Progress):
             signal.signal(signal.SIGINT, handler)
 
 
-def _prepare(model_cfg: ModelConfig, tc: TrainConfig, output: OutputConfig):
-    """Where outputs go (checked now), and the architecture (a resumed checkpoint's weights
-    decide it)."""
-    exp = output.experiment_dir
-    storage.check_access(exp, "--experiment_dir")
-    if "runtime_resources" in str(Path.cwd()) and not storage.is_uri(exp) \
-            and not Path(exp).is_absolute():
-        print(f"[pretrain] note: experiment_dir {exp!r} is inside this Ray job's temporary "
-              f"working directory ({storage.absolute(exp)}); pass an absolute "
-              f"--experiment_dir or a storage URI to keep the outputs", flush=True)
-    output = dataclasses.replace(output, experiment_dir=storage.absolute(exp))
-    if not tc.resume:  # a rerun of the same experiment continues its newest whole checkpoint
-        newest = ckpt_io.newest_complete(output.run_dir)
-        if newest:
-            print(f"[pretrain] resuming from {newest}, the newest complete checkpoint of "
-                  f"{output.run_dir}", flush=True)
-            tc = dataclasses.replace(tc, resume=newest)
-    if tc.resume:
-        storage.check_access(tc.resume, "--resume")
-        reason = ckpt_io.incomplete_reason(tc.resume) if storage.exists(
-            storage.join(tc.resume, ckpt_io.TRAIN_STATE)) else None
-        if reason:
-            raise ckpt_io.CheckpointError(f"--resume {tc.resume} is incomplete: {reason}")
-        model_cfg = ckpt_io.load_config(tc.resume)
-        tc = dataclasses.replace(tc, resume=storage.absolute(tc.resume))
-    return model_cfg, tc, output
-
-
-def _prior_history(run_dir: str, resume: str) -> list:
-    """The history of an earlier run of this experiment, if it left checkpoints to resume, up
-    to the checkpoint this run resumes from: the reports since the checkpoint before it are in
-    that checkpoint, for an earlier driver that died before writing them down."""
-    history = storage.join(run_dir, "history.csv")
-    rows = []
-    if storage.exists(history) and any(n.startswith("checkpoint_")
-                                       for n in storage.list_dir(run_dir)):
-        rows = read_history(history)
-    state = storage.join(resume, ckpt_io.TRAIN_STATE) if resume else ""
-    if rows and state and storage.exists(state):
-        saved = storage.read_json(state)
-        have = {r.get("iteration") for r in rows}
-        last = max((i for i in have if i is not None), default=-1)
-        lost = [r for r in saved.get("reports") or [saved.get("report")]
-                if r and r.get("iteration") not in have and r.get("iteration", -1) > last]
-        rows = merge_rows(rows, lost)
-    return rows
-
-
-def _trainer(tc: TrainConfig, output: OutputConfig, loop_config: dict, datasets: dict):
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from sentdisc.train.loop import train_loop
-
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {}),
-                 **tc.extra_resources}
-    storage_path, storage_fs = storage.for_ray(output.experiment_dir)
-    from sentdisc.train.resume import RESUME_SPLIT, data_config
-
-    return TorchTrainer(
-        train_loop, train_loop_config=loop_config,
-        datasets={**datasets, RESUME_SPLIT: datasets["train"]},
-        dataset_config=data_config(loop_config["run_dir"], tc.resume),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.scaling, use_gpu=tc.use_gpu, resources_per_worker=resources,
-            elastic_resize_monitor_interval_s=tc.resize_interval_s),
-        run_config=ray.train.RunConfig(
-            storage_path=storage_path, storage_filesystem=storage_fs,
-            name=output.experiment_name,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures)))
-
-
-def _write_outputs(run_dir: str, output: OutputConfig, prior: list, rows: list, result,
+def _write_outputs(run_dir: str, title: str, prior: list, rows: list, checkpoint,
                    wall: float) -> dict:
     """The final history, loss plot, checkpoint_final and summary.json, by the driver."""
     history = merge_rows(prior, rows)
     history_path = write_history(history, storage.join(run_dir, "history.csv"))
-    plot = plot_loss(history, storage.join(run_dir, "loss.png"),
-                     title=f"{output.experiment_name}: bits per byte")
+    plot = plot_loss(history, storage.join(run_dir, "loss.png"), title=title)
     final_dir = storage.join(run_dir, "checkpoint_final")
-    if result.checkpoint is not None:
-        ckpt = result.checkpoint
-        storage.copy_from(ckpt.filesystem, ckpt.path, final_dir)
+    if checkpoint is not None:
+        storage.copy_from(checkpoint.filesystem, checkpoint.path, final_dir)
     final = next((r for r in reversed(rows) if r.get("final")), {})
-    last = next((r for r in reversed(history) if r.get("bpb") is not None), {})
+    last = next((r for r in reversed(history) if r.get("loss") is not None), {})
     summary = {
-        "checkpoint": final_dir if result.checkpoint is not None else None,
-        "ray_checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "checkpoint": final_dir if checkpoint is not None else None,
+        "ray_checkpoint": checkpoint.path if checkpoint is not None else None,
         "history": history_path, "loss_plot": plot,
         "val_bpb": final.get("val_bpb"), "test_bpb": final.get("test_bpb"),
-        "train_bpb": last.get("bpb"), "iterations": last.get("iteration"),
+        "train_bpb": last.get("bpb"), "train_loss": last.get("loss"),
+        "iterations": last.get("iteration"),
         "bytes_seen": last.get("bytes_seen"), "wall_s": wall,
         "skipped_total": last.get("skipped_total"), "records": last.get("records"),
         "rows": rows,

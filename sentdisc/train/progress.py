@@ -141,9 +141,16 @@ def _waiting_for() -> str:
 
 
 def row_line(row: dict) -> str:
-    """A report's progress line; the final report adds held-out bits per byte."""
+    """A report's progress line; the final report adds held-out bits per byte, a validation
+    (fine-tuning) its score and the best so far."""
     line = progress_line(row)
-    if row.get("final"):
-        line += " | " + " ".join(f"{k} {row[k]:.3f}" for k in ("val_bpb", "test_bpb")
-                                 if row.get(k) is not None)
+    held_out = [f"{k} {row[k]:.3f}" for k in ("val_bpb", "test_bpb") if row.get(k) is not None]
+    if row.get("final") and held_out:
+        line += " | " + " ".join(held_out)
+    if row.get("final") and row.get("best_score") is not None:
+        line += (f" | best val {row.get('val_metric') or 'score'} {row['best_score']:.4f} at iter "
+                 f"{row['best_iteration']}{' (stopped early)' if row.get('stopped_early') else ''}")
+    elif row.get("val_score") is not None:
+        line += (f" | val {row.get('val_metric', 'score')} {row['val_score']:.4f} (best "
+                 f"{row['best_score']:.4f} at iter {row['best_iteration']})")
     return line

@@ -35,25 +35,28 @@ def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None, autoca
     return loss, hidden
 
 
-def train_step(model, optimizer, x: torch.Tensor, reset: torch.Tensor, hidden=None, *,
-               clip: float = 0.0, scaler: Optional[torch.amp.GradScaler] = None,
-               autocast=None, loss_scale: float = 1.0):
-    """Forward, loss, backward, gradient clip and optimizer (or GradScaler) step on one window.
+def train_step(model, optimizer, *inputs, objective=window_loss, clip: float = 0.0,
+               scaler: Optional[torch.amp.GradScaler] = None, autocast=None,
+               loss_scale: float = 1.0):
+    """Forward, loss, backward, gradient clip and optimizer (or GradScaler) step on one batch.
 
-    ``model`` may be DDP-wrapped (backward then all-reduces the gradients, averaging over
-    ranks); ``loss_scale`` weights this rank's gradient when ranks hold different numbers of
-    streams, so the average is the gradient of the mean over all of them. Returns the loss (the
-    mean over this window, unscaled) as a 0-d tensor (reading it synchronises, so callers read
-    it only when they need the number) and the new hidden state, detached.
+    ``objective(model, *inputs, autocast=...) -> (loss, carry)`` is what is minimised:
+    ``window_loss`` by default, so ``train_step(model, opt, x, reset, hidden)`` is a
+    pretraining step on one window (carry: the hidden state); fine-tuning passes its own
+    (``sentdisc.finetune``). ``model`` may be DDP-wrapped (backward then all-reduces the
+    gradients, averaging over ranks); ``loss_scale`` weights this rank's gradient when ranks
+    hold different shares of the batch, so the average is the gradient of the mean over all of
+    them. Returns the loss (this rank's mean, unscaled) as a 0-d tensor (reading it
+    synchronises, so callers read it only when they need the number) and the carry, detached.
     """
-    loss, hidden = window_loss(model, x, reset, hidden, autocast)
+    loss, carry = objective(model, *inputs, autocast=autocast)
     optimizer.zero_grad(set_to_none=True)
-    objective = loss * loss_scale if loss_scale != 1.0 else loss
+    scaled = loss * loss_scale if loss_scale != 1.0 else loss
     if scaler is not None:
-        scaler.scale(objective).backward()
+        scaler.scale(scaled).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     else:
-        objective.backward()
+        scaled.backward()
     if clip > 0:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
                                        clip)
@@ -62,7 +65,18 @@ def train_step(model, optimizer, x: torch.Tensor, reset: torch.Tensor, hidden=No
         scaler.update()
     else:
         optimizer.step()
-    return loss.detach(), [(h.detach(), c.detach()) for h, c in hidden]
+    return loss.detach(), _detached(carry)
+
+
+def _detached(carry):
+    """A carry with every tensor detached (a hidden state: a list of (h, c) pairs)."""
+    if torch.is_tensor(carry):
+        return carry.detach()
+    if isinstance(carry, (list, tuple)):
+        return type(carry)(_detached(c) for c in carry)
+    if isinstance(carry, dict):
+        return {k: _detached(v) for k, v in carry.items()}
+    return carry
 
 
 @torch.no_grad()
@@ -109,7 +123,8 @@ DDP_WARMUP, WARMUP = 11, 3  # eager steps before capture (DDP needs 11, PyTorch'
 
 
 def graph_plan(mode: str, device, precision: str = "fp32", optimizer="Adam",
-               scaler: bool = False, find_unused_parameters: bool = False) -> tuple[bool, str]:
+               scaler: bool = False, find_unused_parameters: bool = False,
+               windows: bool = True) -> tuple[bool, str]:
     """Whether the train step can run from a CUDA graph: (use_graph, reason). Pure: it looks
     at the names and flags it is given, so every decision is testable without a GPU.
     ``optimizer`` is an optimizer or its class name; ``device`` a device or its type."""
@@ -119,6 +134,9 @@ def graph_plan(mode: str, device, precision: str = "fp32", optimizer="Adam",
     name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__
     if mode == "off":
         return False, "cuda_graph is off"
+    if not windows:
+        return False, ("the batches are texts of varying lengths (a graph replays the static "
+                       "shapes of pretraining's windows)")
     if device_type != "cuda":
         return False, f"the device is {device_type} (a CUDA graph needs a CUDA device)"
     if precision == "fp16" or scaler:
@@ -150,32 +168,36 @@ class TrainStep:
 
     def __init__(self, model, optimizer, *, mode: str = "auto", precision: str = "fp32",
                  clip: float = 0.0, scaler=None, autocast=None, loss_scale: float = 1.0,
-                 log=print, simulate: bool = False):
+                 log=print, simulate: bool = False, objective=window_loss):
         self.model, self.optimizer, self.mode, self.precision = model, optimizer, mode, precision
+        self.objective = objective
         self.clip, self.scaler, self.loss_scale = clip, scaler, loss_scale
         self.autocast = autocast if autocast is not None else autocast_for(precision, _device(model))
         self.log, self.simulate, self._said = log, simulate, set()
         device = "cuda" if simulate else _device(model)
         self.use_graph, self.reason = graph_plan(
             mode, device, precision, optimizer, scaler is not None,
-            bool(getattr(model, "find_unused_parameters", False)))
+            bool(getattr(model, "find_unused_parameters", False)), objective is window_loss)
         if mode == "on" and not self.use_graph:
             raise ValueError(f"cuda_graph on: the train step cannot be captured: {self.reason}")
         if not self.use_graph and mode == "auto":
             self._say(f"cuda_graph auto: eager, because {self.reason}")
         self._replay = self._static = None
 
-    def __call__(self, x, reset, hidden=None):
+    def __call__(self, *inputs):
+        """One step on ``inputs`` (a window: x, reset, hidden; else the objective's)."""
         if self.use_graph:
+            x, reset, hidden = (*inputs, None)[:3]
             why = self._static_mismatch(x, reset, hidden)
             if why is None:
                 return self._graph_step(x, reset, hidden)
             self._say(f"cuda_graph {self.mode}: eager for this window, because {why}")
-        return self.eager(x, reset, hidden)
+        return self.eager(*inputs)
 
-    def eager(self, x, reset, hidden=None):
-        return train_step(self.model, self.optimizer, x, reset, hidden, clip=self.clip,
-                          scaler=self.scaler, autocast=self.autocast, loss_scale=self.loss_scale)
+    def eager(self, *inputs):
+        return train_step(self.model, self.optimizer, *inputs, objective=self.objective,
+                          clip=self.clip, scaler=self.scaler, autocast=self.autocast,
+                          loss_scale=self.loss_scale)
 
     @property
     def graphed(self) -> bool:
