@@ -194,9 +194,12 @@ def format_report(results: dict) -> str:
             shown = ", ".join(f"{p['neuron']} ({p['weight']:+.4f})" for p in picked)
             lines.append(f"  label {label}: {shown}")
     else:
+        neg, pos = results.get("labels") or ("negative", "positive")
         for n, w in zip(t["neurons"], t["weights"], strict=True):
-            lines.append(f"  neuron {n}: weight {w:+.4f} "
-                         f"({'positive' if w >= 0 else 'negative'} sentiment)")
+            toward = pos if w >= 0 else neg
+            lines.append(f"  neuron {n}: weight {w:+.4f} " + (
+                f"({toward} sentiment)" if (neg, pos) == ("negative", "positive")
+                else f"(toward {toward})"))
     lines += [f"{k} neuron regression took {t['seconds']} seconds",
               f"{_pct(t['train_acc'])}, {_pct(t['val_acc'])}, {_pct(t['test_acc'])} "
               f"train, val, test accuracy for {k} neuron regression"]

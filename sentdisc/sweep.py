@@ -269,7 +269,7 @@ def _results(all_fit: _Fit, top_fit: _Fit, clf: Classifier, sweep: SweepConfig) 
                                      for n, _ in clf.neurons_of(lab)] for lab in sweep.labels}
     return {"all_neurons": all_res, "top_neurons": top_res, "sweep": _scores_only(all_fit.rows),
             "top_sweep": _scores_only(top_fit.rows), "C_grid": sweep.Cs,
-            "selection_metric": sweep.metric}
+            "selection_metric": sweep.metric, "labels": list(sweep.labels)}
 
 
 def _number_or_list(v):
