@@ -125,6 +125,28 @@ def _time_per_call(fn: Callable[[], object], min_time: float, reps: int, sync) -
     return best_time(lambda: [fn() for _ in range(calls)], reps=reps, warmup=0, sync=sync) / calls
 
 
+def bf16_plan(asked: str) -> tuple[bool, str]:
+    """Whether to time bf16 rows (``asked``: auto | on | off), and why: auto times them where
+    the CPU multiplies bf16 natively (sentdisc.precision, this machine's hardware, whatever
+    SENTDISC_PRECISION says). Emulated bf16 runs at a fraction of fp32 (0.5 against 68
+    GFLOP/s on an AVX2-only EPYC): timing a model in it would take hours and measure nothing
+    a user would run."""
+    from sentdisc.precision import Hardware
+
+    hw = Hardware.detect("cpu", environ={})
+    if asked == "off":
+        return False, "bf16 rows off (--bf16 off)"
+    if asked == "on" or hw.native_bf16:
+        native = "native" if hw.native_bf16 else "emulated (--bf16 on)"
+        return True, f"bf16 rows: {native}"
+    probe = gemm_rate([(64, 512, 2048, 1, False, False)], torch.bfloat16, min_time=0.2, reps=1)
+    fp32 = gemm_rate([(64, 512, 2048, 1, False, False)], torch.float32, min_time=0.2, reps=1)
+    return False, (f"bf16 rows skipped: this CPU has no native bf16 (no AVX-512 BF16 or AMX; "
+                   f"torch sees {hw.capability}): bf16 64x512x2048 runs at "
+                   f"{probe / 1e9:.2f} GFLOP/s against {fp32 / 1e9:.0f} fp32, so precision auto "
+                   f"is fp32 here (--bf16 on times it anyway)")
+
+
 def fmt_rate(bytes_per_s: float) -> str:
     if bytes_per_s >= 1e6:
         return f"{bytes_per_s / 1e6:.2f} MB/s"

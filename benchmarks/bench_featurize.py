@@ -12,7 +12,10 @@ idle as shorter texts finish; ``featurize`` refills them instead), and the same 
 called on one text at a time (what a naive transfer loop does), timed on
 a subset and reported per text / per byte; the two are timed in alternating rounds (best
 round of each kept) because the machine is shared. The two paths are checked to give the same
-features on that subset, so the ratio compares like with like.
+features on that subset, so the ratio compares like with like. The batched path is also
+timed with bf16 products (what precision auto runs where the CPU multiplies bf16 natively;
+--bf16 auto times it only there), and both against the GEMM bound of their own dtype
+(2 x recurrent weights per byte at the matmul rate of featurize's step shapes, measured here).
 """
 from __future__ import annotations
 
@@ -27,7 +30,16 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import fmt_rate, load_note, print_table, set_threads
+from _common import (
+    bf16_plan,
+    fmt_rate,
+    gemm_rate,
+    inference_shapes,
+    load_note,
+    mlstm_weight_count,
+    print_table,
+    set_threads,
+)
 
 from sentdisc.features import featurize
 from sentdisc.model import ByteLM, ModelConfig
@@ -56,7 +68,8 @@ def fixed_batches(model, texts, batch_size, kind):
     out = None
     for start in range(0, len(texts), batch_size):
         idx = order[start:start + batch_size]
-        f = featurize(model, [texts[i] for i in idx], batch_size=len(idx), kind=kind)
+        f = featurize(model, [texts[i] for i in idx], batch_size=len(idx), kind=kind,
+                      precision="fp32")
         if out is None:
             out = np.zeros((len(texts), f.shape[1]), np.float32)
         out[idx] = f
@@ -80,6 +93,8 @@ def main(argv=None):
                    help="texts featurized one at a time for the baseline")
     p.add_argument("--ray_replicas", type=int, default=0, help="also time the Ray Data pool")
     p.add_argument("--reps", type=int, default=3, help="alternating rounds; best of each kept")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                   help="time bf16 products too: auto where the CPU multiplies bf16 natively")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -97,7 +112,8 @@ def main(argv=None):
           f"{args.rnn_size} (embed {args.embed_size}), kind {args.kind}, "
           f"{args.threads} threads, {load_note()}")
 
-    featurize(model, texts[:16], batch_size=16, kind=args.kind)  # warm-up (allocator, threads)
+    # warm-up (allocator, threads)
+    featurize(model, texts[:16], batch_size=16, kind=args.kind, precision="fp32")
     # Baseline on an evenly spaced subset (so its length mix matches the whole set).
     idx = np.linspace(0, len(texts) - 1, min(args.single_texts, len(texts))).astype(int)
     subset = [texts[i] for i in idx]
@@ -107,13 +123,15 @@ def main(argv=None):
     t_batched = t_single = t_fixed = float("inf")
     for r in range(args.reps):
         t0 = time.perf_counter()
-        batched = featurize(model, texts, batch_size=args.batch_size, kind=args.kind)
+        batched = featurize(model, texts, batch_size=args.batch_size, kind=args.kind,
+                            precision="fp32")
         t_batched = min(t_batched, time.perf_counter() - t0)
         t0 = time.perf_counter()
         fixed = fixed_batches(model, texts, args.batch_size, args.kind)
         t_fixed = min(t_fixed, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        single = np.stack([featurize(model, [t], batch_size=1, kind=args.kind)[0]
+        single = np.stack([featurize(model, [t], batch_size=1, kind=args.kind,
+                                     precision="fp32")[0]
                            for t in subset])
         t_single = min(t_single, time.perf_counter() - t0)
         print(f"  round {r + 1}: batched {t_batched:.2f}s, fixed batches {t_fixed:.2f}s, "
@@ -152,8 +170,29 @@ def main(argv=None):
                      "texts/s": f"{len(texts) / t_ray:.1f}",
                      "bytes/s": fmt_rate(total_bytes / t_ray)})
         ray.shutdown()
+    use_bf16, why = bf16_plan(args.bf16)
+    print(why)
+    flops = 2 * mlstm_weight_count(args.embed_size, args.rnn_size)
+    shapes = inference_shapes(args.batch_size, 256, args.embed_size, args.rnn_size)
+    bound32 = gemm_rate(shapes) / flops
+    rows[0]["bound"] = f"{total_bytes / t_batched / bound32:.0%} of fp32's"
+    if use_bf16:
+        t16 = float("inf")
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            half = featurize(model, texts, batch_size=args.batch_size, kind=args.kind,
+                             precision="bf16")
+            t16 = min(t16, time.perf_counter() - t0)
+        bound16 = gemm_rate(shapes, torch.bfloat16) / flops
+        rows.insert(1, {"path": f"batched, bf16 products (batch {args.batch_size})",
+                        "texts": len(texts), "seconds": f"{t16:.2f}",
+                        "texts/s": f"{len(texts) / t16:.1f}",
+                        "bytes/s": fmt_rate(total_bytes / t16),
+                        "bound": f"{total_bytes / t16 / bound16:.0%} of bf16's"})
+        print(f"bf16 / fp32: {t_batched / t16:.2f}x; max |difference| "
+              f"{float(np.abs(half - batched).max()):.1e}")
     print_table(rows, [("path", "path"), ("texts", "texts"), ("seconds", "seconds"),
-                       ("texts/s", "texts/s"), ("bytes/s", "bytes/s")])
+                       ("texts/s", "texts/s"), ("bytes/s", "bytes/s"), ("bound", "GEMM bound")])
     speedup = (total_bytes / t_batched) / (sub_bytes / t_single)
     print(f"batched / one-at-a-time: {speedup:.1f}x bytes/s "
           f"({(len(texts) / t_batched) / (len(subset) / t_single):.1f}x texts/s); "

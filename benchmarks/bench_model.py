@@ -10,6 +10,12 @@ Training rows: bytes/s of a full step (forward, cross entropy, backward, Adam) f
 * sentdisc fused: the default path (sentdisc.kernels), reset mask passed as training does.
 Featurization rows: sentdisc.featurize on SST-2 test texts (or generated texts of similar
 lengths), fused and unfused, and one text at a time.
+Precision rows: the fused training step and featurize with bf16 products (autocast, what
+precision auto runs where the CPU multiplies bf16 natively) beside fp32, each against the GEMM
+rate of its own dtype measured in the same run; mLSTM-4096 (the OpenAI model's shapes, random
+weights) featurizing SST-2 test, texts/s, fp32 and bf16; and the losses of one training run
+(mLSTM-128) in fp32 and in bf16 from the same weights on the same windows. bf16 rows are timed
+where the CPU multiplies bf16 natively (--bf16 auto); the loss comparison runs everywhere.
 The bound: the machine's matmul rate for the same shapes, measured here, divided by
 6 x (recurrent + head weights) FLOPs per byte for training, 2 x recurrent for featurization
 (the fused path looks a byte's input projections up instead of multiplying for them, so
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     best_time,
+    bf16_plan,
     fmt_rate,
     gemm_rate,
     head_weight_count,
@@ -46,7 +53,7 @@ from _common import (
 from sentdisc import featurize, kernels
 from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.text import encode_list
-from sentdisc.train import train_step
+from sentdisc.train import autocast_for, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,14 +106,61 @@ def plain_step_fn(model: PlainMLSTM, batch, reset):
     return step
 
 
-def sentdisc_step_fn(model: ByteLM, batch, reset, ctx=contextlib.nullcontext):
+def sentdisc_step_fn(model: ByteLM, batch, reset, ctx=contextlib.nullcontext,
+                     precision: str = "fp32"):
     """The training job's own step (sentdisc.train.train_step), each from a fresh state."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    autocast = autocast_for(precision, torch.device("cpu"))
 
     def step():
         with ctx():
-            train_step(model, opt, batch, reset)
+            train_step(model, opt, batch, reset, autocast=autocast)
     return step
+
+
+def loss_agreement(steps: int, H: int = 128, B: int = 16, T: int = 64) -> dict:
+    """One training run, fp32 and bf16: same initial weights, same windows (the README's
+    corpus when present), the step's losses side by side."""
+    text = _corpus_bytes(B * (T + 1) * steps // 4 + T + 1)
+    data = torch.tensor(list(text), dtype=torch.int64)
+    starts = torch.randint(0, len(data) - T - 1, (steps, B), generator=torch.Generator().manual_seed(0))
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = ByteLM(ModelConfig(embed_size=64, rnn_size=H))
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        autocast, losses = autocast_for(precision, torch.device("cpu")), []
+        reset = torch.zeros(B, T, dtype=torch.bool)
+        reset[:, 0] = True
+        t0 = time.perf_counter()
+        for s in range(steps):
+            x = torch.stack([data[i:i + T + 1] for i in starts[s].tolist()])
+            loss, _ = train_step(model, opt, x, reset, None, clip=1.0, autocast=autocast)
+            losses.append(loss.item())
+        curves[precision] = (losses, time.perf_counter() - t0)
+    fp32, bf16 = (torch.tensor(curves[k][0]) for k in ("fp32", "bf16"))
+    rel = ((bf16 - fp32).abs() / fp32)
+    tail = max(1, steps // 10)
+    return {"steps": steps, "model": f"mLSTM-{H}, batch {B} x {T}",
+            "fp32_first": fp32[:tail].mean().item(), "fp32_last": fp32[-tail:].mean().item(),
+            "bf16_last": bf16[-tail:].mean().item(), "max_rel": rel.max().item(),
+            "mean_rel": rel.mean().item(), "seconds": {k: v[1] for k, v in curves.items()}}
+
+
+def _corpus_bytes(n: int) -> bytes:
+    """Review text: the Amazon sample the README pretrains on, else SST-2, else generated."""
+    import json
+
+    for path in (REPO.parent / "shared" / "data" / "amazon_blitzer" / "reviews" / "books.json",):
+        if path.exists():
+            out = bytearray()
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    out += (json.loads(line).get("reviewText") or "").encode() + b" "
+                    if len(out) >= n:
+                        return bytes(out)
+    texts, _ = sst2_texts()
+    return (" ".join(texts).encode() * (1 + n // 100000))[:max(n, 1)]
 
 
 def sst2_texts(n_fallback: int = 1821) -> tuple:
@@ -132,10 +186,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
     p.add_argument("--one_at_a_time", type=int, default=300, help="texts timed one at a time")
+    p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
+                   help="time the bf16 rows: auto where the CPU multiplies bf16 natively")
+    p.add_argument("--loss_steps", type=int, default=300,
+                   help="steps of the fp32 vs bf16 training-loss comparison (0: skip)")
+    p.add_argument("--big_texts", type=int, default=100,
+                   help="SST-2 test texts for the mLSTM-4096 featurize row (0: skip)")
     p.add_argument("--quick", action="store_true", help="short run: fewer rounds, fewer texts")
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.one_at_a_time = 1, 60
+        args.loss_steps, args.big_texts = min(args.loss_steps, 40), min(args.big_texts, 20)
     set_threads(args.threads)
     torch.manual_seed(0)
     B, T, E, H = args.batch_size, args.seq_length, args.embed_size, args.rnn_size
@@ -160,7 +221,7 @@ def main(argv=None):
         "plain (per-step autograd)": plain_step_fn(PlainMLSTM(E, H), batch, reset),
         "sentdisc unfused (kernels.disabled)": sentdisc_step_fn(ByteLM(cfg), batch, reset,
                                                                 kernels.disabled),
-        "sentdisc fused (default)": sentdisc_step_fn(ByteLM(cfg), batch, reset),
+        "sentdisc fused, fp32": sentdisc_step_fn(ByteLM(cfg), batch, reset),
     }
     # Featurization: SST-2 test texts, masked, kind=mean.
     texts, source = sst2_texts()
@@ -168,27 +229,37 @@ def main(argv=None):
     n_bytes = sum(len(e) for e in encode_list(texts))
     subset = texts[:args.one_at_a_time]
     sub_bytes = sum(len(e) for e in encode_list(subset))
+    fp32 = lambda t: featurize(model, t, kind="mean", precision="fp32")
     feat = {
-        "featurize fused (default)": (lambda: featurize(model, texts, kind="mean"), n_bytes),
-        "featurize unfused (kernels.disabled)": (
-            lambda: _disabled(lambda: featurize(model, texts, kind="mean")), n_bytes),
-        "one text at a time (fused)": (
-            lambda: [featurize(model, [t], kind="mean") for t in subset], sub_bytes),
+        "featurize fused, fp32": (lambda: fp32(texts), n_bytes),
+        "featurize unfused (kernels.disabled)": (lambda: _disabled(lambda: fp32(texts)), n_bytes),
+        "one text at a time (fused)": (lambda: [fp32([t]) for t in subset], sub_bytes),
         "one text at a time (unfused)": (
-            lambda: _disabled(lambda: [featurize(model, [t], kind="mean") for t in subset]),
-            sub_bytes),
+            lambda: _disabled(lambda: [fp32([t]) for t in subset]), sub_bytes),
     }
+    use_bf16, bf16_why = bf16_plan(args.bf16)
+    print(bf16_why, flush=True)
+    if use_bf16:
+        train["sentdisc fused, bf16 products"] = sentdisc_step_fn(ByteLM(cfg), batch, reset,
+                                                                 precision="bf16")
+        feat["featurize fused, bf16 products"] = (
+            lambda: featurize(model, texts, kind="mean", precision="bf16"), n_bytes)
     for fn in train.values():
         fn()  # warm up (allocations, Adam state)
 
     # Everything is re-measured every round, interleaved, and the best kept: the machine is
     # shared, and a load spike during one measurement must not skew a ratio.
     best = {name: float("inf") for name in list(train) + list(feat)}
-    train_gemm = feat_gemm = 0.0
+    train_gemm = feat_gemm = train_gemm16 = feat_gemm16 = 0.0
     for r in range(args.rounds):
         t0 = time.perf_counter()
         train_gemm = max(train_gemm, gemm_rate(training_shapes(B, T, E, H)))
         feat_gemm = max(feat_gemm, gemm_rate(inference_shapes(feat_B, T, E, H)))
+        if use_bf16:
+            train_gemm16 = max(train_gemm16, gemm_rate(training_shapes(B, T, E, H),
+                                                       torch.bfloat16))
+            feat_gemm16 = max(feat_gemm16, gemm_rate(inference_shapes(feat_B, T, E, H),
+                                                     torch.bfloat16))
         for name, fn in train.items():
             best[name] = min(best[name], best_time(fn, reps=1, warmup=0))
         for name, (fn, _) in feat.items():
@@ -210,7 +281,7 @@ def main(argv=None):
           f"bound {fmt_rate(train_bound)} at {train_gemm / 1e9:.1f} GFLOP/s")
     print_table(rows, [("impl", "implementation"), ("rate", "bytes/s"), ("gflops", "GFLOP/s"),
                        ("bound", "of bound"), ("ratio", "vs plain"), ("step", "step time")])
-    fused_rate = B * T / best["sentdisc fused (default)"]
+    fused_rate = B * T / best["sentdisc fused, fp32"]
     print(f"(the fused path looks the input projections up per byte value, so it multiplies "
           f"{train_run_flops_per_byte / 1e6:.2f} of the {train_flops_per_byte / 1e6:.2f} "
           f"MFLOP/byte: its products run at "
@@ -234,12 +305,56 @@ def main(argv=None):
           f"bound {fmt_rate(feat_bound)} at {feat_gemm / 1e9:.1f} GFLOP/s")
     print_table(rows, [("impl", "implementation"), ("rate", "bytes/s"), ("gflops", "GFLOP/s"),
                        ("bound", "of bound"), ("ratio", "vs one at a time (faster)"), ("sec", "time")])
-    fused_rate = n_bytes / best["featurize fused (default)"]
+    fused_rate = n_bytes / best["featurize fused, fp32"]
     print(f"(the fused path looks the input projections up per byte value, so it multiplies "
           f"{feat_run_flops_per_byte / 1e6:.2f} of the {feat_flops_per_byte / 1e6:.2f} MFLOP/byte: "
           f"its products run at {fused_rate * feat_run_flops_per_byte / feat_gemm:.0%} of the "
           f"GEMM rate)")
+    precision_tables(args, best, B, T, H, E, n_bytes, train_flops_per_byte, feat_flops_per_byte,
+                     train_gemm, feat_gemm, train_gemm16, feat_gemm16, use_bf16, bf16_why)
     print(f"\n{load_note()} (the machine is shared: figures are the best of {args.rounds} rounds)")
+
+
+def precision_tables(args, best, B, T, H, E, n_bytes, train_fpb, feat_fpb, train_gemm, feat_gemm,
+                     train_gemm16, feat_gemm16, use_bf16, why):
+    """fp32 and bf16 against their own bounds; mLSTM-4096 featurize; the loss comparison."""
+    print(f"\nPrecision (mLSTM-{H}): {why}")
+    rows = []
+    for what, fp32_name, bf16_name, fpb, g32, g16, nb in (
+            ("training step", "sentdisc fused, fp32", "sentdisc fused, bf16 products",
+             train_fpb, train_gemm, train_gemm16, B * T),
+            ("featurize", "featurize fused, fp32", "featurize fused, bf16 products",
+             feat_fpb, feat_gemm, feat_gemm16, n_bytes)):
+        r32 = nb / best[fp32_name]
+        rows.append(dict(what=what, dtype="fp32", rate=fmt_rate(r32),
+                         gemm=f"{g32 / 1e9:.0f}", bound=f"{r32 / (g32 / fpb):.0%}", ratio="1.00x"))
+        if use_bf16:
+            r16 = nb / best[bf16_name]
+            rows.append(dict(what=what, dtype="bf16", rate=fmt_rate(r16),
+                             gemm=f"{g16 / 1e9:.0f}", bound=f"{r16 / (g16 / fpb):.0%}",
+                             ratio=f"{r16 / r32:.2f}x"))
+    print_table(rows, [("what", "path"), ("dtype", "products"), ("rate", "bytes/s"),
+                       ("gemm", "GEMM GFLOP/s (own dtype)"), ("bound", "of own bound"),
+                       ("ratio", "vs fp32")])
+    if args.big_texts:
+        texts = sst2_texts()[0][:args.big_texts]
+        big = ByteLM(ModelConfig(embed_size=64, rnn_size=4096)).eval()
+        rows = []
+        for precision in ("fp32", "bf16") if use_bf16 else ("fp32",):
+            featurize(big, texts[:4], precision=precision)  # warm-up
+            t = best_time(lambda p=precision: featurize(big, texts, precision=p), reps=1,
+                          warmup=0)
+            rows.append(dict(dtype=precision, tps=f"{len(texts) / t:.2f}", sec=f"{t:.1f}"))
+        print(f"\nmLSTM-4096 (the OpenAI model's shapes, random weights) featurizing the first "
+              f"{len(texts)} SST-2 test texts, cell, batch 128:")
+        print_table(rows, [("dtype", "products"), ("tps", "texts/s"), ("sec", "seconds")])
+    if args.loss_steps:
+        r = loss_agreement(args.loss_steps)
+        print(f"\nfp32 vs bf16 training loss, {r['model']}, {r['steps']} steps from the same "
+              f"weights on the same windows: loss {r['fp32_first']:.3f} -> {r['fp32_last']:.3f} "
+              f"(fp32), {r['bf16_last']:.3f} (bf16) over the last tenth; |bf16 - fp32| / fp32 "
+              f"per step: max {r['max_rel']:.2%}, mean {r['mean_rel']:.2%} (tolerance 2%); "
+              f"{r['seconds']['fp32']:.0f} s fp32, {r['seconds']['bf16']:.0f} s bf16")
 
 
 def _disabled(fn):

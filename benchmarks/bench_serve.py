@@ -11,10 +11,12 @@ Rows, on the same CPU budget (the model gets one thread everywhere):
   arrivals are not sorted, and a call costs a step per byte of its longest text);
 * plain:      the same API and batching (sentdisc.serving.plain) in one uvicorn process (its
               model in a process of its own, as in a replica: serving.model_process);
-* serve:      the Serve app as shipped (sentdisc.serving.ingress: HAProxy ingress, throughput-
-              optimized mode), one 1-CPU replica;
+* serve:      the README's command as a user types it into a fresh shell, ``sentdisc serve
+              checkpoint=... classifier=...`` (no RAY_* in its environment; it sets the
+              ingress environment: HAProxy, throughput-optimized mode), one 1-CPU replica;
 * serve-proxy: the same app behind Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY=0,
-              RAY_SERVE_THROUGHPUT_OPTIMIZED=0), to show what the ingress is worth.
+              RAY_SERVE_THROUGHPUT_OPTIMIZED=0): what ``serve run`` gives without that
+              environment, to show what the ingress is worth.
 Clients are threads (one keep-alive connection each) that send one SST-2 test sentence per
 request (Amazon reviews with --texts amazon; generated sentences without the shared data) and
 wait for the answer. Printed: texts/s, p50/p99 latency, the mean number of texts in the model's
@@ -189,6 +191,43 @@ def run_plain(ckpt, clf, texts, levels, n_for, batching) -> dict:
         proc.wait(30)
 
 
+def run_readme_command(ckpt, clf, texts, levels, n_for, batching) -> dict:
+    """``sentdisc serve checkpoint=... classifier=...`` in a fresh environment, as the README
+    says to run it (a config file only to put it on a free port with this run's batching)."""
+    import yaml
+
+    port = free_port()
+    config = Path(tempfile.mkdtemp(prefix="bench_serve_cfg_")) / "serve.yaml"
+    config.write_text(yaml.safe_dump({
+        "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": "bench", "route_prefix": "/",
+                          "import_path": "sentdisc.serving:build_app",
+                          "args": {"checkpoint": str(ckpt), "classifier": str(clf)},
+                          "deployments": [{"name": "SentdiscServer",
+                                           "user_config": batching}]}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    sentdisc = Path(sys.executable).with_name("sentdisc")
+    proc = subprocess.Popen([str(sentdisc), "serve", str(config), "--address", "local"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url, proc, timeout=240)
+        import requests
+
+        ingress = requests.get(url + "/healthz", timeout=30).json().get("ingress")
+        print(f"serve (README command): /healthz says ingress {ingress}", flush=True)
+        return {c: load_test(url, texts, c, n_for(c)) for c in levels}
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy: bool) -> dict:
     """One Ray session per ingress: Serve reads its ingress settings when Ray starts."""
     import ray
@@ -247,7 +286,7 @@ def main(argv=None):
                "in-process-arrival": {c: in_process(ckpt, clf, texts, batch=32, arrival=True)
                                       for c in levels[:1]}}
     results["plain"] = run_plain(ckpt, clf, texts, levels, n_for, batching)
-    results["serve"] = run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy=True)
+    results["serve"] = run_readme_command(ckpt, clf, texts, levels, n_for, batching)
     if not args.no_proxy_row:
         results["serve-proxy"] = run_serve(ckpt, clf, texts, levels, n_for, batching,
                                            haproxy=False)

@@ -12,6 +12,7 @@ COMMANDS = {
     "pretrain": ("sentdisc.recipes.pretrain:main", "unsupervised byte-LM pretraining on Ray Train"),
     "transfer": ("sentdisc.recipes.transfer:main", "featurize + L1 logistic regression swept by Ray Tune"),
     "finetune": ("sentdisc.recipes.finetune:main", "fine-tune the LM with a classifier head on Ray Train"),
+    "serve": ("sentdisc.serving.ingress:main", "serve run of the app, with Serve's fast ingress"),
     "score": ("sentdisc.recipes.score:main", "score a corpus -> Parquet of labels per record"),
     "heatmap": ("sentdisc.recipes.visualize:heatmap_main", "per-character heatmap of one neuron"),
     "generate": ("sentdisc.recipes.visualize:generate_main", "generate text, optionally forcing a neuron"),

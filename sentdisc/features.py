@@ -7,12 +7,12 @@ batch stays full even when lengths differ tenfold (reviews do); chunks end where
 so few steps are masked; texts go in longest first, so the pool drains with little tail. The
 result is in input order and equals featurizing each text alone.
 
-On a CUDA device the products run in bf16 (gates and state in float32, as the fused kernel
-does under autocast), and the per-timestep step of all layers is captured once per call in a
-CUDA graph and replayed (at small batches the step is a dozen tiny kernels: launch-bound).
-``feature_plan`` decides, from plain values; when the graph cannot run the chunks run eagerly
-and the reason is printed once per process. On the CPU nothing of this applies: the path is
-the one it always was.
+Where the device multiplies bf16 natively (CUDA; a CPU with AVX-512 BF16 or AMX) the products
+run in bf16 by default, gates and state in float32, as the fused kernel does under autocast
+(``sentdisc.precision`` decides and says why once). On a CUDA device the per-timestep step of
+all layers is also captured once per call in a CUDA graph and replayed (at small batches the
+step is a dozen tiny kernels: launch-bound). ``feature_plan`` decides, from plain values; when
+the graph cannot run the chunks run eagerly and the reason is printed once per process.
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
 
     kind: ``cell`` final cell state (the paper's feature), ``hidden`` final hidden state,
     ``mean`` / ``max`` of the hidden states over the text's own bytes. A list of kinds returns
-    {kind: features} from one pass over the texts. precision: ``auto`` (bf16 products on
-    CUDA, float32 elsewhere) | ``fp32`` | ``bf16``. cuda_graph: ``auto`` (replay a captured step
+    {kind: features} from one pass over the texts. precision: ``auto`` (bf16 products where
+    the device multiplies bf16 natively, float32 elsewhere: ``feature_precision``) | ``fp32``
+    | ``bf16``. cuda_graph: ``auto`` (replay a captured step
     on CUDA when it can) | ``on`` (fail when it cannot) | ``off``; see ``feature_plan``.
     """
     kinds = [kind] if isinstance(kind, str) else list(kind)
@@ -176,13 +177,18 @@ def feature_plan(mode: str, device, rnn_type: str = "mlstm", weight_dtype=torch.
     return True, "the per-timestep step is captured in a CUDA graph"
 
 
-def feature_precision(precision: str, device) -> str:
-    """auto -> bf16 products on CUDA, float32 elsewhere; fp32 / bf16 as given."""
+def feature_precision(precision: str, device, hardware=None) -> str:
+    """auto -> bf16 products where ``device`` multiplies bf16 natively (CUDA, a CPU with
+    AVX-512 BF16 or AMX: ``sentdisc.precision``), float32 elsewhere; fp32 / bf16 as given.
+    ``hardware`` (a ``precision.Hardware``): decide for it instead of this machine's."""
+    from sentdisc.precision import Hardware, choose
+
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"featurize precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if getattr(device, "type", str(device)) == "cuda" else "fp32"
+    chosen, why = choose(precision, hardware or Hardware.detect(device))
+    if hardware is None and precision == "auto":
+        _say(why)
+    return chosen
 
 
 def _say(message: str) -> None:

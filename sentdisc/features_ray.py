@@ -37,14 +37,15 @@ class _FeaturizeReplica:
     each batch with the same ``sentdisc.features.featurize`` the in-process path uses."""
 
     def __init__(self, checkpoint: str, kind: str, layer: int, batch_size: int,
-                 chunk_size: int, threads: int):
+                 chunk_size: int, threads: int, precision: str = "auto"):
         import torch
 
         from sentdisc.checkpoint import load
 
         torch.set_num_threads(threads)
         self.model = load(checkpoint)
-        self.kw = dict(batch_size=batch_size, layer=layer, kind=kind, chunk_size=chunk_size)
+        self.kw = dict(batch_size=batch_size, layer=layer, kind=kind, chunk_size=chunk_size,
+                       precision=precision)
 
     def __call__(self, batch: dict) -> dict:
         """{"text", ...} -> {"features", ...}: the other columns (an index here, a record's
@@ -76,7 +77,8 @@ def _length_sorted_blocks(texts: Sequence[str], batch_size: int, replicas: int) 
 def featurize_ray(texts: Sequence[str], checkpoint: str, kind: str = "cell", layer: int = -1,
                   batch_size: int = 128, chunk_size: int = 256, replicas: int = 2,
                   cpus_per_replica: int = 1,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  progress: Callable[[int, int], None] | None = None,
+                  precision: str = "auto") -> np.ndarray:
     """``featurize`` over a Ray Data actor pool; same numbers, input order kept.
 
     The checkpoint path must be readable by every node.
@@ -91,7 +93,7 @@ def featurize_ray(texts: Sequence[str], checkpoint: str, kind: str = "cell", lay
     ds = ray.data.from_pandas(_length_sorted_blocks(texts, batch_size, replicas)).map_batches(
         _FeaturizeReplica, batch_size=batch_size, batch_format="numpy",
         fn_constructor_args=(str(checkpoint), kind, layer, batch_size, chunk_size,
-                             cpus_per_replica),
+                             cpus_per_replica, precision),
         compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus_per_replica)
     out, done = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -110,7 +112,8 @@ def featurize_ray(texts: Sequence[str], checkpoint: str, kind: str = "cell", lay
 def featurize_texts(texts: Sequence[str], model=None, checkpoint: str = "", *, name: str = "",
                     kind: str = "cell", layer: int = -1, batch_size: int = 128,
                     chunk_size: int = 256, ray_threshold: int = 20000, replicas: int = 2,
-                    cpus_per_replica: int = 1, log=print) -> tuple[np.ndarray, dict]:
+                    cpus_per_replica: int = 1, precision: str = "auto",
+                    log=print) -> tuple[np.ndarray, dict]:
     """Features of ``texts`` and how fast they came: in process with ``model``, or on a Ray
     Data pool of ``replicas`` loading ``checkpoint`` when there are at least ``ray_threshold``
     texts (0: always, -1: never)."""
@@ -122,11 +125,11 @@ def featurize_texts(texts: Sequence[str], model=None, checkpoint: str = "", *, n
     t0 = time.perf_counter()
     if use_ray:
         feats = featurize_ray(texts, checkpoint, kind, layer, batch_size, chunk_size, replicas,
-                              cpus_per_replica, progress)
+                              cpus_per_replica, progress, precision)
     else:
         from sentdisc.features import featurize
         feats = featurize(model, list(texts), batch_size=batch_size, layer=layer, kind=kind,
-                          chunk_size=chunk_size, progress=progress)
+                          chunk_size=chunk_size, progress=progress, precision=precision)
     dt = time.perf_counter() - t0
     stats = {"texts": len(texts), "bytes": n_bytes, "seconds": round(dt, 3),
              "texts_per_s": round(len(texts) / max(dt, 1e-9), 1),

@@ -45,14 +45,31 @@ def reachable(address: str, timeout: float = 1.0) -> bool:
 
 
 def ensure_ray(**init_kwargs) -> None:
-    """Join this process's cluster or start a local Ray, once per process."""
+    """Join this process's cluster or start a local Ray, once per process; Ray Data's
+    informational lines go to its log file only (``ray_data_to_log_file``)."""
     import ray
 
+    ray_data_to_log_file()
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS") and "address" not in init_kwargs:
         forget_stale_cluster()  # with no record left, ray.init() starts a local Ray
     ray.init(**init_kwargs)
+
+
+def ray_data_to_log_file() -> None:
+    """Keep Ray Data's INFO lines (execution plans, multi-line progress blocks) off this
+    process's terminal, in ``ray-data.log`` of the session's logs as before; its warnings
+    still print. A job prints its own progress (bytes/s, ETA), and Ray Data's blocks would
+    interleave with it. ("console" is the handler's name in Ray Data's logging config, the one
+    ``RAY_DATA_LOGGING_CONFIG`` replaces.)"""
+    import logging
+
+    import ray.data  # noqa: F401 -- configures its loggers on import
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))
 
 
 def forget_stale_cluster() -> bool:

@@ -119,7 +119,9 @@ def check_inputs(checkpoint: str, classifier: str, output: str,
 
 def check_options(replicas: int, cpus_per_replica: int, batch_size: int, chunk_size: int,
                   rows_per_file: int, examples: int) -> None:
-    for name, value in (("replicas", replicas), ("cpus_per_replica", cpus_per_replica),
+    if replicas < 0:
+        raise InputError(f"--replicas must be >= 0 (0: as many as fit), got {replicas}")
+    for name, value in (("cpus_per_replica", cpus_per_replica),
                         ("batch_size", batch_size), ("chunk_size", chunk_size),
                         ("rows_per_file", rows_per_file)):
         if value < 1:
@@ -128,17 +130,37 @@ def check_options(replicas: int, cpus_per_replica: int, batch_size: int, chunk_s
         raise InputError(f"--examples must be >= 0, got {examples}")
 
 
-def check_cpus(replicas: int, cpus_per_replica: int) -> None:
-    """Replicas hold their CPUs for the whole run: with none left, no read task could start
-    and Ray Data would wait forever."""
+DEFAULT_REPLICAS = 2  # at most, when --replicas is 0 (auto): one survives the other's loss
+
+
+def fit_replicas(replicas: int, cpus_per_replica: int, have: float) -> tuple[int, str]:
+    """(replicas, why): ``replicas`` (0: as many as fit, up to DEFAULT_REPLICAS) on a
+    cluster of ``have`` CPUs. Replicas hold their CPUs for the whole run and one CPU must be
+    left to read the corpus: with none left no read task could start and Ray Data would wait
+    forever. Pure: the numbers in, the decision out."""
+    room = int((have - 1) // cpus_per_replica)
+    if replicas == 0:
+        if room < 1:
+            raise InputError(f"--cpus_per_replica {cpus_per_replica} needs "
+                             f"{cpus_per_replica + 1} CPUs (one left to read the corpus); the "
+                             f"cluster has {have:g}: lower --cpus_per_replica")
+        chosen = min(DEFAULT_REPLICAS, room)
+        return chosen, (f"{chosen} replica(s) x {cpus_per_replica} CPU: what fits the "
+                        f"cluster's {have:g} CPUs with one left to read the corpus "
+                        f"(--replicas N to choose)")
+    if room < replicas:
+        raise InputError(f"--replicas {replicas} x --cpus_per_replica {cpus_per_replica} "
+                         f"needs {replicas * cpus_per_replica + 1} CPUs (one left to read the "
+                         f"corpus); the cluster has {have:g}: lower --replicas (or leave it "
+                         f"0: as many as fit)")
+    return replicas, f"{replicas} replica(s) x {cpus_per_replica} CPU, as asked"
+
+
+def check_cpus(replicas: int, cpus_per_replica: int) -> tuple[int, str]:
+    """``fit_replicas`` on this Ray cluster's CPUs."""
     import ray
 
-    have = ray.cluster_resources().get("CPU", 0)
-    need = replicas * cpus_per_replica + 1
-    if have < need:
-        raise InputError(f"--replicas {replicas} x --cpus_per_replica {cpus_per_replica} "
-                         f"needs {need} CPUs (one left to read the corpus); the cluster has "
-                         f"{have:g}: lower --replicas")
+    return fit_replicas(replicas, cpus_per_replica, ray.cluster_resources().get("CPU", 0))
 
 
 # ----------------------------------------------------------------------------- tally
@@ -234,14 +256,14 @@ class _ScoreReplica:
     loaded once), then the classifier on its features; reports each batch to the counter."""
 
     def __init__(self, checkpoint: str, classifier: dict, batch_size: int, chunk_size: int,
-                 threads: int, counter, names: list):
+                 threads: int, counter, names: list, precision: str = "auto"):
         from sentdisc.features_ray import _FeaturizeReplica
 
         self.clf = Classifier.from_dict(classifier)
         probe = Probe.from_classifier(self.clf)
         self.neuron, self.names, self.counter = probe.neuron, names, counter
         self.featurize = _FeaturizeReplica(checkpoint, probe.feature_kind, probe.layer,
-                                           batch_size, chunk_size, threads)
+                                           batch_size, chunk_size, threads, precision)
 
     def __call__(self, batch: dict) -> dict:
         out = self.featurize(batch)
@@ -330,7 +352,8 @@ class _Watch:
 
 
 def scored(rows, checkpoint: str, clf: Classifier, id_key: str, batch_size: int,
-           chunk_size: int, replicas: int, cpus_per_replica: int, counter):
+           chunk_size: int, replicas: int, cpus_per_replica: int, counter,
+           precision: str = "auto"):
     """Rows -> scored rows (``columns``), featurized on ``replicas`` model replicas."""
     import ray
     from ray.data.expressions import col
@@ -344,7 +367,7 @@ def scored(rows, checkpoint: str, clf: Classifier, id_key: str, batch_size: int,
     return texts.map_batches(
         _ScoreReplica, batch_size=batch_size * CALL_BATCHES, batch_format="numpy",
         fn_constructor_args=(checkpoint, clf.to_dict(), batch_size, chunk_size,
-                             cpus_per_replica, counter, columns(id_key, clf)),
+                             cpus_per_replica, counter, columns(id_key, clf), precision),
         compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=cpus_per_replica)
 
 
@@ -368,10 +391,10 @@ def written(output: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- the job
 
 def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
-                 data_cfg: DataConfig | None = None, *, replicas: int = 2,
+                 data_cfg: DataConfig | None = None, *, replicas: int = 0,
                  cpus_per_replica: int = 1, batch_size: int = 128, chunk_size: int = 256,
                  rows_per_file: int = 100_000, examples: int = 20, overwrite: bool = False,
-                 log=print) -> dict:
+                 precision: str = "auto", log=print) -> dict:
     """Score every record of ``data`` into Parquet under ``output``; returns the summary
     (also written to ``output/_summary.json`` and printed). ``data_cfg`` says how to read
     the corpus (text_key, data_format, ...; its label_key is the id column). The checkpoint
@@ -385,7 +408,8 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     clf, checkpoint = check_inputs(checkpoint, classifier, output, overwrite)
     files = list_corpus(data)
     ensure_ray(include_dashboard=False)
-    check_cpus(replicas, cpus_per_replica)
+    replicas, why = check_cpus(replicas, cpus_per_replica)
+    log(f"score: {why}")
     rows = read_files(files, data_cfg)
     counts = tally(rows, examples)
     check_records(counts, data, data_cfg)
@@ -395,7 +419,8 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     counter = _counter()
     with _Watch(counter, counts["records"], counts["bytes"]) as watch:
         write(scored(rows, checkpoint, clf, data_cfg.label_key or "", batch_size, chunk_size,
-                     replicas, cpus_per_replica, counter), output, rows_per_file, overwrite)
+                     replicas, cpus_per_replica, counter, precision), output, rows_per_file,
+              overwrite)
     t2 = time.perf_counter()
     n_rows, n_files = written(output)
     summary = summarize(counts, n_rows, n_files, (t0, t1, t2, time.perf_counter()), watch,

@@ -72,6 +72,9 @@ class TransferConfig(PoolConfig, LabeledDataConfig):
     layer: int = field(default=-1, metadata={"help": "which layer's state to use"})
     batch_size: int = field(default=128, metadata={"help": "texts per featurization batch"})
     chunk_size: int = field(default=256, metadata={"help": "bytes per featurization chunk"})
+    precision: str = field(default="auto", metadata={
+        "help": "featurize's products: auto (bf16 where the hardware multiplies it natively, "
+                "else fp32) | fp32 | bf16"})
     write_results: str = field(default="", metadata={
         "help": "CSV of per-test-sample probabilities and top-5 neuron values", "path": True})
     extremes: int = field(default=5, metadata={
@@ -95,6 +98,8 @@ class TransferConfig(PoolConfig, LabeledDataConfig):
         PoolConfig.__post_init__(self)
         if self.feature_kind not in KINDS:
             raise ValueError(f"feature_kind must be one of {KINDS}, got {self.feature_kind!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS} (each does L1), got "
                              f"{self.solver!r}")
@@ -135,7 +140,7 @@ def load_checkpoint(cfg: TransferConfig):
 
 def featurize_sets(data: dict, model, checkpoint: str, pool: PoolConfig, *, kind: str,
                    layer: int = -1, batch_size: int = 128, chunk_size: int = 256,
-                   roles=ROLES, log=print) -> tuple[dict, dict]:
+                   precision: str = "auto", roles=ROLES, log=print) -> tuple[dict, dict]:
     """{role: features or None} and {role: featurize stats} of the train / val / test sets,
     in process with ``model`` or on ``pool``'s Ray Data replicas of ``checkpoint``."""
     feats, stats = dict.fromkeys(ROLES), {}
@@ -147,7 +152,7 @@ def featurize_sets(data: dict, model, checkpoint: str, pool: PoolConfig, *, kind
             data[role].texts, model, checkpoint, name=role, kind=kind, layer=layer,
             batch_size=batch_size, chunk_size=chunk_size,
             ray_threshold=pool.ray_featurize_threshold, replicas=pool.featurize_replicas,
-            cpus_per_replica=pool.cpus_per_replica, log=log)
+            cpus_per_replica=pool.cpus_per_replica, precision=precision, log=log)
     return feats, stats
 
 
@@ -336,7 +341,7 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
 
     feats, feat_stats = featurize_sets(data, model, cfg.load_model, cfg, kind=cfg.feature_kind,
                                        layer=cfg.layer, batch_size=cfg.batch_size,
-                                       chunk_size=cfg.chunk_size, log=log)
+                                       chunk_size=cfg.chunk_size, precision=cfg.precision, log=log)
     tracker.ready()  # the store opened while featurizing: fail before the sweep if it did not
     labels = {r: (data[r].labels if data[r] is not None else None) for r in ROLES}
     sweep = sweep_config(cfg, run_dir, spec)

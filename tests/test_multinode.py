@@ -177,6 +177,10 @@ def test_serve_replicas_on_two_nodes_survive_losing_one(cluster, nodes, tiny_che
     replicas = {requests.get(url.replace("featurize", "healthz"), timeout=30).json()["pid"]
                 for _ in range(20)}
     assert len(replicas) == 2, replicas  # both answer
+    # several nodes on one machine serve through the Python proxy (HAProxy's fixed ports), and
+    # /healthz says so
+    assert requests.get(url.replace("featurize", "healthz"), timeout=30).json()["ingress"] == \
+        "python proxy"
     results, stop = [], threading.Event()
 
     def client():

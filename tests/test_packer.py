@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sentdisc.data.packer import BytePacker
+from sentdisc.train.driver import windows_per_epoch
 
 
 def make_records(n, seed=0, bad_every=0):
@@ -71,22 +72,28 @@ def test_packer_reproduces_streams_exactly(B, T, persist_state):
     packer = BytePacker(B, T, persist_state)
     got = list(packer.windows(as_batches(rows)))
     want, streams = expected_windows(good, B, T, persist_state)
-    assert len(got) == len(want) > 0
-    for w, (x, reset) in zip(got, want):
+    full = [w for w in got if w.valid is None]  # until the input runs out: the reference's
+    assert len(full) == len(want) > 0
+    for w, (x, reset) in zip(full, want):
         assert w.x.shape == (B, T + 1) and w.reset.shape == (B, T)
         assert np.array_equal(w.x.numpy(), x)
         assert np.array_equal(w.reset.numpy(), reset)
         assert w.n_bytes == B * T
     # consecutive windows overlap by exactly one byte
-    for a, b in zip(got, got[1:]):
+    for a, b in zip(full, full[1:]):
         assert np.array_equal(a.x[:, -1].numpy(), b.x[:, 0].numpy())
     c = packer.counts
     assert c["records"] == len(good)
     assert c["bytes"] == sum(map(len, good))
     for reason in ("bad_json", "missing_key", "invalid_utf8"):
         assert c[f"skipped_{reason}"] == sum(r[1] == reason for r in rows) > 0
-    # every byte taken is either trained on, the first input of a stream, or counted as dropped
-    assert c["bytes"] == len(got) * B * T + B + c["dropped_bytes"]
+    # the epoch's last windows drain the streams: every byte is a target once, but each
+    # stream's first, which is an input only; nothing is dropped, and the count is the plan's
+    tail = got[len(full):]
+    assert all(w.valid is not None and w.n_bytes == int(w.valid.sum()) for w in tail)
+    assert c["dropped_bytes"] == 0
+    assert c["bytes"] == sum(w.n_bytes for w in got) + B
+    assert len(got) == windows_per_epoch(c["bytes"], B, T)
 
 
 def test_each_stream_is_whole_records_in_order():
@@ -94,7 +101,7 @@ def test_each_stream_is_whole_records_in_order():
     good = [r[0] for r in rows]
     B, T = 4, 8
     packer = BytePacker(B, T, 0)
-    wins = list(packer.windows(as_batches(rows)))
+    wins = [w for w in packer.windows(as_batches(rows)) if w.valid is None]  # before the drain
     for b in range(B):
         stream = bytes(wins[0].x[b].numpy().astype(np.uint8)) + b"".join(
             bytes(w.x[b, 1:].numpy().astype(np.uint8)) for w in wins[1:])
@@ -106,7 +113,7 @@ def test_each_stream_is_whole_records_in_order():
         assert idx == sorted(idx) and len(set(idx)) == len(idx)  # increasing corpus order
 
 
-def test_new_epoch_resets_every_row_and_drops_partial_streams():
+def test_new_epoch_resets_every_row():
     rows = make_records(60, seed=1)
     for persist_state, want_first in [(1, True), (-1, False)]:
         packer = BytePacker(2, 6, persist_state)
@@ -118,6 +125,27 @@ def test_new_epoch_resets_every_row_and_drops_partial_streams():
         assert same == [True] * len(first)
         assert bool(second[0].reset[:, 0].all()) is want_first
         assert not second[1].reset.any()  # state persists inside the epoch (persist 1 / -1)
+
+
+def test_a_long_record_among_short_ones_is_drained_not_dropped():
+    """One record at the 64 KiB cap among short ones: the stream holding it would have outlived
+    the others by hundreds of windows, and its tail was dropped (the run sized at 162
+    iterations ended at 105). Now the last windows re-pack what the streams hold: every byte
+    is trained once, the epoch is the planned number of windows, the rows stay full."""
+    rng = np.random.default_rng(0)
+    short = [rng.integers(32, 127, int(rng.integers(200, 1200)), dtype=np.uint8).tobytes()
+             for _ in range(150)]
+    rows = [(r, "") for r in short[:10]] + [(b"L" * (64 << 10), "")] + [(r, "") for r in short[10:]]
+    B, T = 8, 128
+    packer = BytePacker(B, T, 0)
+    got = list(packer.windows(as_batches(rows)))
+    c = packer.counts
+    assert c["dropped_bytes"] == 0 and c["bytes"] == sum(w.n_bytes for w in got) + B
+    assert len(got) == windows_per_epoch(c["bytes"], B, T)  # what the driver plans
+    tail = [w for w in got if w.valid is not None]
+    assert sum(int(w.valid.sum()) for w in tail) >= 0.9 * len(tail) * B * T  # rows kept full
+    long_row_starts = sum(int(w.reset.sum()) for w in tail)
+    assert long_row_starts >= 2  # the long record's overflow starts afresh in other rows
 
 
 def test_consumes_batches_lazily():
@@ -213,7 +241,8 @@ def test_two_ray_workers_get_disjoint_shards_packed_exactly(ray_local, tmp_path)
             for batch in splits[rank].iter_batches(batch_size=8, batch_format="numpy"):
                 seen[rank].extend(bytes(b) for b in batch["bytes"])
                 yield batch
-        windows[rank] = [(w.x.numpy(), w.reset.numpy()) for w in packers[rank].windows(batches())]
+        windows[rank] = [(w.x.numpy(), w.reset.numpy()) for w in packers[rank].windows(batches())
+                         if w.valid is None]  # the windows before the epoch's drain
 
     threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
     for t in threads:

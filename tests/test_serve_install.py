@@ -1,5 +1,6 @@
 """The serving application ships in the wheel: built from the project, installed outside the
-checkout, `serve run` of a config naming sentdisc.serving:build_app answers over real HTTP."""
+checkout, `sentdisc serve` (the README's command: `serve run` of sentdisc.serving:build_app with
+the ingress environment) of a config answers over real HTTP, behind HAProxy."""
 import os
 import shutil
 import signal
@@ -90,13 +91,27 @@ def wait_for_sentiment(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError(f"no 200 from /sentiment in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def test_installed_wheel_serves_with_serve_run(installed, tiny_checkpoint, tmp_path):
+def haproxy_of_its_own(tmp: Path) -> dict:
+    """HAProxy's ports and files for a second Serve on this machine (the session's holds the
+    defaults): the environment variables Serve reads them from."""
+    base = tmp / "haproxy"
+    base.mkdir()
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state")}
+
+
+def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, tmp_path):
     from sentdisc.classifier import fit_result_to_classifier
 
     clf = fit_result_to_classifier([0.5] * 32, 0.0, 1.0, [3], [0.5], 0.0, 1.0).save(
         tmp_path / "classifier.json")
-    # Nothing of the checkout or of this session's Ray (ray.init exports RAY_* variables): the
-    # wheel on the path, and `serve run --address local` starts a Ray of its own.
+    # Nothing of the checkout or of this session's Ray (ray.init exports RAY_* variables, and
+    # the tests run with the ingress environment): the wheel on the path, as a fresh shell
+    # would have it, and `--address local` starts a Ray of its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PYTHONPATH"] = str(installed)
     work = tmp_path / "elsewhere"
@@ -112,15 +127,21 @@ def test_installed_wheel_serves_with_serve_run(installed, tiny_checkpoint, tmp_p
     config.write_text(yaml.safe_dump(serve_config(port, tiny_checkpoint, clf)))
     log = tmp_path / "serve_run.log"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", "local", str(config)],
-                                cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen([str(installed / "bin" / "sentdisc"), "serve", str(config),
+                                 "--address", "local"], cwd=work,
+                                env={**env, **haproxy_of_its_own(tmp_path)}, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         body = wait_for_sentiment(url, proc, log, timeout=300).json()
         assert body["neuron"] == 3 and body["results"][0]["label"] in ("positive", "negative")
         page = requests.get(url + "/", timeout=30)
         assert page.status_code == 200 and "<textarea" in page.text
+        # the fast path, set by the command itself: HAProxy, and no warning about the proxy
+        assert requests.get(url + "/healthz", timeout=30).json()["ingress"] == "haproxy"
+        printed = log.read_text()
+        assert "sentdisc serve: RAY_SERVE_ENABLE_HA_PROXY='1'" in printed
+        assert "Python proxy" not in printed
     finally:
         stop(proc)
 

@@ -17,8 +17,17 @@ b's state before reading input ``x[b, t]``:
 Batches are pulled from the iterator only when a stream needs bytes, so memory is the current
 Ray batch plus B partial records whatever the corpus size.
 
-``counts``: ``records`` and ``bytes`` packed, ``dropped_bytes`` (partial streams at an epoch's
-end, or dropped when a run resumes on another number of workers), ``windows``,
+When the input runs out, what the streams still hold is not dropped: the epoch ends with
+``ceil(left / (B T))`` more windows into which it is re-packed (``_drain``). Each stream keeps
+its own bytes as far as they fit, so its state carries on; what overflows (a long record that
+one stream held while the others ran dry) moves to rows with room, starting there as a record
+would (reset under ``persist_state=0``); rows that end early are padded, and ``Window.valid``
+says which targets are real. So every byte of an epoch is a target once, and a worker's epoch
+is exactly ``ceil((bytes - B) / (B T))`` windows, which is what the driver plans the run by.
+
+``counts``: ``records`` and ``bytes`` packed, ``dropped_bytes`` (partial streams dropped when a
+run resumes on another number of workers, or a byte a moved piece loses to a row that held
+nothing), ``windows``,
 ``capped_records`` / ``capped_bytes`` (records cut to max_record_bytes, from the ``capped``
 column), ``resumed_past`` (rows a restored run passed over: taken before its checkpoint) and
 ``skipped_<reason>`` per bad row, reasons from ``REASONS``.
@@ -49,7 +58,8 @@ COUNTS = ("records", "bytes", "dropped_bytes", "windows", "capped_records", "cap
 class Window:
     x: torch.Tensor      # int64 [B, T+1]: inputs x[:, :-1], targets x[:, 1:]
     reset: torch.Tensor  # bool [B, T]: zero the state before reading x[:, t]
-    n_bytes: int         # bytes predicted in this window (B * T)
+    n_bytes: int         # bytes predicted in this window (B * T, fewer in an epoch's last)
+    valid: torch.Tensor | None = None  # bool [B, T]: real targets (None: all), the last ones
 
 
 def _rows(batch) -> tuple[list, list | None, list | None, list | None, list | None]:
@@ -95,8 +105,9 @@ class BytePacker:
         self._carried = False  # True once buf[0] of each stream was a target already
 
     def new_epoch(self) -> None:
-        """Start a new pass: partial streams are dropped (counted) and, for persist_state 1,
-        every row is reset at the next window."""
+        """Start a new pass (the streams were drained by the last one's windows, or are
+        dropped, counted, when it stopped early) and, for persist_state 1, reset every row at
+        the next window."""
         self._drop_partial()
         self.epoch += 1
         self._consumed = 0
@@ -143,7 +154,8 @@ class BytePacker:
                 yield bytes(value)
 
     def windows(self, batches: Iterable) -> Iterator[Window]:
-        """Yield windows until the input runs out; the leftover partial streams are dropped."""
+        """Yield windows until the input runs out, then the windows its streams still fill
+        (``_drain``)."""
         B, T = self.B, self.T
         records = self._records(batches)
         # Join the input before the first window, even when restored streams could fill it:
@@ -161,7 +173,7 @@ class BytePacker:
                 while len(buf) < T + 1:
                     rec = next(records, None)
                     if rec is None:
-                        self._drop_partial()
+                        yield from self._drain()
                         self._reset_all = self.persist_state != -1
                         return
                     starts.append(len(buf))
@@ -185,6 +197,68 @@ class BytePacker:
                 self._reset_all = False
             self.counts["windows"] += 1
             yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset), B * T)
+
+    def _drain(self) -> Iterator[Window]:
+        """The epoch's last windows: every byte the streams still hold, re-packed."""
+        B, T = self.B, self.T
+        carried = int(self._carried)
+        # bytes each stream still has to predict: all but its first, which is an input only
+        # (a target of the last window when carried, else the first byte the stream read)
+        left = sum(max(len(b) - 1, 0) for b in self._buf)
+        n = -(-left // (B * T))
+        if n == 0:
+            self.counts["dropped_bytes"] += sum(max(len(b) - carried, 0) for b in self._buf)
+            self._clear_streams()
+            return
+        room = n * T + 1  # bytes a row holds over n windows
+        pieces = []       # what overflows its own row: (bytes, record starts within them)
+        for b in range(B):
+            buf, starts = self._buf[b], self._starts[b]
+            if len(buf) > room:  # the row keeps [0, room): its last byte was a target
+                rest = bytes(buf[room:])
+                pieces.append((rest, [s - room for s in starts if s >= room]))
+                del buf[room:]
+                self._starts[b] = deque(s for s in starts if s < room)
+        for piece, starts in pieces:
+            while piece:
+                b = min(range(B), key=lambda r: len(self._buf[r]))  # the row with most room
+                buf = self._buf[b]
+                if not buf:  # its first byte is an input only: one byte goes unpredicted
+                    self.counts["dropped_bytes"] += 1
+                take = min(room - len(buf), len(piece))
+                if take == 0:  # cannot happen (B rows of room hold what B streams held)
+                    self.counts["dropped_bytes"] += len(piece)
+                    break
+                at = len(buf)
+                self._starts[b].extend([at] + [at + s for s in starts if 0 < s < take])
+                buf += piece[:take]
+                piece, starts = piece[take:], [s - take for s in starts if s >= take]
+        for _ in range(n):
+            x = np.zeros((B, T + 1), np.uint8)
+            valid = np.zeros((B, T), bool)
+            reset = np.zeros((B, T), bool)
+            for b in range(B):
+                buf, starts = self._buf[b], self._starts[b]
+                m = min(len(buf), T + 1)
+                x[b, :m] = np.frombuffer(bytes(buf[:m]), np.uint8)
+                valid[b, :max(m - 1, 0)] = True
+                if self.persist_state == 0:
+                    for s in starts:
+                        if s < T:
+                            reset[b, s] = True
+                del buf[:T]
+                while starts and starts[0] < T:
+                    starts.popleft()
+                for i in range(len(starts)):
+                    starts[i] -= T
+            self._carried = True
+            if self._reset_all:
+                reset[:, 0] = True
+                self._reset_all = False
+            self.counts["windows"] += 1
+            yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset),
+                         int(valid.sum()), torch.from_numpy(valid))
+        self._clear_streams()
 
     # ------------------------------------------------------------------ resume
 

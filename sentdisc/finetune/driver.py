@@ -65,7 +65,9 @@ def finetune(cfg: FinetuneConfig, train_cfg: TrainConfig, output: Optional[Outpu
     with tracker:
         summary = job.run(prior, tracker, progress)
         final = summary["checkpoint"] or _earlier_final(run_dir)
-        results = evaluate(final, cfg, data, run_dir, summary, log)
+        # scored as served: featurize at the precision training ran at (fp16 is GPU training's)
+        precision = "bf16" if tc.precision == "fp16" else tc.precision
+        results = evaluate(final, cfg, data, run_dir, summary, precision, log)
         results.update(base_checkpoint=base, seconds=round(time.perf_counter() - t0, 3),
                        config={**dataclasses.asdict(cfg), **dataclasses.asdict(tc),
                                **dataclasses.asdict(output)})
@@ -144,7 +146,7 @@ def _earlier_final(run_dir: str) -> str:
 
 
 def evaluate(final: str, cfg: FinetuneConfig, data: dict, run_dir: str, summary: dict,
-             log=print) -> dict:
+             precision: str = "auto", log=print) -> dict:
     """The fine-tuned checkpoint scored as serving will use it: its features by ``featurize``,
     its labels by its own classifier; metrics of val and test, the plots, the extreme
     samples, classifier.json. Returns results.json's content."""
@@ -153,7 +155,7 @@ def evaluate(final: str, cfg: FinetuneConfig, data: dict, run_dir: str, summary:
     clf = Classifier.load(final)  # the head, its checkpoint the folder it sits in
     model = ckpt_io.load(final)
     feats, stats = featurize_sets(data, model, final, cfg, kind=clf.feature_kind, layer=-1,
-                                  roles=("val", "test"), log=log)
+                                  precision=precision, roles=("val", "test"), log=log)
     labels = {r: (data[r].labels if data[r] is not None and r != "train" else None)
               for r in ("train", "val", "test")}
     metrics = split_metrics(clf, feats, labels)

@@ -49,11 +49,16 @@ class ScoreConfig:
     strict: bool = field(default=False, metadata={"help": "stop at the first malformed record"})
     max_record_bytes: int = field(default=DataConfig().max_record_bytes, metadata={
         "help": "a record's encoded bytes are cut here (column 'capped' says by how much)"})
-    replicas: int = field(default=2, metadata={"help": "model replicas in the actor pool"})
+    replicas: int = field(default=0, metadata={
+        "help": "model replicas in the actor pool; 0: as many as fit the cluster (at most 2), "
+                "leaving a CPU to read the corpus"})
     cpus_per_replica: int = field(default=1, metadata={
         "help": "CPUs (torch threads) each replica holds"})
     batch_size: int = field(default=128, metadata={"help": "texts featurized together"})
     chunk_size: int = field(default=256, metadata={"help": "bytes per recurrent chunk"})
+    precision: str = field(default="auto", metadata={
+        "help": "the replicas' products: auto (bf16 where the hardware multiplies it "
+                "natively, else fp32) | fp32 | bf16"})
     rows_per_file: int = field(default=100_000, metadata={
         "help": "the fewest rows a Parquet file holds (the last may hold fewer)"})
     examples: int = field(default=20, metadata={
@@ -78,7 +83,7 @@ def score(cfg: ScoreConfig) -> dict:
                         replicas=cfg.replicas, cpus_per_replica=cfg.cpus_per_replica,
                         batch_size=cfg.batch_size, chunk_size=cfg.chunk_size,
                         rows_per_file=cfg.rows_per_file, examples=cfg.examples,
-                        overwrite=cfg.overwrite)
+                        overwrite=cfg.overwrite, precision=cfg.precision)
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,12 @@ class SentdiscServer(ModelServer):
     def __init__(self, args: AppArgs):
         import ray
 
+        from sentdisc.serving.ingress import PROXY_WARNING, in_effect
+
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         super().__init__(args, threads=max(1, int(cpus)))  # torch uses the CPUs Serve gave
+        if not in_effect() and _rank(serve.get_replica_context()) == 0:
+            logger.warning(PROXY_WARNING)  # once per deployment: by its first replica
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Built per replica, after __init__, so routes, caps and schema see this replica's
@@ -67,8 +71,17 @@ class SentdiscServer(ModelServer):
         self.close()
 
     def info(self) -> dict:
-        # which replica answered: a retune must not restart it
-        return {**super().info(), "replica": serve.get_replica_context().replica_tag}
+        from sentdisc.serving.ingress import in_effect
+
+        # which replica answered (a retune must not restart it), and behind which ingress
+        return {**super().info(), "replica": serve.get_replica_context().replica_tag,
+                "ingress": "haproxy" if in_effect() else "python proxy"}
+
+
+def _rank(context) -> int:
+    """The replica's rank in its deployment (a ``ReplicaRank``'s global rank)."""
+    rank = getattr(context, "rank", None)
+    return int(getattr(rank, "rank", 0) or 0)
 
 
 # --- application builders ------------------------------------------------------------------

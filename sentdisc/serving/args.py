@@ -66,6 +66,10 @@ class AppArgs(_Settings):
     layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
                                                 "else -1")
     device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="featurize's products: auto (bf16 where the replica's hardware "
+                            "multiplies it natively: a GPU, a CPU with AVX-512 BF16 or AMX; "
+                            "else fp32) | fp32 | bf16")
     max_texts: int = Field(64, ge=1, description="texts per request (more -> 422; in the schema)")
     max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 422; in the schema)")
     max_generate_length: int = Field(1000, ge=1, description="bytes per /generate (more -> 422)")

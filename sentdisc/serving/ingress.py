@@ -40,5 +40,39 @@ def shell_exports() -> str:
     return "\n".join(f"export {k}=\"${{{k}:-{v}}}\"" for k, v in SERVE_ENV.items())
 
 
+def in_effect(environ=os.environ) -> bool:
+    """Whether this process (a replica: it has the environment its Ray node was started
+    with) runs behind Serve's HAProxy ingress, as Serve itself reads it."""
+    return environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") == "1"
+
+
+PROXY_WARNING = (
+    "sentdisc serve: Ray Serve runs through its Python proxy here, not its HAProxy ingress: "
+    "single-text requests are answered several times slower (README, Speed). The ingress is "
+    "read from the environment Ray was started with: run `sentdisc serve ...` (it sets it), or "
+    "`eval \"$(python -m sentdisc.serving.ingress)\"` before `ray start` / `serve run`")
+
+
+def main(argv=None) -> int:
+    """``sentdisc serve [KEY=VALUE ... | CONFIG.yaml] [serve run options]``: ``serve run`` of
+    sentdisc's application with the ingress environment set, so a Ray it starts serves
+    through HAProxy. (A Ray already running keeps the environment it was started with.)"""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(main.__doc__)
+        return 0
+    chosen = apply_serve_env()
+    if chosen:
+        print("sentdisc serve: " + " ".join(f"{k}={v!r}" for k, v in chosen.items()),
+              flush=True)
+    from ray.serve.scripts import cli
+
+    target = [] if args and args[0].endswith((".yaml", ".yml")) else ["sentdisc.serving:build_app"]
+    return cli.main(args=["run", *target, *args], prog_name="sentdisc serve",
+                    standalone_mode=True) or 0
+
+
 if __name__ == "__main__":
     print(shell_exports())

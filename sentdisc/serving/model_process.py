@@ -50,9 +50,10 @@ class ModelProcessDied(RuntimeError):
 
 
 class ModelProcess:
-    def __init__(self, checkpoint: str, device: str, threads: int):
+    def __init__(self, checkpoint: str, device: str, threads: int, precision: str = "auto"):
         """Start the child and load ``checkpoint`` there. Returns once it is loaded; a load
-        error is raised here, as the library raised it."""
+        error is raised here, as the library raised it. ``precision``: of featurize's
+        products, decided for the child's device (``sentdisc.precision``)."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, theirs = ctx.Pipe()
         self._process = ctx.Process(target=_child_main, args=(theirs, os.getpid(), threads),
@@ -65,8 +66,8 @@ class ModelProcess:
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="sentdisc-model-replies", daemon=True).start()
         try:
-            self.config, self.device, self.pid = self._request("load", checkpoint,
-                                                               device).result()
+            self.config, self.device, self.pid, self.precision, self.precision_reason = \
+                self._request("load", checkpoint, device, precision).result()
         except BaseException:
             self.close()
             raise
@@ -213,15 +214,17 @@ class _Child:
         except Exception as e:  # a value that does not pickle
             self.conn.send((False, rid, RuntimeError(f"{type(value).__name__}: {e}")))
 
-    def load(self, checkpoint: str, device: str):
+    def load(self, checkpoint: str, device: str, precision: str):
         import torch
 
         from sentdisc.checkpoint import load
+        from sentdisc.precision import Hardware, choose
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load(checkpoint, map_location=device).eval()
-        return self.model.config, device, os.getpid()
+        self.precision, why = choose(precision, Hardware.detect(device))
+        return self.model.config, device, os.getpid(), self.precision, why
 
     def configure(self, layer: int, kind: str, rows: int) -> None:
         from sentdisc.features import KINDS
@@ -235,7 +238,7 @@ class _Child:
         self.kind, self.rows = kind, max(1, int(rows))
         # eager: a captured CUDA step is for a fixed pool (features.feature_plan)
         self.run = _chunk_runner(self.model, self.layer, [kind], STREAM_CHUNK,
-                                 np.array([STREAM_CHUNK]), self.rows, "auto", "off")
+                                 np.array([STREAM_CHUNK]), self.rows, self.precision, "off")
 
     def call(self, fn, args: tuple, kwargs: dict):
         swap = lambda a: self.model if isinstance(a, _ModelPlaceholder) else a

@@ -58,7 +58,8 @@ class ModelServer:
     def _load(self, args: AppArgs, threads: int) -> None:
         from sentdisc.model import check_layer
 
-        self.model = ModelProcess(str(args.checkpoint), args.device, threads)
+        self.model = ModelProcess(str(args.checkpoint), args.device, threads, args.precision)
+        logger.info(f"sentdisc serve: {self.model.precision_reason}")
         self.config, self.device = self.model.config, self.model.device
         self.classifier = None
         if args.classifier:
@@ -171,6 +172,7 @@ class ModelServer:
         return {"status": "ok", "rnn_size": c.rnn_size, "layers": c.layers,
                 "rnn_type": c.rnn_type, "feature_kind": self.probe.feature_kind,
                 "layer": self.probe.layer, "device": self.device,
+                "precision": self.model.precision,
                 "classifier": self.classifier is not None, "neuron": self.probe.neuron,
                 "label_kind": getattr(self.classifier, "label_kind", None),
                 "labels": getattr(self.classifier, "labels", None),

@@ -7,11 +7,11 @@ from typing import Optional
 
 import torch
 
+from sentdisc.precision import PRECISIONS
 from sentdisc.train.step import GRAPH_MODES, graph_plan
 
 SCHEDULES = {"linear": "linear", "linearlr": "linear", "exponential": "exponential",
              "exponentiallr": "exponential", "none": "none", "constant": "none"}
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -35,7 +35,9 @@ class TrainConfig:
     save_iters: int = field(default=1000, metadata={"help": "iterations between checkpoints"})
     eval_iters: int = field(default=0, metadata={
         "help": "windows per worker when evaluating val/test after training (0 = all)"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 products where the hardware multiplies bf16 natively: a GPU, a CPU "
+                "with AVX-512 BF16 or AMX; else fp32) | fp32 | bf16 (autocast) | fp16 (GPU)"})
     cuda_graph: str = field(default="auto", metadata={
         "help": "run the train step from a CUDA graph: auto (on CUDA when it can be captured, "
                 "else eager, saying why once) | on (fail with the reason when it cannot) | off"})
@@ -97,7 +99,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.cuda_graph must be one of {GRAPH_MODES}, "
                              f"got {self.cuda_graph!r}")
         graph_ok, why = graph_plan(self.cuda_graph, "cuda" if self.use_gpu else "cpu",
-                                   self.precision, self.optimizer_type)
+                                   "bf16" if self.precision == "auto" and self.use_gpu
+                                   else self.precision, self.optimizer_type)
         if self.cuda_graph == "on" and not graph_ok:
             raise ValueError(f"TrainConfig.cuda_graph on: the train step cannot be captured: {why}")
         if self.batch_size < self.max_workers:

@@ -289,12 +289,18 @@ def plan_iterations(data_cfg, tc: TrainConfig, train_ds) -> Optional[int]:
           f"storage) (set max_iters to skip)", flush=True)
     counts = survey(train_ds)
     _check_some_good(counts, data_cfg, sample=False)
-    per_iter = tc.batch_size * tc.seq_length
-    total = max(1, counts["bytes"] // per_iter) * tc.epochs
+    total = windows_per_epoch(counts["bytes"], tc.batch_size, tc.seq_length) * tc.epochs
     print(f"[pretrain] {counts['bytes'] / 1e6:.2f} MB of text in {counts['records']} records "
-          f"-> about {total} iterations ({tc.epochs} epoch(s) of batch {tc.batch_size} x seq "
+          f"-> {total} iterations ({tc.epochs} epoch(s) of batch {tc.batch_size} x seq "
           f"{tc.seq_length}){_skipped(counts)}", flush=True)
     return total
+
+
+def windows_per_epoch(n_bytes: int, batch_size: int, seq_length: int) -> int:
+    """The windows the packer makes of an epoch's ``n_bytes``: every byte but each stream's
+    first is a target once (its last windows drain the streams: data.packer), B x T targets a
+    window. Exact for one worker; with several, each packs its own share of the records."""
+    return max(1, -(-max(n_bytes - batch_size, 0) // (batch_size * seq_length)))
 
 
 SAMPLE_ROWS = 20_000  # rows read to check a corpus too large to count has good records at all

@@ -22,7 +22,7 @@ from sentdisc.model import ByteLM, ModelConfig
 from sentdisc.train.faults import RecordTrace
 from sentdisc.train.resume import RESUME_SPLIT
 from sentdisc.train.step import LN2, evaluate_windows, window_loss
-from sentdisc.train.worker import TrainWorker, any_rank
+from sentdisc.train.worker import TrainWorker
 
 COUNT_KEYS = ("records", "dropped_bytes", "capped_records", "capped_bytes") + tuple(
     f"skipped_{r}" for r in REASONS)
@@ -54,8 +54,8 @@ class PretrainWorker(TrainWorker):
         return ckpt_io.load(source, map_location=self.device) if source else \
             ByteLM(self.model_cfg)
 
-    def objective(self, model, x, reset, hidden=None, autocast=None):
-        return window_loss(model, x, reset, hidden, autocast)
+    def objective(self, model, x, reset, hidden=None, valid=None, autocast=None):
+        return window_loss(model, x, reset, hidden, autocast, valid=valid)
 
     def restore_data(self, state: dict) -> None:
         from sentdisc.data.packer import BytePacker
@@ -89,10 +89,9 @@ class PretrainWorker(TrainWorker):
                 counts["dropped_bytes"] = counts.get("dropped_bytes", 0) + sum(
                     len(base64.b64decode(s)) for p in packers for s in p["streams"])
             self.packer.resume(packers[0]["epoch"], position, counts)
-            if self.rank == 0:
-                print(f"[pretrain] resuming {len(workers)} workers' data position on "
-                      f"{self.world}: epoch {state['epoch']} continues past the "
-                      f"{sum(len(r) for r in position.values())} line ranges taken", flush=True)
+            self.say(f"resuming {len(workers)} workers' data position on {self.world}: epoch "
+                     f"{state['epoch']} continues past the "
+                     f"{sum(len(r) for r in position.values())} line ranges taken")
         if state.get("epoch_done"):  # saved at an epoch's end: start the next one
             self.packer.new_epoch()
             self.epoch += 1
@@ -126,22 +125,51 @@ class PretrainWorker(TrainWorker):
             self.mid_epoch = False
 
     def train_epoch(self, windows) -> bool:
-        """Train on this epoch's windows; True when the epoch ran out (on any rank)."""
+        """Train on this epoch's windows; True when the epoch ran out on every rank."""
         tc = self.tc
         while not self.finished(self.epoch):
             window = next(windows, None)
-            # Every rank stops as soon as the first runs dry, so DDP never waits on a rank
-            # that has finished.
-            if any_rank(window is None, self.device, self.dist):
+            # The epoch goes on until every rank's data is trained (its last windows drained,
+            # data.packer): a rank done before the others steps on an empty window, so DDP
+            # never waits on it.
+            done, scale = self._sync(window)
+            if done:
                 return True
+            window = window or self._empty_window()
             x = window.x.to(self.device, non_blocking=True)
             reset = window.reset.to(self.device, non_blocking=True)
-            self.hidden = self.step(x, reset, self.hidden, n_pred=x[:, 1:].numel(),
-                                    n_bytes=window.n_bytes)
+            valid = window.valid.to(self.device, non_blocking=True) \
+                if window.valid is not None else None
+            inputs = (x, reset, self.hidden) + ((valid,) if valid is not None else ())
+            self.hidden = self.step(*inputs, n_pred=window.n_bytes, n_bytes=window.n_bytes,
+                                    loss_scale=scale)
             save = self.iteration % tc.save_iters == 0 and not self.finished(self.epoch)
             if save or self.iteration % tc.log_interval == 0:
                 self.report(save=save)
         return False
+
+    def _sync(self, window) -> tuple[bool, float | None]:
+        """(every rank is out of windows, this rank's loss weight for the step or None): one
+        all-reduce per step. In an epoch's last, partly padded windows a rank weighs its loss
+        by its share of the real targets, so the step's gradient is that of their mean."""
+        tail = window is None or window.valid is not None
+        mine = 0 if window is None else window.n_bytes
+        if not self.dist:
+            return window is None, None
+        t = torch.tensor([float(window is None), float(tail), float(mine)], device=self.device)
+        torch.distributed.all_reduce(t)
+        out, tails, total = t.tolist()
+        if out == self.world:
+            return True, None
+        return False, (self.world * mine / total if total else 0.0) if tails else None
+
+    def _empty_window(self):
+        """A window of nothing to predict, for a rank whose epoch ended before the others'."""
+        from sentdisc.data.packer import Window
+
+        B, T = self.per_worker, self.tc.seq_length
+        return Window(torch.zeros(B, T + 1, dtype=torch.int64), torch.ones(B, T, dtype=torch.bool),
+                      0, torch.zeros(B, T, dtype=torch.bool))
 
     # --- what a report and a checkpoint hold -------------------------------------------------
 

@@ -57,6 +57,14 @@ def send(actor_name: str, row: dict) -> None:
     ray.get_actor(actor_name).append.remote(row)
 
 
+def note(actor_name: str, text: str) -> None:
+    """Rank 0: a line for the driver to print (a decision and its reason), not a row."""
+    send(actor_name, {NOTE: text})
+
+
+NOTE = "note"
+
+
 class Progress:
     """Rows from the workers while a Train run is fitted: ``actor_name`` goes to the workers,
     ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen, and
@@ -77,6 +85,7 @@ class Progress:
         self.log = _metrics_log_class().options(name=self.actor_name,
                                                 scheduling_strategy=here).remote()
         self.rows: list[dict] = []
+        self._seen = 0  # entries read from the actor: rows and notes
         self.stalled: Optional[str] = None
         self.can_stop = True  # False when fit() runs off the main thread: warn only
         self._last = time.monotonic()
@@ -122,15 +131,17 @@ class Progress:
     def drain(self) -> None:
         import ray
 
-        new = ray.get(self.log.since.remote(len(self.rows)))
+        new = ray.get(self.log.since.remote(self._seen))
         if not new:
             return
+        self._seen += len(new)
         self._last, self._warned_at = time.monotonic(), 0.0
+        for row in new:
+            if self.printed:
+                print(f"{self.prefix} {row[NOTE] if NOTE in row else row_line(row)}", flush=True)
+        new = [row for row in new if NOTE not in row]
         self.rows.extend(new)
-        if self.printed:
-            for row in new:
-                print(f"{self.prefix} {row_line(row)}", flush=True)
-        if self.on_rows is not None:
+        if self.on_rows is not None and new:
             self.on_rows(new)
 
 

@@ -26,12 +26,18 @@ def autocast_for(precision: str, device: torch.device):
 
 
 def window_loss(model, x: torch.Tensor, reset: torch.Tensor, hidden=None, autocast=None,
-                reduction: str = "mean"):
-    """Cross entropy of the next byte over one window (nats), and the state after it."""
+                reduction: str = "mean", valid: Optional[torch.Tensor] = None):
+    """Cross entropy of the next byte over one window (nats), and the state after it.
+    ``valid`` [B, T] (an epoch's last windows, partly padded): only those targets count; the
+    mean is over them (0, with gradients of 0, when there are none)."""
     with autocast or contextlib.nullcontext():
         logits, hidden = model(x[:, :-1], hidden, reset)
+        targets = x[:, 1:] if valid is None else x[:, 1:].masked_fill(~valid, -100)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               x[:, 1:].reshape(-1), reduction=reduction)
+                               targets.reshape(-1), reduction="sum" if valid is not None
+                               and reduction == "mean" else reduction)
+        if valid is not None and reduction == "mean":
+            loss = loss / valid.sum().clamp_min(1)
     return loss, hidden
 
 
@@ -92,10 +98,11 @@ def evaluate_windows(model, windows, max_windows: int = 0, autocast=None,
             if max_windows and i >= max_windows:
                 break
             x = window.x.to(device)
+            valid = window.valid.to(device) if window.valid is not None else None
             loss, hidden = window_loss(model, x, window.reset.to(device), hidden, autocast,
-                                       reduction="sum")
+                                       reduction="sum", valid=valid)
             loss_sum += loss.item()
-            n_pred += x[:, 1:].numel()
+            n_pred += window.n_bytes
     finally:
         model.train(was_training)
     return loss_sum, n_pred
@@ -184,20 +191,22 @@ class TrainStep:
             self._say(f"cuda_graph auto: eager, because {self.reason}")
         self._replay = self._static = None
 
-    def __call__(self, *inputs):
-        """One step on ``inputs`` (a window: x, reset, hidden; else the objective's)."""
+    def __call__(self, *inputs, loss_scale: Optional[float] = None):
+        """One step on ``inputs`` (a window: x, reset, hidden[, valid]; else the objective's).
+        ``loss_scale`` overrides this rank's weight for this step."""
         if self.use_graph:
-            x, reset, hidden = (*inputs, None)[:3]
-            why = self._static_mismatch(x, reset, hidden)
+            x, reset, hidden, valid = (*inputs, None, None)[:4]
+            why = "it is an epoch's last, partly padded" if valid is not None or \
+                loss_scale is not None else self._static_mismatch(x, reset, hidden)
             if why is None:
                 return self._graph_step(x, reset, hidden)
             self._say(f"cuda_graph {self.mode}: eager for this window, because {why}")
-        return self.eager(*inputs)
+        return self.eager(*inputs, loss_scale=loss_scale)
 
-    def eager(self, *inputs):
+    def eager(self, *inputs, loss_scale: Optional[float] = None):
         return train_step(self.model, self.optimizer, *inputs, objective=self.objective,
                           clip=self.clip, scaler=self.scaler, autocast=self.autocast,
-                          loss_scale=self.loss_scale)
+                          loss_scale=self.loss_scale if loss_scale is None else loss_scale)
 
     @property
     def graphed(self) -> bool:

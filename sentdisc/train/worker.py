@@ -20,6 +20,7 @@ import torch
 
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
+from sentdisc.precision import Hardware, choose
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce
 from sentdisc.train.resume import restore_point
@@ -51,8 +52,10 @@ class TrainWorker:
         self.per_worker = per_worker_batch(tc.batch_size, self.world, self.rank)
         # DDP averages gradients over ranks: weight each by its share of the batch.
         self.loss_scale = self.world * self.per_worker / tc.batch_size
-        self.autocast = autocast_for(tc.precision, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+        # auto: bf16 where this worker's device multiplies it natively (sentdisc.precision)
+        self.precision, self.precision_reason = choose(tc.precision, Hardware.detect(self.device))
+        self.autocast = autocast_for(self.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.run_dir = config["run_dir"]
         self.progress_actor = config["progress_actor"]
         self.after_step = KillOnce(tc.fail_at_iter, self.rank, self.world, self.run_dir)
@@ -132,9 +135,10 @@ class TrainWorker:
         # eager or CUDA-graph replay (--cuda_graph); rank 0 says once why it runs eagerly
         self.train_step = TrainStep(
             self.ddp_model, self.optimizer, mode=self.cuda_graph or self.tc.cuda_graph,
-            precision=self.tc.precision, clip=self.tc.clip, scaler=self.scaler,
+            precision=self.precision, clip=self.tc.clip, scaler=self.scaler,
             autocast=self.autocast, loss_scale=self.loss_scale, objective=self.objective,
-            log=self.say if self.rank == 0 else None)
+            log=self.say)
+        self.say(self.precision_reason)
         self.restore_data(state)
 
     def _newest_source(self, stack: contextlib.ExitStack):
@@ -163,12 +167,13 @@ class TrainWorker:
         tc = self.tc
         return self.iteration >= tc.max_iters if tc.max_iters else epochs_done >= tc.epochs
 
-    def step(self, *inputs, n_pred: int, n_bytes: int):
-        """One optimizer step on a batch; returns the objective's carry."""
+    def step(self, *inputs, n_pred: int, n_bytes: int, loss_scale: Optional[float] = None):
+        """One optimizer step on a batch; returns the objective's carry. ``loss_scale``:
+        this rank's weight for this step, when it is not its share of the batch."""
         if self.start is None:
             self.start = time.perf_counter()
             self.interval.reset()
-        loss, carry = self.train_step(*inputs)
+        loss, carry = self.train_step(*inputs, loss_scale=loss_scale)
         self.scheduler.step()
         self.iteration += 1
         self.interval.add(loss, n_pred, n_bytes)
@@ -244,7 +249,7 @@ class TrainWorker:
             "bytes_per_s": interval_bytes / elapsed if elapsed > 0 else 0.0,
             "bytes_seen": self.bytes_seen, "elapsed_s": run_s, "total_iters": total,
             "eta_s": (total - self.iteration) * run_s / done if total and done else None,
-            **dict(zip(counts, (int(v) for v in summed)))}
+            **dict(zip(counts, (int(v) for v in summed))), "precision": self.precision}
         row.update(self.extra_metrics(row))
         return {**row, "param_checksum": _checksum(self.model),
                 "resumed_from": self.resumed_from, "world_size": self.world, "node": self.node,
@@ -269,7 +274,11 @@ class TrainWorker:
         self.save_extra(directory)
 
     def say(self, message: str) -> None:
-        print(f"{self.prefix} {message}", flush=True)
+        """A line for the job's terminal (rank 0's: the driver prints it)."""
+        from sentdisc.train.progress import note
+
+        if self.rank == 0:
+            note(self.progress_actor, message)
 
 
 class Interval:
@@ -296,15 +305,6 @@ class Interval:
         rest = torch.tensor([self.n_pred, self.bytes, *counts], dtype=torch.float64,
                             device=self.device)
         return torch.cat([self.loss_sum.reshape(1), rest])
-
-
-def any_rank(flag: bool, device, dist: bool) -> bool:
-    """True on every rank as soon as one rank's flag is."""
-    if not dist:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _checksum(model: torch.nn.Module) -> float:
