@@ -576,3 +576,14 @@ def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):
     assert model.ray_actor_options.num_cpus >= 1
     # the same args, pointed at a real checkpoint, build an application
     build_app({**app.args, "checkpoint": str(tiny_checkpoint), "classifier": None})
+
+
+def test_the_python_proxy_is_named_with_its_fix():
+    from sentdisc.serving.ingress import PROXY_WARNING, SERVE_ENV, apply_serve_env, in_effect
+
+    assert not in_effect({}) and not in_effect({"RAY_SERVE_ENABLE_HA_PROXY": "0"})
+    env: dict = {}
+    assert apply_serve_env(env) == SERVE_ENV and in_effect(env)
+    assert apply_serve_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) == {
+        k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}  # a choice kept
+    assert "sentdisc serve" in PROXY_WARNING and "python -m sentdisc.serving.ingress" in PROXY_WARNING

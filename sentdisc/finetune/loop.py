@@ -37,6 +37,7 @@ def finetune_loop(config: dict) -> None:
 class FinetuneWorker(TrainWorker):
     prefix = "[finetune]"
     cuda_graph = "off"  # batches of texts vary in shape; graph_plan says so when asked "on"
+    windows = False
 
     def __init__(self, config: dict):
         import ray

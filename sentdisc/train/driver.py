@@ -112,22 +112,31 @@ def resumed(tc: TrainConfig, run_dir: str, prefix: str) -> TrainConfig:
 
 def prior_history(run_dir: str, resume: str) -> list:
     """The history of an earlier run of this experiment, if it left checkpoints to resume, up
-    to the checkpoint this run resumes from: the reports since the checkpoint before it are in
-    that checkpoint, for an earlier driver that died before writing them down."""
+    to the checkpoint this run resumes from. Each checkpoint holds the reports since the one
+    before it, for an earlier driver that died before writing them down (its workers can
+    outlive it by several checkpoints): those of every checkpoint after the history's last row,
+    up to the resumed one, fill the gap."""
     history = storage.join(run_dir, "history.csv")
-    rows = []
-    if storage.exists(history) and any(n.startswith("checkpoint_")
-                                       for n in storage.list_dir(run_dir)):
-        rows = read_history(history)
+    names = [n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")] \
+        if storage.exists(run_dir) else []
+    rows = read_history(history) if storage.exists(history) and names else []
     state = storage.join(resume, ckpt_io.TRAIN_STATE) if resume else ""
-    if rows and state and storage.exists(state):
-        saved = storage.read_json(state)
-        have = {r.get("iteration") for r in rows}
-        last = max((i for i in have if i is not None), default=-1)
-        lost = [r for r in saved.get("reports") or [saved.get("report")]
-                if r and r.get("iteration") not in have and r.get("iteration", -1) > last]
-        rows = merge_rows(rows, lost)
-    return rows
+    if not (rows and state and storage.exists(state)):
+        return rows
+    upto = storage.read_json(state).get("iteration", 0)
+    have = {r.get("iteration") for r in rows}
+    last = max((i for i in have if i is not None), default=-1)
+    lost = []
+    for folder in sorted({storage.join(run_dir, n) for n in names} | {resume}):
+        path = storage.join(folder, ckpt_io.TRAIN_STATE)
+        if not storage.exists(path):
+            continue
+        saved = storage.read_json(path)
+        if last < saved.get("iteration", -1) <= upto:
+            lost += [r for r in saved.get("reports") or [saved.get("report")]
+                     if r and r.get("iteration") not in have and r.get("iteration", -1) > last]
+    lost = list({r["iteration"]: r for r in sorted(lost, key=lambda r: r["iteration"])}.values())
+    return merge_rows(rows, lost)
 
 
 @dataclasses.dataclass

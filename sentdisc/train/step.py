@@ -160,6 +160,7 @@ def graph_plan(mode: str, device, precision: str = "fp32", optimizer="Adam",
 
 class TrainStep:
     """The library's train step, run eagerly (``train_step``) or replayed from a CUDA graph.
+    ``windows``: the objective is pretraining's, on [B, T+1] windows (only those are captured).
 
     ``step(x, reset, hidden) -> (loss, hidden)`` as ``train_step``. The graph holds forward,
     loss, backward, clip and the optimizer step on static buffers: each window is copied into
@@ -175,7 +176,8 @@ class TrainStep:
 
     def __init__(self, model, optimizer, *, mode: str = "auto", precision: str = "fp32",
                  clip: float = 0.0, scaler=None, autocast=None, loss_scale: float = 1.0,
-                 log=print, simulate: bool = False, objective=window_loss):
+                 log=print, simulate: bool = False, objective=window_loss,
+                 windows: bool = True):
         self.model, self.optimizer, self.mode, self.precision = model, optimizer, mode, precision
         self.objective = objective
         self.clip, self.scaler, self.loss_scale = clip, scaler, loss_scale
@@ -184,7 +186,7 @@ class TrainStep:
         device = "cuda" if simulate else _device(model)
         self.use_graph, self.reason = graph_plan(
             mode, device, precision, optimizer, scaler is not None,
-            bool(getattr(model, "find_unused_parameters", False)), objective is window_loss)
+            bool(getattr(model, "find_unused_parameters", False)), windows)
         if mode == "on" and not self.use_graph:
             raise ValueError(f"cuda_graph on: the train step cannot be captured: {self.reason}")
         if not self.use_graph and mode == "auto":

@@ -34,6 +34,7 @@ class TrainWorker:
 
     prefix = "[train]"
     cuda_graph: Optional[str] = None  # None: the config's --cuda_graph
+    windows = True  # batches are pretraining's fixed-shape windows (a CUDA graph can replay them)
 
     def __init__(self, config: dict):
         import ray
@@ -137,7 +138,7 @@ class TrainWorker:
             self.ddp_model, self.optimizer, mode=self.cuda_graph or self.tc.cuda_graph,
             precision=self.precision, clip=self.tc.clip, scaler=self.scaler,
             autocast=self.autocast, loss_scale=self.loss_scale, objective=self.objective,
-            log=self.say)
+            windows=self.windows, log=self._worker_log if self.rank == 0 else None)
         self.say(self.precision_reason)
         self.restore_data(state)
 
@@ -272,6 +273,10 @@ class TrainWorker:
                                              "scheduler": self.scheduler.state_dict()},
                      train_state, meta)
         self.save_extra(directory)
+
+    def _worker_log(self, message: str) -> None:
+        """Rank 0's line for its worker log (the train step's CUDA-graph plan)."""
+        print(f"{self.prefix} {message}", flush=True)
 
     def say(self, message: str) -> None:
         """A line for the job's terminal (rank 0's: the driver prints it)."""
