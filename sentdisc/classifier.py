@@ -32,7 +32,6 @@ from sentdisc.errors import InputError
 FORMAT, VERSION = "sentdisc-classifier", 2
 KINDS = ("binary", "multiclass", "multilabel")
 SENTIMENT = ("negative", "positive")  # a binary classifier's labels unless it names others
-THRESHOLD = 0.5  # binary and multi-label: a label is predicted when its probability exceeds it
 HERE = "."       # ``checkpoint``: the folder classifier.json sits in
 
 
@@ -149,16 +148,13 @@ class Classifier:
         p = self.predict_proba_top(features) if top else self.predict_proba(features)
         return np.stack([1.0 - p, p], axis=1) if self.label_kind == "binary" else p
 
-    def decide(self, proba: np.ndarray) -> np.ndarray:
-        """Probabilities (as ``predict_proba`` gives them) -> label indices [N] (binary,
-        multiclass) or a 0/1 indicator [N, K] (multilabel)."""
-        if self.label_kind == "multiclass":
-            return np.argmax(proba, axis=1).astype(np.int64)
-        return (proba > THRESHOLD).astype(np.int64)
-
     def predict(self, features) -> np.ndarray:
-        """Label indices [N] (binary: 0/1), or a 0/1 indicator [N, K] for multilabel."""
-        return self.decide(self.predict_proba(features))
+        """Label indices [N] (binary: 0/1), or a 0/1 indicator [N, K] for multilabel. Decided
+        on the logits (p > 0.5 is z > 0, without the rounding of p near 0.5)."""
+        z = self.decision_function(features)
+        if self.label_kind == "multiclass":
+            return np.argmax(z, axis=1).astype(np.int64)
+        return (z > 0).astype(np.int64)
 
     def names(self, predicted: np.ndarray) -> list:
         """``predict``'s output -> label names: one per text, or a list per text
@@ -227,46 +223,61 @@ def _parse(d: dict, source: str) -> Classifier:
             raise ClassifierError(f"{source}: missing field {where}{key!r}")
         return obj[key]
 
-    kind = str(d.get("label_kind", "binary"))  # version 1: binary
+    try:
+        kind = str(d.get("label_kind", "binary"))  # version 1: binary
+        version = int(d.get("version", 1))
+    except (TypeError, ValueError) as e:
+        raise ClassifierError(f"{source}: bad value: {e}") from None
     if kind not in KINDS:
         raise ClassifierError(f"{source}: label_kind must be one of {KINDS}, got {kind!r}")
-    labels = [str(v) for v in d.get("labels") or SENTIMENT]
+    labels = d.get("labels", None if kind != "binary" else list(SENTIMENT))
+    if not isinstance(labels, list) or not labels:
+        raise ClassifierError(f"{source}: 'labels' must be a non-empty list of the "
+                              f"{kind} classifier's labels")
+    labels = [str(v) for v in labels]
     top = d.get("top")
     if top is not None and not isinstance(top, dict):
         raise ClassifierError(f"{source}: field 'top' must be an object or null")
-    if int(d.get("version", 1)) < 2 and top is None:
+    if version < 2 and top is None:
         top = get(d, "top")  # version 1 always had one
+    if not isinstance(d.get("meta") or {}, dict):
+        raise ClassifierError(f"{source}: field 'meta' must be an object")
+    K = 1 if kind == "binary" else len(labels)
     try:
         coef = np.asarray(get(d, "coef"), dtype=np.float64)
         intercept = np.asarray(get(d, "intercept"), dtype=np.float64)
         neurons = [int(n) for n in get(d, "neurons")]
         signs = [int(s) for s in get(d, "signs")]
         C = None if d.get("C") is None else float(d["C"])
+        H = int(d.get("rnn_size") or (coef.shape[-1] if coef.ndim else 0))
         top_values = {}
         if top is not None:
             top_values = dict(top_coef=np.asarray(get(top, "coef", "top."), dtype=np.float64),
                               top_intercept=np.asarray(get(top, "intercept", "top."),
                                                        dtype=np.float64),
                               top_C=None if top.get("C") is None else float(top["C"]))
+        layer, rnn_size = int(d.get("layer", -1)), H
     except (TypeError, ValueError) as e:
         raise ClassifierError(f"{source}: bad value: {e}") from None
-    H = int(d.get("rnn_size") or coef.shape[-1])
-    K = 1 if kind == "binary" else len(labels)
     want = [H] if kind == "binary" else [K, H]
     if list(coef.shape) != want or intercept.size != K:
         raise ClassifierError(f"{source}: a {kind} classifier of {len(labels)} labels over "
                               f"rnn_size={H} features has 'coef' of shape {want} and {K} "
                               f"intercept(s), got {list(coef.shape)} and {intercept.size}")
     if kind == "binary" and len(labels) != 2 or kind == "multiclass" and len(labels) < 2 \
-            or len(set(labels)) != len(labels) or not labels:
+            or len(set(labels)) != len(labels):
         raise ClassifierError(f"{source}: {kind} labels must be distinct (binary: 2, "
                               f"multiclass: 2 or more), got {labels}")
     if not neurons or len(signs) != len(neurons):
         raise ClassifierError(f"{source}: 'neurons' and 'signs' must be non-empty and of equal "
                               f"length, got {len(neurons)}, {len(signs)}")
-    if top_values and top_values["top_coef"].shape[-1] != len(neurons):
-        raise ClassifierError(f"{source}: 'top.coef' must hold one weight per top neuron "
-                              f"({len(neurons)}), got shape {list(top_values['top_coef'].shape)}")
+    if top_values:
+        shape = [len(neurons)] if kind == "binary" else [K, len(neurons)]
+        if list(top_values["top_coef"].shape) != shape or top_values["top_intercept"].size != K:
+            raise ClassifierError(
+                f"{source}: 'top.coef' must be of shape {shape} (one weight per top neuron"
+                f"{'' if kind == 'binary' else ' and label'}) with {K} intercept(s), got "
+                f"{list(top_values['top_coef'].shape)} and {top_values['top_intercept'].size}")
     bad = [n for n in neurons if not 0 <= n < H]
     if bad:
         raise ClassifierError(f"{source}: neuron indices {bad} out of range [0, {H})")
@@ -279,10 +290,10 @@ def _parse(d: dict, source: str) -> Classifier:
         raise ClassifierError(f"{source}: 'neuron_labels' must name one of the labels for each "
                               f"top neuron")
     return Classifier(coef=coef, intercept=intercept, C=C, neurons=neurons, signs=signs,
-                      feature_kind=str(d.get("feature_kind", "cell")),
-                      layer=int(d.get("layer", -1)), rnn_size=H,
-                      checkpoint=str(d.get("checkpoint", "")), meta=dict(d.get("meta") or {}),
-                      label_kind=kind, labels=labels, neuron_labels=neuron_labels, **top_values)
+                      feature_kind=str(d.get("feature_kind", "cell")), layer=layer,
+                      rnn_size=rnn_size, checkpoint=str(d.get("checkpoint", "")),
+                      meta=dict(d.get("meta") or {}), label_kind=kind, labels=labels,
+                      neuron_labels=neuron_labels, **top_values)
 
 
 def rank_neurons(coef: np.ndarray, k: int, labels=None) -> tuple[list[int], list[int], list[str]]:

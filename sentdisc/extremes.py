@@ -20,10 +20,12 @@ DEFAULT_N = 5
 
 
 def extreme_samples(clf, feats: np.ndarray, texts: list, y: np.ndarray | None,
-                    n: int = DEFAULT_N, split: str = "test") -> list[dict]:
+                    n: int = DEFAULT_N, split: str = "test",
+                    rows: np.ndarray | None = None) -> list[dict]:
     """Per top neuron of ``clf`` (per label for the multi kinds): the ``n`` texts of ``feats``
-    with the highest and the lowest values, each with its row in the split, its value, its
-    text and its true label(s) (None for an unlabeled split)."""
+    with the highest and the lowest values, each with its row in its file (``rows``, 1-based;
+    else its place in the split), its value, its text and its true label(s) (None for an
+    unlabeled split)."""
     out = []
     serves = clf.neuron_labels or [clf.labels[-1]] * len(clf.neurons)
     for neuron, sign, label in zip(clf.neurons, clf.signs, serves, strict=True):
@@ -31,16 +33,17 @@ def extreme_samples(clf, feats: np.ndarray, texts: list, y: np.ndarray | None,
         order = np.argsort(values, kind="stable")
         k = min(n, len(values))
         out.append({"neuron": int(neuron), "sign": int(sign), "label": label, "split": split,
-                    "highest": [_sample(i, values, texts, y, clf) for i in order[::-1][:k]],
-                    "lowest": [_sample(i, values, texts, y, clf) for i in order[:k]]})
+                    "highest": [_sample(i, values, texts, y, clf, rows) for i in order[::-1][:k]],
+                    "lowest": [_sample(i, values, texts, y, clf, rows) for i in order[:k]]})
     return out
 
 
-def _sample(i: int, values, texts, y, clf) -> dict:
+def _sample(i: int, values, texts, y, clf, rows) -> dict:
     truth = None
     if y is not None:
         truth = clf.names(y[i:i + 1])[0]
-    return {"row": int(i), "value": float(values[i]), "text": texts[i], "label": truth}
+    row = int(rows[i]) if rows is not None else int(i) + 1
+    return {"row": row, "value": float(values[i]), "text": texts[i], "label": truth}
 
 
 def write_page(path: str, model, samples: list[dict], layer: int, trace_kind: str,
@@ -64,7 +67,7 @@ def write_page(path: str, model, samples: list[dict], layer: int, trace_kind: st
                 text = s["text"][:MAX_CHARS]
                 chars, values = neuron_values(model, text, neuron, layer=layer, kind=trace_kind,
                                               negate=negate)
-                caption = (f"row {s['row'] + 1}: feature {s['value']:.4g}"
+                caption = (f"row {s['row']}: feature {s['value']:.4g}"
                            + (f", true label {s['label']}" if s["label"] is not None else ""))
                 parts.append(render_html(chars, values, title=caption,
                                          label=f"neuron {neuron} ({trace_kind})",

@@ -184,7 +184,9 @@ def cell_name(v) -> str:
         return str(int(v))
     if isinstance(v, (float, np.floating)):
         return str(int(v)) if math.isfinite(v) and float(v).is_integer() else repr(float(v))
-    return str(v).strip()
+    text = str(v).strip()
+    number = _number(text)  # "1.0" in one file, 1 in another: the same class
+    return cell_name(number) if number is not None else text
 
 
 def _number(name: str) -> float | None:

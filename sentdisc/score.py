@@ -13,11 +13,12 @@ corpus size::
       -> write_parquet(output)
 
 The classifier's ``Probe`` says which layer and feature kind to featurize and which neuron is
-the sentiment neuron. Output columns, one row per well-formed record: ``file``, ``line``
-(1-based; the record number for CSV, JSON arrays and Parquet), ``id`` (with ``id_key``),
-``label`` (0/1), ``prob`` (P(positive) from all neurons), ``prob_top`` (from the top-neuron
-regression, which every classifier.json holds), ``neuron_value`` (the top neuron's raw
-feature; its sign is in the summary) and ``capped`` (bytes cut from a record over
+the sentiment neuron. Output columns, one row per well-formed record (``columns``): ``file``,
+``line`` (1-based; the record number for CSV, JSON arrays and Parquet), ``id`` (with
+``id_key``), the classifier's answer (binary: ``label`` 0/1, ``prob`` = P(positive) and, when
+it has a top-neuron model, ``prob_top``; multi-class: ``label`` and a ``prob_<label>`` per
+label; multi-label: ``labels`` and a ``prob_<label>`` per label), ``neuron_value`` (the top
+neuron's raw feature; its sign is in the summary) and ``capped`` (bytes cut from a record over
 ``max_record_bytes``: it was scored on its first bytes). Malformed records are no rows:
 ``_summary.json`` beside the Parquet files counts them by reason and lists the first ones by
 (file, line); the '_' keeps Parquet readers from taking it for data.

@@ -104,7 +104,13 @@ def fit_weights(X, y, C: float, kind: str, seed: int = 42, max_iter: int = 100,
         return (np.stack([m.coef_[0] for m, _ in fits]),
                 np.array([m.intercept_[0] for m, _ in fits]), all(ok for _, ok in fits))
     model, converged = fit_l1(X, y, C, seed, max_iter, solver)
-    return model.coef_, model.intercept_, converged
+    coef, intercept = model.coef_, model.intercept_
+    if kind == "multiclass" and coef.shape[0] == 1:
+        # sklearn fits two classes as one logit z even when multinomial; softmax([-z/2, z/2])
+        # is the same model with one row per class
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.r_[-intercept / 2,
+                                                                      intercept / 2]
+    return coef, intercept, converged
 
 
 def as_classifier(coef, intercept, kind: str, labels) -> Classifier:

@@ -258,7 +258,7 @@ def write_extremes(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf
         return []
     role = "test" if feats["test"] is not None else "val"  # labeled or not
     samples = extreme_samples(clf, feats[role], data[role].texts, labels[role], cfg.extremes,
-                              role)
+                              role, data[role].rows_in_file)
     files["extremes"] = storage.join(run_dir, "extremes.html")
     write_page(files["extremes"], model, samples, clf.layer, Probe.from_classifier(clf).trace_kind,
                title=f"extreme samples: {storage.basename(run_dir)}")

@@ -404,3 +404,38 @@ def test_transfer_command_multiclass_on_amazon_categories(ray_local, tiny_checkp
     assert first["highest"][0]["label"] in res["labels"]
     probs = clf.label_proba(np.zeros((1, 32)))
     assert probs.shape == (1, 4) and probs.sum() == pytest.approx(1, abs=1e-9)
+
+
+def test_multiclass_of_two_classes_is_one_row_per_class():
+    """sklearn fits two classes as one logit even when multinomial: the classifier still has a
+    row per class, and agrees with sklearn."""
+    X, y = _synthetic(400, 20, 4, 1, 0)
+    clf, res = train_classifier(X, y, X, y, sweep=SweepConfig(
+        Cs=[0.5], backend="local", solver="saga", max_iter=300, label_kind="multiclass",
+        labels=["cold", "hot"]))
+    assert clf.coef.shape == (2, 20) and np.allclose(clf.coef[0], -clf.coef[1])
+    assert clf.neurons == [4] and clf.neuron_labels == ["cold"]  # one neuron, both classes
+    model, _ = fit_l1(X, y, 0.5, solver="saga", max_iter=300)
+    np.testing.assert_allclose(clf.predict_proba(X), model.predict_proba(X), atol=1e-6)
+    assert (clf.predict(X) == model.predict(X)).all() and res["all_neurons"]["train_acc"] > 0.85
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"coef": 3.0}, "'coef' of shape"),
+    ({"labels": None}, "'labels' must be a non-empty list"),
+    ({"labels": "abc"}, "'labels' must be a non-empty list"),
+    ({"version": "two"}, "bad value"),
+    ({"meta": 5}, "'meta' must be an object"),
+    ({"top": {"neurons": [1], "coef": [[1.0]], "intercept": [0.0, 0.0, 0.0], "C": 1.0}},
+     r"'top.coef' must be of shape \[3, 1\]"),
+])
+def test_malformed_multiclass_files_are_one_clear_error(tmp_path, change, message):
+    good = {"format": "sentdisc-classifier", "version": 2, "label_kind": "multiclass",
+            "labels": ["a", "b", "c"], "coef": [[0.1, 0.2], [0.0, 1.0], [1.0, 0.0]],
+            "intercept": [0.0, 0.0, 0.0], "C": 1.0, "neurons": [1], "signs": [1],
+            "neuron_labels": ["b"], "top": None, "feature_kind": "mean", "layer": -1,
+            "rnn_size": 2, "checkpoint": "", "meta": {}}
+    assert Classifier.from_dict(good).predict_labels([[0.0, 2.0]]) == ["b"]
+    (tmp_path / "c.json").write_text(json.dumps({**good, **change}))
+    with pytest.raises(ClassifierError, match=message):
+        Classifier.load(tmp_path / "c.json")

@@ -30,7 +30,8 @@ class FinetuneConfig(PoolConfig, LabeledDataConfig):
         "help": "weight of the next-byte LM loss over the labeled texts, added to the "
                 "classification loss (0: none; the LM head is then frozen)"})
     eval_every: int = field(default=0, metadata={
-        "help": "iterations between validations (each one a checkpoint); 0: at each epoch's end"})
+        "help": "iterations between validations, each one a checkpoint (fine-tuning takes no "
+                "--save_iters); 0: at each epoch's end"})
     patience: int = field(default=2, metadata={
         "help": "stop after this many validations without a better score (0: never); the "
                 "best validation's weights are the output either way"})

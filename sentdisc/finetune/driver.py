@@ -47,6 +47,9 @@ def finetune(cfg: FinetuneConfig, train_cfg: TrainConfig, output: Optional[Outpu
     """Fine-tune ``cfg.load_model`` with a classifier head on the labeled sets, on the current
     Ray cluster (started locally if none); returns results (also in results.json)."""
     t0 = time.perf_counter()
+    if train_cfg.cuda_graph == "on":
+        raise InputError("--cuda_graph on: fine-tuning's batches are texts of varying lengths, "
+                         "which a CUDA graph cannot replay (auto or off run them eagerly)")
     base, model_cfg = _base_checkpoint(cfg)
     data = prepare_data(cfg)  # every label checked: a bad one stops the run here
     output = checked_output(output or OutputConfig())
@@ -65,7 +68,8 @@ def finetune(cfg: FinetuneConfig, train_cfg: TrainConfig, output: Optional[Outpu
     with tracker:
         summary = job.run(prior, tracker, progress)
         final = summary["checkpoint"] or _earlier_final(run_dir)
-        # scored as served: featurize at the precision training ran at (fp16 is GPU training's)
+        # scored as served: featurize with training's precision request (auto decides for this
+        # machine, as a server on it would; fp16 is GPU training's, its products are bf16's)
         precision = "bf16" if tc.precision == "fp16" else tc.precision
         results = evaluate(final, cfg, data, run_dir, summary, precision, log)
         results.update(base_checkpoint=base, seconds=round(time.perf_counter() - t0, 3),

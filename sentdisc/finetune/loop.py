@@ -36,8 +36,7 @@ def finetune_loop(config: dict) -> None:
 
 class FinetuneWorker(TrainWorker):
     prefix = "[finetune]"
-    cuda_graph = "off"  # batches of texts vary in shape; graph_plan says so when asked "on"
-    windows = False
+    windows = False  # batches of texts vary in shape: graph_plan runs them eagerly, says why
 
     def __init__(self, config: dict):
         import ray
@@ -49,7 +48,9 @@ class FinetuneWorker(TrainWorker):
         self.train_set, self.val_set = ray.get(config["train_set"]), ray.get(config["val_set"])
         self.base = config["base_checkpoint"]
         self.loss_of = Objective(self.kind, self.ft.lm_weight)
-        self.sums = {"class_loss": 0.0, "lm_loss": 0.0, "n": 0}
+        # class loss, LM loss, texts since the last report: on the device, so a step never
+        # waits to read them, and all-reduced there (an NCCL group takes no CPU tensor)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
 
     # --- restore -----------------------------------------------------------------------------
 
@@ -105,10 +106,10 @@ class FinetuneWorker(TrainWorker):
                 self.validate(epoch_done=True)
 
     def _add(self, carry: dict, n: int) -> None:
-        self.sums["n"] += n
-        for k in ("class_loss", "lm_loss"):
+        self.sums[2] += n
+        for i, k in enumerate(("class_loss", "lm_loss")):
             if carry.get(k) is not None:
-                self.sums[k] += float(carry[k]) * n
+                self.sums[i] += carry[k].double() * n
 
     # --- validate ----------------------------------------------------------------------------
 
@@ -172,12 +173,10 @@ class FinetuneWorker(TrainWorker):
     # --- what a report and a checkpoint hold -------------------------------------------------
 
     def extra_metrics(self, row: dict) -> dict:
-        sums = torch.tensor([self.sums["class_loss"], self.sums["lm_loss"], self.sums["n"]],
-                            dtype=torch.float64)
         if self.dist:
-            torch.distributed.all_reduce(sums)
-        class_loss, lm_loss, n = sums.tolist()
-        self.sums = {"class_loss": 0.0, "lm_loss": 0.0, "n": 0}
+            torch.distributed.all_reduce(self.sums)
+        class_loss, lm_loss, n = self.sums.tolist()
+        self.sums.zero_()
         out = {"texts_seen_interval": int(n)}
         if n:
             out["class_loss"] = class_loss / n

@@ -308,7 +308,9 @@ def plan_iterations(data_cfg, tc: TrainConfig, train_ds) -> Optional[int]:
 def windows_per_epoch(n_bytes: int, batch_size: int, seq_length: int) -> int:
     """The windows the packer makes of an epoch's ``n_bytes``: every byte but each stream's
     first is a target once (its last windows drain the streams: data.packer), B x T targets a
-    window. Exact for one worker; with several, each packs its own share of the records."""
+    window. Exact for one worker. With several it is a lower bound: an epoch lasts until every
+    rank has trained what Ray Data handed it (blocks go to whichever rank asks), at most about a
+    block's worth of windows more, which run at the schedule's last learning rate."""
     return max(1, -(-max(n_bytes - batch_size, 0) // (batch_size * seq_length)))
 
 

@@ -100,8 +100,6 @@ class PretrainWorker(TrainWorker):
 
     # --- train -------------------------------------------------------------------------------
 
-    # --- train -------------------------------------------------------------------------------
-
     def train(self) -> None:
         """Epochs of windows until max_iters or the last epoch; checkpoints at epoch ends."""
         import ray.train

@@ -249,7 +249,7 @@ class TrainWorker:
             "lr": self.optimizer.param_groups[0]["lr"],
             "bytes_per_s": interval_bytes / elapsed if elapsed > 0 else 0.0,
             "bytes_seen": self.bytes_seen, "elapsed_s": run_s, "total_iters": total,
-            "eta_s": (total - self.iteration) * run_s / done if total and done else None,
+            "eta_s": max(0.0, (total - self.iteration) * run_s / done) if total and done else None,
             **dict(zip(counts, (int(v) for v in summed))), "precision": self.precision}
         row.update(self.extra_metrics(row))
         return {**row, "param_checksum": _checksum(self.model),
