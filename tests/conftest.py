@@ -123,15 +123,23 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+_SERVE_PORTS: dict = {}  # the session Ray's address -> the port its Serve answers on
+
+
+@pytest.fixture(scope="module")
 def serve_port(ray_local):
-    """Serve on the session's Ray, started once (a Serve shutdown takes ~30 s): its HTTP port.
-    Modules deploy and delete their own applications on it; ray_local shuts it down."""
+    """Serve on the session's Ray, started once per Ray instance (a Serve shutdown takes ~30 s):
+    its HTTP port. Modules deploy and delete their own applications on it; ray_local shuts it
+    down. Keyed by the Ray instance: a module (the multi-node harness) that stops the session's
+    Ray for its own cluster and starts a new one afterwards gets a new Serve here."""
+    import ray
     from ray import serve
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
+    here = ray.get_runtime_context().gcs_address
+    if here not in _SERVE_PORTS:
+        _SERVE_PORTS[here] = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": _SERVE_PORTS[here]})
+    return _SERVE_PORTS[here]
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,10 @@ def cluster():
 
     had = ray.is_initialized()
     if had:
-        ray.shutdown()
+        from ray import serve
+
+        serve.shutdown()  # the session's Serve, if a module started one (its HAProxy holds
+        ray.shutdown()    # fixed ports a later Serve needs); a no-op otherwise
     # Serve's HAProxy binds fixed stats and metrics ports (8404, 9101) on every node: several
     # nodes on one machine cannot all have them, so this harness serves through Serve's proxy.
     saved = {k: os.environ.get(k) for k in SERVE_ENV}
