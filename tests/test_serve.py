@@ -171,43 +171,62 @@ def _multi_classifier(kind: str, labels: list, path: Path):
     return clf
 
 
-@pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
-def test_multi_kind_app_classifies_and_sentiment_points_to_classify(
-        serve_port, tiny_checkpoint, model, tmp_path, kind):
+MULTI_KINDS = ("multiclass", "multilabel")
+MULTI_LABELS = ["books", "dvd", "electronics", "kitchen"]
+
+
+@pytest.fixture(scope="module")
+def multi_kind_apps(serve_port, tiny_checkpoint, tmp_path_factory):
+    """An app per non-binary kind, deployed together (their replicas start in parallel):
+    {kind: (url, classifier)}."""
     from ray import serve
 
     from sentdisc.serving import make_app
 
-    labels = ["books", "dvd", "electronics", "kitchen"]
-    clf = _multi_classifier(kind, labels, tmp_path / "classifier.json")
-    name = f"sentdisc-{kind}"
-    serve.run(make_app({"checkpoint": str(tiny_checkpoint),
-                        "classifier": str(tmp_path / "classifier.json"), **LIMITS}),
-              name=name, route_prefix=f"/{kind}")
+    apps, targets = {}, []
+    for kind in MULTI_KINDS:
+        path = tmp_path_factory.mktemp(kind) / "classifier.json"
+        clf = _multi_classifier(kind, MULTI_LABELS, path)
+        app = make_app({"checkpoint": str(tiny_checkpoint), "classifier": str(path), **LIMITS})
+        targets.append(serve.RunTarget(app, name=f"sentdisc-{kind}", route_prefix=f"/{kind}"))
+        apps[kind] = (f"http://127.0.0.1:{serve_port}/{kind}", clf)
+    serve.run_many(targets)
     try:
-        url = f"http://127.0.0.1:{serve_port}/{kind}"
-        r = post(url, "/classify", {"texts": TEXTS})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["label_kind"] == kind and body["labels"] == labels
-        feats = featurize(model, TEXTS, kind="mean")
-        want, said = clf.label_proba(feats), clf.predict_labels(feats)
-        for res, p, names in zip(body["results"], want, said, strict=True):
-            assert list(res["probabilities"]) == labels
-            np.testing.assert_allclose(list(res["probabilities"].values()), p, atol=1e-5)
-            if kind == "multiclass":
-                assert sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-6)
-                assert res["label"] == names and res["labels"] == [names]
-            else:  # every label over 0.5
-                assert res["label"] is None and res["labels"] == names
-                assert names == [lab for lab, q in zip(labels, p) if q > 0.5]
-        r = post(url, "/sentiment", {"texts": ["fine"]})
-        assert r.status_code == 409
-        msg = r.json()["detail"][0]["msg"]
-        assert "/classify" in msg and kind in msg and "books" in msg
-        assert requests.get(url + "/healthz", timeout=30).json()["label_kind"] == kind
-    finally:
-        serve.delete(name)
+        yield apps
+    finally:  # both at once, and gone before the next test (their replicas hold CPUs)
+        names = [f"sentdisc-{kind}" for kind in MULTI_KINDS]
+        for name in names:
+            serve.delete(name, _blocking=False)
+        deadline = time.time() + 60
+        while set(names) & set(serve.status().applications) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("kind", MULTI_KINDS)
+def test_multi_kind_app_classifies_and_sentiment_points_to_classify(multi_kind_apps, model,
+                                                                    kind):
+    url, clf = multi_kind_apps[kind]
+    labels = MULTI_LABELS
+    r = post(url, "/classify", {"texts": TEXTS})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label_kind"] == kind and body["labels"] == labels
+    feats = featurize(model, TEXTS, kind="mean")
+    want, said = clf.label_proba(feats), clf.predict_labels(feats)
+    for res, p, names in zip(body["results"], want, said, strict=True):
+        assert list(res["probabilities"]) == labels
+        np.testing.assert_allclose(list(res["probabilities"].values()), p, atol=1e-5)
+        if kind == "multiclass":
+            assert sum(res["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+            assert res["label"] == names and res["labels"] == [names]
+        else:  # every label over 0.5
+            assert res["label"] is None and res["labels"] == names
+            assert names == [lab for lab, q in zip(labels, p) if q > 0.5]
+    r = post(url, "/sentiment", {"texts": ["fine"]})
+    assert r.status_code == 409
+    msg = r.json()["detail"][0]["msg"]
+    assert "/classify" in msg and kind in msg and "books" in msg
+    assert requests.get(url + "/healthz", timeout=30).json()["label_kind"] == kind
 
 
 def test_heatmap_png_svg_json(url, model, classifier):

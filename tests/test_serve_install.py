@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,20 +92,29 @@ def wait_for_sentiment(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError(f"no 200 from /sentiment in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def haproxy_of_its_own(tmp: Path) -> dict:
+def haproxy_of_its_own(base: Path) -> dict:
     """HAProxy's ports and files for a second Serve on this machine (the session's holds the
-    defaults): the environment variables Serve reads them from."""
-    base = tmp / "haproxy"
-    base.mkdir()
+    defaults): the environment variables Serve reads them from. Serve adds a 56-character node
+    id to each path and HAProxy takes a socket path of at most 97, so `base` must be short."""
     return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state")}
 
 
-def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, tmp_path):
+@pytest.fixture
+def short_dir():
+    """A folder with a short path (pytest's tmp_path can be too long for a Unix socket)."""
+    path = Path(tempfile.mkdtemp(prefix="hap", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, tmp_path,
+                                                     short_dir):
     from sentdisc.classifier import fit_result_to_classifier
 
     clf = fit_result_to_classifier([0.5] * 32, 0.0, 1.0, [3], [0.5], 0.0, 1.0).save(
@@ -129,7 +139,7 @@ def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, 
     with open(log, "w") as sink:
         proc = subprocess.Popen([str(installed / "bin" / "sentdisc"), "serve", str(config),
                                  "--address", "local"], cwd=work,
-                                env={**env, **haproxy_of_its_own(tmp_path)}, stdout=sink,
+                                env={**env, **haproxy_of_its_own(short_dir)}, stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -1,7 +1,8 @@
 """Every job's inputs and outputs on any storage: a local folder, file:// and s3:// (a real S3 API,
-moto's server, on 127.0.0.1). One walk per storage: gzipped shards -> pretrain (checkpoints,
+moto's server, on 127.0.0.1). The walk on the bucket: gzipped shards -> pretrain (checkpoints,
 history.csv, loss.png written there) -> resume from its checkpoint -> transfer reading the
-checkpoint and writing classifier.json there -> Serve loading both from there."""
+checkpoint and writing classifier.json there -> Serve loading both from there; on file://,
+transfer reading a checkpoint and writing its outputs there."""
 import gzip
 import json
 import random
@@ -40,7 +41,8 @@ def _labeled(rng, n: int) -> str:
 
 
 # Plain local folders are what test_train.py, test_transfer.py and test_serve.py use: here the
-# same paths run through a file:// URI and a real S3 API (a Train run costs ~20 s a kind).
+# same paths run through a real S3 API, and transfer through a file:// URI (a Train run costs
+# ~30 s, so pretraining, resume and Serve run on the bucket only).
 @pytest.fixture(scope="module", params=["file", "s3"])
 def root(request, tmp_path_factory):
     """The base URI of one storage kind, holding shards/ (gzipped loose JSON) and sst/."""
@@ -59,7 +61,13 @@ def root(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_local, root):
+def trained(ray_local, root, tiny_checkpoint):
+    """A pretraining run on the bucket; on file://, the tiny checkpoint copied there."""
+    if not root.startswith("s3://"):
+        checkpoint = storage.join(root, "exp", "run", "checkpoint_final")
+        for f in tiny_checkpoint.iterdir():
+            storage.write_bytes(storage.join(checkpoint, f.name), f.read_bytes())
+        return {"checkpoint": checkpoint}
     cfgs = (ModelConfig(embed_size=8, rnn_size=32),
             DataConfig(train=storage.join(root, "shards"), split="90,10,0"),
             TrainConfig(batch_size=4, seq_length=32, lr=3e-3, max_iters=8, log_interval=4,
@@ -68,7 +76,14 @@ def trained(ray_local, root):
     return pretrain(*cfgs, progress=False)
 
 
+def _remote_only(root):
+    if not root.startswith("s3://"):
+        pytest.skip("local checkpoints: pretrained and resumed in test_train.py, served in "
+                    "test_serve.py")
+
+
 def test_pretrain_writes_checkpoints_history_and_plot_to_the_storage(root, trained):
+    _remote_only(root)
     run = storage.join(root, "exp", "run")
     names = storage.list_dir(run)
     assert {"checkpoint_final", "history.csv", "loss.png", "summary.json",
@@ -80,13 +95,6 @@ def test_pretrain_writes_checkpoints_history_and_plot_to_the_storage(root, train
     assert [r["iteration"] for r in history if not r.get("final")] == [4, 8]
     assert history[-1]["records"] > 0 and history[-1]["skipped_total"] == 0
     assert load(trained["checkpoint"]).config.rnn_size == 32
-
-
-def _remote_only(root):
-    # Local checkpoints are resumed (tests/test_train.py) and served (tests/test_serve.py)
-    # already; a Train run or a Serve app costs ~20 s, so these run on the bucket only.
-    if not root.startswith("s3://"):
-        pytest.skip("covered for local folders by test_train.py / test_serve.py")
 
 
 def test_resume_from_a_checkpoint_on_the_storage(root, trained):
