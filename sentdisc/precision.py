@@ -14,8 +14,7 @@ Gates and the cell state stay float32 either way (``sentdisc.kernels``). ``SENTD
 (fp32 or bf16) in the environment fixes what ``auto`` means on every machine a job runs on, for
 runs that must compare across machines (the test suite sets fp32: it checks against float32
 references, and bf16 where it asks for it). ``choose`` is the pure decision, from what
-``Hardware.detect`` read; ``resolve`` reads the hardware, decides, and says the choice and why
-once per process.
+``Hardware.detect`` read; each job says the choice and why once.
 """
 from __future__ import annotations
 
@@ -80,15 +79,3 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
                         "(products emulated: slower than fp32)")
     return requested, f"precision {requested} as asked"
 
-
-_said: set = set()
-
-
-def resolve(requested: str, device="cpu", log=print, prefix: str = "") -> str:
-    """``choose`` on the hardware of ``device`` here; the choice and its reason are logged
-    once per process."""
-    precision, why = choose(requested, Hardware.detect(device))
-    if why not in _said and log is not None:
-        _said.add(why)
-        log(f"{prefix}{why}" if prefix else why)
-    return precision

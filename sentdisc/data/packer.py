@@ -179,24 +179,34 @@ class BytePacker:
                     starts.append(len(buf))
                     buf += rec
             for b in range(B):
-                buf, starts = self._buf[b], self._starts[b]
-                x[b] = np.frombuffer(buf, np.uint8, count=T + 1)
-                if self.persist_state == 0:
-                    for s in starts:
-                        if s < T:
-                            reset[b, s] = True
-                # Keep the last byte: it is the next window's first input.
-                del buf[:T]
-                while starts and starts[0] < T:
-                    starts.popleft()
-                for i in range(len(starts)):
-                    starts[i] -= T
-            self._carried = True
-            if self._reset_all:
-                reset[:, 0] = True
-                self._reset_all = False
-            self.counts["windows"] += 1
+                self._cut_row(b, x, reset)
+            self._window_done(reset)
             yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset), B * T)
+
+    def _cut_row(self, b: int, x: np.ndarray, reset: np.ndarray) -> int:
+        """Row ``b`` of a window: up to T + 1 bytes of stream ``b`` into ``x[b]``, its record
+        starts into ``reset[b]``; the stream moves on by T. Returns the bytes copied."""
+        T, buf, starts = self.T, self._buf[b], self._starts[b]
+        m = min(len(buf), T + 1)
+        x[b, :m] = np.frombuffer(buf, np.uint8, count=m)
+        if self.persist_state == 0:
+            for s in starts:
+                if s < T:
+                    reset[b, s] = True
+        # Keep the last byte: it is the next window's first input.
+        del buf[:T]
+        while starts and starts[0] < T:
+            starts.popleft()
+        for i in range(len(starts)):
+            starts[i] -= T
+        return m
+
+    def _window_done(self, reset: np.ndarray) -> None:
+        self._carried = True
+        if self._reset_all:
+            reset[:, 0] = True
+            self._reset_all = False
+        self.counts["windows"] += 1
 
     def _drain(self) -> Iterator[Window]:
         """The epoch's last windows: every byte the streams still hold, re-packed."""
@@ -238,24 +248,9 @@ class BytePacker:
             valid = np.zeros((B, T), bool)
             reset = np.zeros((B, T), bool)
             for b in range(B):
-                buf, starts = self._buf[b], self._starts[b]
-                m = min(len(buf), T + 1)
-                x[b, :m] = np.frombuffer(bytes(buf[:m]), np.uint8)
+                m = self._cut_row(b, x, reset)
                 valid[b, :max(m - 1, 0)] = True
-                if self.persist_state == 0:
-                    for s in starts:
-                        if s < T:
-                            reset[b, s] = True
-                del buf[:T]
-                while starts and starts[0] < T:
-                    starts.popleft()
-                for i in range(len(starts)):
-                    starts[i] -= T
-            self._carried = True
-            if self._reset_all:
-                reset[:, 0] = True
-                self._reset_all = False
-            self.counts["windows"] += 1
+            self._window_done(reset)
             yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset),
                          int(valid.sum()), torch.from_numpy(valid))
         self._clear_streams()
