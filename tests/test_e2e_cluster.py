@@ -4,7 +4,8 @@ pretrain job -> transfer job on its checkpoint -> `serve deploy` -> HTTP queries
 `serve deploy` with new batch settings (the running replica retunes, no restart) -> stop.
 
 The cluster is started with `ray start --head --block` in its own process group and stopped by
-signalling that group, not by `ray stop`, which would also kill the test session's own Ray.
+signalling that process (the group is killed after it), not by `ray stop`, which would also
+kill the test session's own Ray.
 """
 import json
 import os
@@ -117,12 +118,18 @@ class Cluster:
         self.run("serve", "deploy", str(path), "--address", self.env["RAY_ADDRESS"])
 
     def stop(self):
+        # SIGTERM to `ray start` alone: it stops its processes in order in seconds. Signalled
+        # all at once, the group's raylet and GCS wait on each other for a minute or more.
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.terminate()
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                pass
+        try:  # whatever of the cluster is left
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.recorded is None:
             self.address_file.unlink(missing_ok=True)
         else:

@@ -105,6 +105,11 @@ def haproxy_of_its_own(base: Path) -> dict:
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(base / "server-state")}
 
 
+# On Ctrl-C each replica behind HAProxy drains for Serve's minimum of 30 s (so that a load
+# balancer stops routing to it) before Serve shuts down: the one setting this test changes.
+QUICK_STOP = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+
+
 @pytest.fixture
 def short_dir():
     """A folder with a short path (pytest's tmp_path can be too long for a Unix socket)."""
@@ -139,7 +144,8 @@ def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, 
     with open(log, "w") as sink:
         proc = subprocess.Popen([str(installed / "bin" / "sentdisc"), "serve", str(config),
                                  "--address", "local"], cwd=work,
-                                env={**env, **haproxy_of_its_own(short_dir)}, stdout=sink,
+                                env={**env, **haproxy_of_its_own(short_dir), **QUICK_STOP},
+                                stdout=sink,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
