@@ -160,6 +160,7 @@ def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, 
         assert "Python proxy" not in printed
     finally:
         stop(proc)
+    assert "sentdisc serve: stopping: Serve drains each replica for 2 s first" in log.read_text()
 
 
 def stop(proc: subprocess.Popen):

@@ -67,11 +67,33 @@ def main(argv=None) -> int:
     if chosen:
         print("sentdisc serve: " + " ".join(f"{k}={v!r}" for k, v in chosen.items()),
               flush=True)
+    _say_what_ctrl_c_waits_for()
     from ray.serve.scripts import cli
 
     target = [] if args and args[0].endswith((".yaml", ".yml")) else ["sentdisc.serving:build_app"]
     return cli.main(args=["run", *target, *args], prog_name="sentdisc serve",
                     standalone_mode=True) or 0
+
+
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+
+
+def _say_what_ctrl_c_waits_for() -> None:
+    """On Ctrl-C, ``serve run`` shuts Serve down, and behind HAProxy each replica first drains
+    for Serve's minimum period (30 s unless set) so a load balancer stops routing to it: say
+    so, rather than leave a silent half minute."""
+    import signal
+
+    if not in_effect():
+        return
+
+    def on_ctrl_c(signum, frame):
+        print(f"sentdisc serve: stopping: Serve drains each replica for "
+              f"{os.environ.get(DRAIN_ENV, '30')} s first ({DRAIN_ENV})", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
 
 
 if __name__ == "__main__":
