@@ -145,8 +145,7 @@ def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, 
         proc = subprocess.Popen([str(installed / "bin" / "sentdisc"), "serve", str(config),
                                  "--address", "local"], cwd=work,
                                 env={**env, **haproxy_of_its_own(short_dir), **QUICK_STOP},
-                                stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         body = wait_for_sentiment(url, proc, log, timeout=300).json()
