@@ -13,7 +13,9 @@ lengths), fused and unfused, and one text at a time.
 Precision rows: the fused training step and featurize with bf16 products (autocast, what
 precision auto runs where the CPU multiplies bf16 natively) beside fp32, each against the GEMM
 rate of its own dtype measured in the same run; mLSTM-4096 (the OpenAI model's shapes, random
-weights) featurizing SST-2 test, texts/s, fp32 and bf16; and the losses of one training run
+weights) featurizing SST-2 test, texts/s, fp32 and bf16; where a fused training step's time
+goes (torch.profiler: matrix products against everything else), and what that leaves bf16
+products at most (Amdahl: only the products get faster); and the losses of one training run
 (mLSTM-128) in fp32 and in bf16 from the same weights on the same windows. bf16 rows are timed
 where the CPU multiplies bf16 natively (--bf16 auto); the loss comparison runs everywhere.
 The bound: the machine's matmul rate for the same shapes, measured here, divided by
@@ -29,6 +31,7 @@ import csv
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -312,6 +315,7 @@ def main(argv=None):
           f"GEMM rate)")
     precision_tables(args, best, B, T, H, E, n_bytes, train_flops_per_byte, feat_flops_per_byte,
                      train_gemm, feat_gemm, train_gemm16, feat_gemm16, use_bf16, bf16_why)
+    step_time_split(train, train_gemm16 / train_gemm if use_bf16 else None)
     print(f"\n{load_note()} (the machine is shared: figures are the best of {args.rounds} rounds)")
 
 
@@ -355,6 +359,51 @@ def precision_tables(args, best, B, T, H, E, n_bytes, train_fpb, feat_fpb, train
               f"(fp32), {r['bf16_last']:.3f} (bf16) over the last tenth; |bf16 - fp32| / fp32 "
               f"per step: max {r['max_rel']:.2%}, mean {r['mean_rel']:.2%} (tolerance 2%); "
               f"{r['seconds']['fp32']:.0f} s fp32, {r['seconds']['bf16']:.0f} s bf16")
+
+
+MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm",
+                   "mkldnn::_linear_pointwise"}
+
+
+def products_and_rest(step: Callable[[], None], reps: int = 3) -> tuple:
+    """(seconds in matrix products, seconds in everything else) of one call of ``step``, from
+    torch.profiler's self times: per op, the least over ``reps`` profiled calls (the machine
+    is shared). The rest is the gate arithmetic, casts, the head's softmax, weight norm,
+    clipping, Adam, and the Python that issues them."""
+    from torch.profiler import ProfilerActivity, profile
+    per_op = {}
+    for _ in range(reps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        for e in prof.key_averages():
+            per_op.setdefault(e.key, []).append(e.self_cpu_time_total / 1e6)
+    least = {k: min(v) for k, v in per_op.items()}
+    products = sum(t for k, t in least.items() if k in MATRIX_PRODUCTS)
+    return products, sum(least.values()) - products
+
+
+def step_time_split(train: dict, gemm_ratio):
+    """Where the fused training step's time goes, and the most bf16 products can give it."""
+    rows, split = [], {}
+    for dtype, name in (("fp32", "sentdisc fused, fp32"),
+                        ("bf16", "sentdisc fused, bf16 products")):
+        if name not in train:
+            continue
+        products, rest = split[dtype] = products_and_rest(train[name])
+        rows.append(dict(dtype=dtype, products=f"{products * 1e3:.0f} ms",
+                         rest=f"{rest * 1e3:.0f} ms", share=f"{rest / (products + rest):.0%}"))
+    print("\nWhere a fused training step's time goes (torch.profiler self times, per op the "
+          "least of 3 steps):")
+    print_table(rows, [("dtype", "products"), ("products", "matrix products"),
+                       ("rest", "everything else"), ("share", "rest / step")])
+    products, rest = split["fp32"]
+    r = gemm_ratio or 2.0
+    where = (f"r = {r:.2f}, the bf16/fp32 GEMM rate measured here" if gemm_ratio else
+             "r = 2, about what a CPU with native bf16 gives at these shapes (none here)")
+    print(f"bf16 products r times faster leave the rest as it is: the step gains at most "
+          f"(products + rest) / (products / r + rest) = {(products + rest) / (products / r + rest):.2f}x "
+          f"at {where}" + (f"; bf16's own rest (casts) measured {split['bf16'][1] * 1e3:.0f} ms"
+                           if "bf16" in split else ""))
 
 
 def _disabled(fn):
