@@ -160,3 +160,21 @@ def print_table(rows: list, columns: list):
     print("  ".join(h.ljust(w) for (_, h), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def wait_healthy(url: str, proc=None, timeout: float = 120) -> None:
+    """Until ``url``/healthz answers 200: a server starting, or a route that Serve's ingress
+    learns a moment after ``serve.run`` returns. ``proc``: the server's process, if ours."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")

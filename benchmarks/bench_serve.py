@@ -44,7 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_note, print_table  # noqa: E402
+from _common import load_note, print_table, wait_healthy  # noqa: E402
 
 
 def reviews(n: int, source: str = "amazon", seed: int = 0) -> tuple[list[str], str]:
@@ -160,22 +160,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc=None, timeout: float = 120) -> None:
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if requests.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not become healthy in {timeout:.0f} s")
-
-
 def run_plain(ckpt, clf, texts, levels, n_for, batching) -> dict:
     port = free_port()
     args = [f"checkpoint={ckpt}", f"classifier={clf}", f"port={port}", "threads=1",
@@ -184,7 +168,7 @@ def run_plain(ckpt, clf, texts, levels, n_for, batching) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "sentdisc.serving.plain", *args], env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url, proc)
+        wait_healthy(url, proc)
         return {c: load_test(url, texts, c, n_for(c)) for c in levels}
     finally:
         proc.terminate()
@@ -212,7 +196,7 @@ def run_readme_command(ckpt, clf, texts, levels, n_for, batching) -> dict:
                             stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url, proc, timeout=240)
+        wait_healthy(url, proc, timeout=240)
         import requests
 
         ingress = requests.get(url + "/healthz", timeout=30).json().get("ingress")
@@ -247,7 +231,7 @@ def run_serve(ckpt, clf, texts, levels, n_for, batching, haproxy: bool) -> dict:
         serve.run(make_app({"checkpoint": str(ckpt), "classifier": str(clf)}, batching=batching),
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        wait_http(url)
+        wait_healthy(url)
         return {c: load_test(url, texts, c, n_for(c)) for c in levels}
     finally:
         serve.shutdown()

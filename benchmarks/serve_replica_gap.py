@@ -23,6 +23,8 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks._common import wait_healthy  # noqa: E402
+
 CLIENT_TIMEOUT_S = 30
 
 
@@ -50,6 +52,7 @@ def main() -> None:
             check_args(AppArgs(checkpoint=str(ckpt))))
         serve.run(app, name="gap", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
         pid = requests.get(url + "/healthz", timeout=30).json()["pid"]
         outcomes, stop = [], time.time() + 25
 

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import load_note  # noqa: E402
+from benchmarks._common import load_note, wait_healthy  # noqa: E402
 from sentdisc.config import default_data_dir  # noqa: E402
 
 CATEGORIES = ["books", "dvd", "electronics", "kitchen"]
@@ -82,6 +82,7 @@ def serve_check(checkpoint: str, classifier: str, texts: list) -> dict:
               route_prefix="/")
     try:
         base = "http://127.0.0.1:8000"
+        wait_healthy(base)
         got = requests.post(base + "/classify", json={"texts": texts}, timeout=120).json()
         sums = [sum(r["probabilities"].values()) for r in got["results"]]
         sent = requests.post(base + "/sentiment", json={"texts": texts[:1]}, timeout=60)

@@ -142,6 +142,27 @@ def serve_port(ray_local):
     return _SERVE_PORTS[here]
 
 
+def routed(url: str, timeout: float = 60) -> str:
+    """``url`` once the app answers its /healthz (200, or 503 with the reason it cannot
+    serve). ``serve.run`` returns when the replicas are up, but HAProxy learns the new route a
+    moment later (asynchronously, from Serve's controller): until then every path is a 404."""
+    import time
+
+    import requests
+
+    deadline, last = time.time() + timeout, "no answer"
+    while time.time() < deadline:
+        try:
+            r = requests.get(url + "/healthz", timeout=10)
+            if r.status_code != 404:
+                return url
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except requests.RequestException as e:
+            last = repr(e)
+        time.sleep(0.2)
+    pytest.fail(f"{url}/healthz not routed {timeout:.0f} s after serve.run: {last}")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny mLSTM (random weights) saved in the checkpoint format."""

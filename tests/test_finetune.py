@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 import torch
+from conftest import routed
 
 from sentdisc import featurize, load
 from sentdisc.classifier import Classifier
@@ -127,7 +128,7 @@ def test_finetune_binary_survives_a_killed_worker_then_serves_and_scores(
 
     serve.run(make_app({"checkpoint": str(final)}), name="finetuned", route_prefix="/ft")
     try:
-        url = f"http://127.0.0.1:{serve_port}/ft"
+        url = routed(f"http://127.0.0.1:{serve_port}/ft")
         texts = data["test"].texts[:4]
         got = requests.post(url + "/classify", json={"texts": texts}, timeout=60).json()
         want = clf.label_proba(feats[:4])

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import free_port, new_bucket, start_local_ray
+from conftest import free_port, new_bucket, routed, start_local_ray
 
 from sentdisc import storage
 from sentdisc.config import OutputConfig
@@ -176,7 +176,7 @@ def test_serve_replicas_on_two_nodes_survive_losing_one(cluster, nodes, tiny_che
         ray_actor_options={"num_cpus": 0.5, "resources": {"trainer": 0.5}},
     ).bind(check_args(AppArgs.model_validate({"checkpoint": str(tiny_checkpoint)})))
     serve.run(app, name="multi", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/featurize"
+    url = routed(f"http://127.0.0.1:{port}") + "/featurize"
     replicas = {requests.get(url.replace("featurize", "healthz"), timeout=30).json()["pid"]
                 for _ in range(20)}
     assert len(replicas) == 2, replicas  # both answer

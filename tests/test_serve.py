@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import fit_mean_classifier
+from conftest import fit_mean_classifier, routed
 
 from sentdisc import featurize, load, viz
 
@@ -56,7 +56,7 @@ def url(serve_port, tiny_checkpoint, classifier):
     app = make_app(app_args(tiny_checkpoint, classifier), batching=BATCHING)
     serve.run(app, name=APP_NAME, route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{serve_port}"
+        yield routed(f"http://127.0.0.1:{serve_port}")
     finally:
         serve.delete(APP_NAME)
 
@@ -191,6 +191,8 @@ def multi_kind_apps(serve_port, tiny_checkpoint, tmp_path_factory):
         targets.append(serve.RunTarget(app, name=f"sentdisc-{kind}", route_prefix=f"/{kind}"))
         apps[kind] = (f"http://127.0.0.1:{serve_port}/{kind}", clf)
     serve.run_many(targets)
+    for url, _ in apps.values():
+        routed(url)
     try:
         yield apps
     finally:  # both at once, and gone before the next test (their replicas hold CPUs)

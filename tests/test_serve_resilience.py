@@ -11,6 +11,7 @@ import time
 
 import pytest
 import requests
+from conftest import routed
 
 CLIENT_TIMEOUT_S = 30
 
@@ -44,7 +45,7 @@ def _deploy(name, checkpoint, port, replicas, broken=None, **options):
     app = SentdiscServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5},
                                  user_config={}, **options).bind(args)
     serve.run(app, name=name, route_prefix=f"/{name}")
-    return f"http://127.0.0.1:{port}/{name}"
+    return routed(f"http://127.0.0.1:{port}/{name}")
 
 
 def _pids(url: str, want: int, timeout: float = 30) -> dict:

@@ -11,7 +11,7 @@ import time
 import pyarrow.fs as pafs
 import pytest
 import requests
-from conftest import free_port, new_bucket
+from conftest import free_port, new_bucket, routed
 
 from sentdisc import storage
 from sentdisc.checkpoint import load
@@ -144,7 +144,7 @@ def test_serve_loads_checkpoint_and_classifier_from_the_storage(serve_port, root
                          "classifier": storage.join(transferred, "classifier.json")}),
               name="storage-test", route_prefix="/")
     try:
-        r = requests.post(f"http://127.0.0.1:{port}/sentiment",
+        r = requests.post(routed(f"http://127.0.0.1:{port}") + "/sentiment",
                           json={"texts": ["I loved it", "a waste of time"]}, timeout=60)
         assert r.status_code == 200, r.text
         assert len(r.json()["results"]) == 2
