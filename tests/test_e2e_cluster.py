@@ -75,7 +75,10 @@ class Cluster:
         self.env = {**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "PYTHONPATH": str(REPO), "RAY_ADDRESS": f"http://127.0.0.1:{self.dash}",
                     # `python` in a job's entrypoint is this environment's, as in an activated venv
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                    # On SIGTERM a node first drains (30 s by default) so Serve can move its
+                    # replicas elsewhere: a one-node cluster has nowhere to move them to.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.log = open(tmp / "ray_head.log", "w")
         # `ray start` records its address for later `ray.init()` calls; killing the head leaves
         # that record pointing at nothing, so it is put back as it was on stop.
