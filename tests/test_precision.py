@@ -101,6 +101,66 @@ def test_bf16_training_loss_tracks_fp32():
     assert rel.max() < 0.02, rel.max()
 
 
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op a block runs, forward and backward: (op, operand dtypes, shapes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in args if isinstance(a, torch.Tensor)] + [
+            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        out = func(*args, **(kwargs or {}))
+        out_dtype = out.dtype if isinstance(out, torch.Tensor) else None
+        self.ops.append((func._overloadpacket.__name__, tuple(t.dtype for t in flat),
+                         tuple(tuple(t.shape) for t in flat), out_dtype))
+        return out
+
+
+def _bf16_step_ops(model, T: int, B: int = 3) -> list:
+    """The ops of one bf16 training step (after a warm-up step) over B x T bytes."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    autocast = autocast_for("bf16", torch.device("cpu"))
+    x = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(T))
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[:, 0] = True
+    train_step(model, opt, x, reset, None, clip=1.0, autocast=autocast)
+    with _OpLog() as log:
+        train_step(model, opt, x, reset, None, clip=1.0, autocast=autocast)
+    return log.ops
+
+
+def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
+    """What issue 25 looked for in the bf16 CPU path, held structurally (so any CPU checks
+    it): every product over the step's B*T rows runs on bf16 operands, forward and backward;
+    the fp32 products left are the per-byte-value tables' (V rows, however long the window);
+    the weights are cast to bf16 once per optimizer step, not per time step. Two window
+    lengths tell per-step work (grows with T) from per-optimizer-step work (does not)."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(embed_size=16, rnn_size=64))
+    weights = {tuple(p.shape) for p in model.parameters()}
+    weights |= {s[::-1] for s in weights}
+    products = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+    runs = {T: _bf16_step_ops(model, T) for T in (16, 32)}
+    for T, ops in runs.items():
+        rows = {3 * T}  # B*T: the window's rows, as no weight has (B = 3)
+        fp32 = [(n, s) for n, d, s, _ in ops if n in products and torch.float32 in d]
+        over_rows = [(n, s) for n, s in fp32 if rows & {dim for shape in s for dim in shape}]
+        assert fp32 and not over_rows, f"fp32 products over the window's rows: {over_rows}"
+        assert sum(n in products and d and set(d) == {torch.bfloat16}
+                   for n, d, _, _ in ops) > T, "the recurrent products are not in bf16"
+    fp32_products = [sorted((s for n, d, s, _ in runs[T] if n in products
+                             and torch.float32 in d), key=str) for T in runs]
+    assert fp32_products[0] == fp32_products[1], "fp32 products that grow with the window"
+    weight_casts = [sorted((s[0] for n, d, s, out in runs[T]
+                            if n == "_to_copy" and out == torch.bfloat16 and s[0] in weights),
+                           key=str) for T in runs]
+    assert weight_casts[0] == weight_casts[1], "weights cast per time step, not per step"
+    assert 0 < len(weight_casts[0]) <= 2 * len(list(model.parameters()))
+
+
 @pytest.mark.parametrize("asked, cpus, want", [(0, 2, 1), (0, 4, 2), (0, 16, 2), (3, 8, 3)])
 def test_score_replicas_fit_the_cluster(asked, cpus, want):
     chosen, why = fit_replicas(asked, 1, cpus)
