@@ -293,18 +293,30 @@ def test_prepacked_products_are_used_and_exact():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
-def test_inference_keeps_its_prepacked_weights_in_the_weights_dict(monkeypatch):
-    """Chunked inference (featurize) reorders the weights once, not once per chunk."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_prepares_its_weights_once_per_weights_dict(monkeypatch, precision):
+    """Chunked inference (featurize, the serving batch) casts, rescales and reorders the
+    weights once per weights dict, not once per chunk: a second chunk finds them all in each
+    layer's cache (the looked-up first layer's and the concatenated second's) and makes
+    nothing new, and computes what fresh weights compute."""
     monkeypatch.setattr(kernels, "PREPACK_MIN_ROW_STEPS", 0)
-    model = make(layers=1)
-    w = model.layers[0].weights()
+    monkeypatch.setattr(kernels, "SIGMOID_TANH_MIN", 0)  # the rescaled copies, at tiny sizes
+    model = make(layers=2)
     x = torch.randint(0, 256, (4, 6))
-    state = model.init_state(4)[0]
-    with torch.no_grad():
-        model.layers[0](model.embed(x), state, weights=w)
-        (first,) = w["_kernel_cache"].values()
-        model.layers[0](model.embed(x), state, weights=w)
-        assert list(w["_kernel_cache"].values()) == [first]
+    weights = [layer.weights() for layer in model.layers]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), autocast:
+        first_out = [hs.clone() for hs, _ in model.run_layers(x, weights=weights)[0]]
+        first = [dict(w["_kernel_cache"]) for w in weights]
+        assert all(any(k[0] == "infer_weights" for k in c) for c in first), first
+        again = [hs for hs, _ in model.run_layers(x, weights=weights)[0]]
+        for w, cache in zip(weights, first):
+            assert w["_kernel_cache"].keys() == cache.keys()
+            assert all(w["_kernel_cache"][k] is v for k, v in cache.items())
+        fresh = [hs for hs, _ in model.run_layers(x)[0]]
+    for a, b, c in zip(first_out, again, fresh):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])

@@ -161,6 +161,26 @@ def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
     assert 0 < len(weight_casts[0]) <= 2 * len(list(model.parameters()))
 
 
+
+def test_bf16_featurize_multiplies_in_bf16_on_weights_cast_once():
+    """Featurizing with bf16 products: the per-step products run on bf16 operands (the one fp32
+    product is mean pooling's, once per chunk) and a second call casts no weight again (the
+    bf16 weights are kept with the model's fused-path cache)."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig(embed_size=16, rnn_size=64))
+    products = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+    weights = {tuple(p.shape) for p in model.parameters()}
+    texts = ["a fine film", "not good at all, I want my money back", "meh"]
+    featurize(model, texts, kind="mean", precision="bf16")
+    with _OpLog() as log:
+        featurize(model, texts, kind="mean", precision="bf16")
+    dtypes = [set(d) for n, d, _, _ in log.ops if n in products]
+    assert sum(d == {torch.bfloat16} for d in dtypes) >= max(map(len, texts))
+    assert sum(torch.float32 in d for d in dtypes) <= 1, dtypes
+    assert not [s[0] for n, _, s, out in log.ops if n == "_to_copy"
+                and out == torch.bfloat16 and (s[0] in weights or s[0][::-1] in weights)]
+
+
 @pytest.mark.parametrize("asked, cpus, want", [(0, 2, 1), (0, 4, 2), (0, 16, 2), (3, 8, 3)])
 def test_score_replicas_fit_the_cluster(asked, cpus, want):
     chosen, why = fit_replicas(asked, 1, cpus)
