@@ -162,23 +162,28 @@ def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
 
 
 
-def test_bf16_featurize_multiplies_in_bf16_on_weights_cast_once():
-    """Featurizing with bf16 products: the per-step products run on bf16 operands (the one fp32
-    product is mean pooling's, once per chunk) and a second call casts no weight again (the
-    bf16 weights are kept with the model's fused-path cache)."""
+def test_bf16_featurize_multiplies_in_bf16_and_casts_weights_once_per_call():
+    """Featurizing with bf16 products: the per-step products run on bf16 operands (the fp32
+    ones are mean pooling's batched sums) and the weights are cast once per call, however many
+    chunks the texts take (the kernel keeps the cast weights in the weights dict's cache)."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(embed_size=16, rnn_size=64))
     products = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
     weights = {tuple(p.shape) for p in model.parameters()}
-    texts = ["a fine film", "not good at all, I want my money back", "meh"]
-    featurize(model, texts, kind="mean", precision="bf16")
-    with _OpLog() as log:
-        featurize(model, texts, kind="mean", precision="bf16")
-    dtypes = [set(d) for n, d, _, _ in log.ops if n in products]
-    assert sum(d == {torch.bfloat16} for d in dtypes) >= max(map(len, texts))
-    assert sum(torch.float32 in d for d in dtypes) <= 1, dtypes
-    assert not [s[0] for n, _, s, out in log.ops if n == "_to_copy"
-                and out == torch.bfloat16 and (s[0] in weights or s[0][::-1] in weights)]
+    weights |= {s[::-1] for s in weights}
+    casts = {}
+    for chunks in (2, 6):
+        texts = ["a fine film " * (chunks * 32 // 12 + 1), "meh"]
+        with _OpLog() as log:
+            featurize(model, texts, kind="mean", precision="bf16", chunk_size=32)
+        dtypes = [set(d) for n, d, _, _ in log.ops if n in products]
+        assert sum(d == {torch.bfloat16} for d in dtypes) >= chunks * 32
+        pooled = [n for n, d, _, _ in log.ops if n in products and torch.float32 in d]
+        assert set(pooled) <= {"bmm"}, pooled  # mean pooling's, per chunk
+        casts[chunks] = sorted((s[0] for n, d, s, out in log.ops if n in ("to", "_to_copy")
+                                and out == torch.bfloat16 and d == (torch.float32,)
+                                and s[0] in weights), key=str)
+    assert casts[2] and casts[2] == casts[6], casts
 
 
 @pytest.mark.parametrize("asked, cpus, want", [(0, 2, 1), (0, 4, 2), (0, 16, 2), (3, 8, 3)])
