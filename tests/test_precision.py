@@ -155,7 +155,8 @@ def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
                              and torch.float32 in d), key=str) for T in runs]
     assert fp32_products[0] == fp32_products[1], "fp32 products that grow with the window"
     weight_casts = [sorted((s[0] for n, d, s, out in runs[T]
-                            if n == "_to_copy" and out == torch.bfloat16 and s[0] in weights),
+                            if n in ("to", "_to_copy") and out == torch.bfloat16
+                            and s[0] in weights),
                            key=str) for T in runs]
     assert weight_casts[0] == weight_casts[1], "weights cast per time step, not per step"
     assert 0 < len(weight_casts[0]) <= 2 * len(list(model.parameters()))
