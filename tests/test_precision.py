@@ -101,6 +101,8 @@ def test_bf16_training_loss_tracks_fp32():
     assert rel.max() < 0.02, rel.max()
 
 
+PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}  # aten's matrix products
+
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Every aten op a block runs, forward and backward: (op, operand dtypes, shapes)."""
@@ -119,6 +121,12 @@ class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def _weight_shapes(model) -> set:
+    """Every parameter's shape and its transpose's (a product may take either)."""
+    shapes = {tuple(p.shape) for p in model.parameters()}
+    return shapes | {s[::-1] for s in shapes}
+
+
 def _bf16_step_ops(model, T: int, B: int = 3) -> list:
     """The ops of one bf16 training step (after a warm-up step) over B x T bytes."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -133,25 +141,23 @@ def _bf16_step_ops(model, T: int, B: int = 3) -> list:
 
 
 def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
-    """What issue 25 looked for in the bf16 CPU path, held structurally (so any CPU checks
-    it): every product over the step's B*T rows runs on bf16 operands, forward and backward;
-    the fp32 products left are the per-byte-value tables' (V rows, however long the window);
-    the weights are cast to bf16 once per optimizer step, not per time step. Two window
-    lengths tell per-step work (grows with T) from per-optimizer-step work (does not)."""
+    """The bf16 CPU path's structure, held on any CPU (native bf16 or not): every product
+    over the step's B*T rows runs on bf16 operands, forward and backward; the fp32 products
+    left are the per-byte-value tables' (V rows, however long the window); the weights are
+    cast to bf16 once per optimizer step, not per time step. Two window lengths tell per-step
+    work (grows with T) from per-optimizer-step work (does not)."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(embed_size=16, rnn_size=64))
-    weights = {tuple(p.shape) for p in model.parameters()}
-    weights |= {s[::-1] for s in weights}
-    products = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
+    weights = _weight_shapes(model)
     runs = {T: _bf16_step_ops(model, T) for T in (16, 32)}
     for T, ops in runs.items():
         rows = {3 * T}  # B*T: the window's rows, as no weight has (B = 3)
-        fp32 = [(n, s) for n, d, s, _ in ops if n in products and torch.float32 in d]
+        fp32 = [(n, s) for n, d, s, _ in ops if n in PRODUCTS and torch.float32 in d]
         over_rows = [(n, s) for n, s in fp32 if rows & {dim for shape in s for dim in shape}]
         assert fp32 and not over_rows, f"fp32 products over the window's rows: {over_rows}"
-        assert sum(n in products and d and set(d) == {torch.bfloat16}
+        assert sum(n in PRODUCTS and d and set(d) == {torch.bfloat16}
                    for n, d, _, _ in ops) > T, "the recurrent products are not in bf16"
-    fp32_products = [sorted((s for n, d, s, _ in runs[T] if n in products
+    fp32_products = [sorted((s for n, d, s, _ in runs[T] if n in PRODUCTS
                              and torch.float32 in d), key=str) for T in runs]
     assert fp32_products[0] == fp32_products[1], "fp32 products that grow with the window"
     weight_casts = [sorted((s[0] for n, d, s, out in runs[T]
@@ -162,24 +168,21 @@ def test_bf16_step_multiplies_in_bf16_and_casts_weights_once_per_step():
     assert 0 < len(weight_casts[0]) <= 2 * len(list(model.parameters()))
 
 
-
 def test_bf16_featurize_multiplies_in_bf16_and_casts_weights_once_per_call():
     """Featurizing with bf16 products: the per-step products run on bf16 operands (the fp32
     ones are mean pooling's batched sums) and the weights are cast once per call, however many
     chunks the texts take (the kernel keeps the cast weights in the weights dict's cache)."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig(embed_size=16, rnn_size=64))
-    products = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}
-    weights = {tuple(p.shape) for p in model.parameters()}
-    weights |= {s[::-1] for s in weights}
+    weights = _weight_shapes(model)
     casts = {}
     for chunks in (2, 6):
         texts = ["a fine film " * (chunks * 32 // 12 + 1), "meh"]
         with _OpLog() as log:
             featurize(model, texts, kind="mean", precision="bf16", chunk_size=32)
-        dtypes = [set(d) for n, d, _, _ in log.ops if n in products]
+        dtypes = [set(d) for n, d, _, _ in log.ops if n in PRODUCTS]
         assert sum(d == {torch.bfloat16} for d in dtypes) >= chunks * 32
-        pooled = [n for n, d, _, _ in log.ops if n in products and torch.float32 in d]
+        pooled = [n for n, d, _, _ in log.ops if n in PRODUCTS and torch.float32 in d]
         assert set(pooled) <= {"bmm"}, pooled  # mean pooling's, per chunk
         casts[chunks] = sorted((s[0] for n, d, s, out in log.ops if n in ("to", "_to_copy")
                                 and out == torch.bfloat16 and d == (torch.float32,)
