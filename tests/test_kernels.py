@@ -308,7 +308,8 @@ def test_inference_prepares_its_weights_once_per_weights_dict(monkeypatch, preci
     with torch.no_grad(), autocast:
         first_out = [hs.clone() for hs, _ in model.run_layers(x, weights=weights)[0]]
         first = [dict(w["_kernel_cache"]) for w in weights]
-        assert all(any(k[0] == "infer_weights" for k in c) for c in first), first
+        kept = {"infer_weights"} | ({"step_weights"} if precision == "fp32" else set())  # packed
+        assert all(kept <= {k[0] for k in c} for c in first), first
         again = [hs for hs, _ in model.run_layers(x, weights=weights)[0]]
         for w, cache in zip(weights, first):
             assert w["_kernel_cache"].keys() == cache.keys()
