@@ -70,25 +70,29 @@ def _gone(pid: int, timeout: float) -> bool:
 
 def _load(url: str, seconds: float, clients: int, on_start=None, retries: int = 0) -> list:
     """``clients`` threads posting /featurize for ``seconds``; each outcome (status or the
-    exception's name, Retry-After, seconds). With ``retries``, a client retries a 503 or a
-    dropped connection as a client should (after Retry-After), and records the final outcome."""
+    exception's name, Retry-After, seconds). With ``retries``, a client retries what a client
+    should (after Retry-After): a 503, a dropped connection, and the ingress's own bare 500 for
+    a response the killed replica had begun (HAProxy cannot retry a response already under
+    way); it records the final outcome. The app's own errors are JSON and never retried."""
     outcomes, stop = [], time.time() + seconds
     failures = _load.failures = []
 
     def one(session):
         for attempt in range(retries + 1):
-            t0 = time.time()
+            t0, cut = time.time(), False
             try:
                 r = session.post(url + "/featurize", json={"texts": ["a fine day " * 8]},
                                  timeout=CLIENT_TIMEOUT_S)
                 out = (r.status_code, r.headers.get("retry-after"), time.time() - t0)
+                cut = r.status_code == 500 and r.text.strip() == "Internal Server Error"
                 if r.status_code == 500:
                     failures.append(r.text[:200])
             except requests.ConnectionError:
                 out = ("ConnectionError", None, time.time() - t0)
             except requests.Timeout:
                 return ("Timeout", None, time.time() - t0)
-            if out[0] == 200 or attempt == retries or out[0] not in (503, "ConnectionError"):
+            if out[0] == 200 or attempt == retries or not (
+                    out[0] in (503, "ConnectionError") or (out[0] == 500 and cut)):
                 return out
             time.sleep(float(out[1] or 0.5))
         return out
