@@ -514,7 +514,6 @@ def _infer(x, h0, c0, weights, keep, mask, cd, tokens=None, cache=None):
     embedding lookup (``tokens``), x Wx + b and x Wmx take only V distinct values: they are
     tabulated once and each step gathers its rows, so a step's matmuls are the recurrent
     ones alone (on an mLSTM-512 that is 11% fewer FLOPs and an aligned K=H)."""
-    wx, wh, wmx, wmh, b = weights
     B, T, E = x.shape
     H, sd, dev = h0.shape[1], x.dtype, x.device
     fast = _sigmoid_tanh(dev, B * H)
