@@ -67,12 +67,21 @@ def pytest_unconfigure(config):
         _S3_SERVER.stop()
 
 
-def free_port() -> int:
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: each socket stays bound until all are picked, since the kernel may
+    hand a just-released port out again (two picked one after another once were the same)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def new_bucket() -> str:

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.slow
 
 POSITIVE = ["great", "wonderful", "loved it", "excellent", "a joy", "superb", "brilliant"]
 NEGATIVE = ["awful", "terrible", "hated it", "boring", "a mess", "dreadful", "waste of time"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def healthz(base: str) -> dict:
@@ -68,7 +62,9 @@ def write_corpus(d: Path):
 
 class Cluster:
     def __init__(self, tmp: Path):
-        self.gcs, self.dash, self.http = free_port(), free_port(), free_port()
+        agent_ports = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                       "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port")
+        self.gcs, self.dash, self.http, *agent = free_ports(3 + len(agent_ports))
         # Nothing of the test session's own Ray (ray.init exports RAY_* into this process)
         # may leak into the cluster or the CLI: they must find only this cluster.
         clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -90,9 +86,7 @@ class Cluster:
              f"--port={self.gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
              "--num-cpus=4", "--disable-usage-stats",
              # The session's own Ray holds the default agent ports on this machine.
-             *(f"--{name}={free_port()}" for name in (
-                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                 "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port"))],
+             *(f"--{name}={port}" for name, port in zip(agent_ports, agent))],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -4,7 +4,6 @@ the ingress environment) of a config answers over real HTTP, behind HAProxy."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,12 +27,6 @@ page = importlib.resources.files("sentdisc.serving").joinpath("page.html")
 print(sentdisc.__file__)
 print(page.is_file() and "<textarea" in page.read_text(encoding="utf-8"))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(*cmd, **kw) -> subprocess.CompletedProcess:
@@ -92,12 +86,12 @@ def wait_for_sentiment(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     raise AssertionError(f"no 200 from /sentiment in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
-def haproxy_of_its_own(base: Path) -> dict:
+def haproxy_of_its_own(base: Path, stats_port: int, metrics_port: int) -> dict:
     """HAProxy's ports and files for a second Serve on this machine (the session's holds the
     defaults): the environment variables Serve reads them from. Serve adds a 56-character node
     id to each path and HAProxy takes a socket path of at most 97, so `base` must be short."""
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(base / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(base / "admin.sock"),
             "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(base / "metrics.sock"),
@@ -137,14 +131,15 @@ def test_installed_wheel_serves_with_sentdisc_serve(installed, tiny_checkpoint, 
     assert Path(module).is_relative_to(installed), f"imported {module}, not the wheel's"
     assert page_ok == "True", "page.html is not in the wheel"
 
-    port = free_port()
+    port, stats_port, metrics_port = free_ports(3)
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump(serve_config(port, tiny_checkpoint, clf)))
     log = tmp_path / "serve_run.log"
+    haproxy = haproxy_of_its_own(short_dir, stats_port, metrics_port)
     with open(log, "w") as sink:
         proc = subprocess.Popen([str(installed / "bin" / "sentdisc"), "serve", str(config),
                                  "--address", "local"], cwd=work,
-                                env={**env, **haproxy_of_its_own(short_dir), **QUICK_STOP},
+                                env={**env, **haproxy, **QUICK_STOP},
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
