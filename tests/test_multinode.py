@@ -109,7 +109,7 @@ def test_a_lost_node_then_a_new_one_repeat_and_skip_no_record(cluster, nodes):
     # (conftest's TRAIN_ENV: Ray Train waits 20 s, not 60, for workers that do not come; the
     # lost node's resources linger a moment, so its first try after the loss waits in vain.)
     base = f"s3://{new_bucket()}"
-    records = write_corpus(storage.join(base, "corpus"), 2, 900)
+    records = write_corpus(storage.join(base, "corpus"), 2, 600)
     cfgs = configs(base, "elastic", num_workers="1-2", epochs=1, lr_scheduler="none",
                    max_failures=4, resize_interval_s=2, trace_records=True)
     run = storage.join(base, "exp", "elastic")
