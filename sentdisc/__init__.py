@@ -9,7 +9,8 @@ _EXPORTS = {
     "ByteLM": "sentdisc.model", "ModelConfig": "sentdisc.model",
     "CheckpointError": "sentdisc.checkpoint", "load": "sentdisc.checkpoint",
     "load_openai": "sentdisc.checkpoint", "save": "sentdisc.checkpoint",
-    "featurize": "sentdisc.features",
+    "featurize": "sentdisc.features", "Classifier": "sentdisc.classifier",
+    "neuron_values": "sentdisc.viz", "generate_text": "sentdisc.viz",
     "encode": "sentdisc.text", "encode_batch": "sentdisc.text", "decode": "sentdisc.text",
     "preprocess": "sentdisc.text",
 }
