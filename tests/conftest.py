@@ -84,6 +84,24 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op a block runs, forward and backward: (op, operand dtypes, operand shapes,
+    output dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in args if isinstance(a, torch.Tensor)] + [
+            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+        out = func(*args, **(kwargs or {}))
+        out_dtype = out.dtype if isinstance(out, torch.Tensor) else None
+        self.ops.append((func._overloadpacket.__name__, tuple(t.dtype for t in flat),
+                         tuple(tuple(t.shape) for t in flat), out_dtype))
+        return out
+
+
 def new_bucket() -> str:
     """A fresh, empty bucket on the local S3 server (any fixture scope); its name."""
     if _S3_SERVER is None:

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import OpLog
 
 from sentdisc import kernels
 from sentdisc.features import featurize
@@ -292,19 +293,6 @@ def test_prepacked_products_are_used_and_exact():
         torch.testing.assert_close(out, add + a @ w, atol=1e-4, rtol=1e-5)
 
 
-class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
-    """The shapes of every aten copy_ a block makes."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._overloadpacket.__name__ == "copy_":
-            self.shapes.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
 @pytest.mark.parametrize("via_sigmoid", [False, True])
 def test_prepacked_step_products_are_not_copied(monkeypatch, via_sigmoid):
@@ -317,13 +305,17 @@ def test_prepacked_step_products_are_not_copied(monkeypatch, via_sigmoid):
     model = make(embed_size=8, rnn_size=H, layers=1)
     x = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
     assert kernels._prepacks(model.layers[0].weights()["wh"].detach(), B, T)
-    with torch.no_grad(), _Copies() as inference:
+    with torch.no_grad(), OpLog() as inference:
         model(x)
-    with _Copies() as training:
+    with OpLog() as training:
         model(x)
-    per_step = lambda shapes: {s: shapes.count(s) for s in set(shapes) if shapes.count(s) >= T}
-    assert per_step(inference.shapes) == {}, per_step(inference.shapes)
-    kept = per_step(training.shapes)  # h Wmh each step, and h0, c0 into the state buffers
+
+    def per_step(log):  # the destination shapes of the copies made at least once per step
+        shapes = [s[0] for name, _, s, _ in log.ops if name == "copy_"]
+        return {s: shapes.count(s) for s in set(shapes) if shapes.count(s) >= T}
+
+    assert per_step(inference) == {}, per_step(inference)
+    kept = per_step(training)  # h Wmh each step, and h0, c0 into the state buffers
     assert set(kept) == {(B, H)} and kept[(B, H)] <= T + 2, kept
 
 

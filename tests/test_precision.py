@@ -3,6 +3,7 @@ bf16 against fp32 where it is asked for: features, and a training run's losses."
 import numpy as np
 import pytest
 import torch
+from conftest import OpLog
 
 from sentdisc import ByteLM, ModelConfig, featurize
 from sentdisc.features import feature_precision
@@ -104,23 +105,6 @@ def test_bf16_training_loss_tracks_fp32():
 PRODUCTS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul"}  # aten's matrix products
 
 
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every aten op a block runs, forward and backward: (op, operand dtypes, shapes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = [a for a in args if isinstance(a, torch.Tensor)] + [
-            t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-        out = func(*args, **(kwargs or {}))
-        out_dtype = out.dtype if isinstance(out, torch.Tensor) else None
-        self.ops.append((func._overloadpacket.__name__, tuple(t.dtype for t in flat),
-                         tuple(tuple(t.shape) for t in flat), out_dtype))
-        return out
-
-
 def _weight_shapes(model) -> set:
     """Every parameter's shape and its transpose's (a product may take either)."""
     shapes = {tuple(p.shape) for p in model.parameters()}
@@ -135,7 +119,7 @@ def _bf16_step_ops(model, T: int, B: int = 3) -> list:
     reset = torch.zeros(B, T, dtype=torch.bool)
     reset[:, 0] = True
     train_step(model, opt, x, reset, None, clip=1.0, autocast=autocast)
-    with _OpLog() as log:
+    with OpLog() as log:
         train_step(model, opt, x, reset, None, clip=1.0, autocast=autocast)
     return log.ops
 
@@ -178,7 +162,7 @@ def test_bf16_featurize_multiplies_in_bf16_and_casts_weights_once_per_call():
     casts = {}
     for chunks in (2, 6):
         texts = ["a fine film " * (chunks * 32 // 12 + 1), "meh"]
-        with _OpLog() as log:
+        with OpLog() as log:
             featurize(model, texts, kind="mean", precision="bf16", chunk_size=32)
         dtypes = [set(d) for n, d, _, _ in log.ops if n in PRODUCTS]
         assert sum(d == {torch.bfloat16} for d in dtypes) >= chunks * 32
