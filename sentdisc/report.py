@@ -208,10 +208,13 @@ def format_report(results: dict) -> str:
                      f"{_pct(t['test_macro_f1'])} train, val, test macro-F1 for {k} neuron "
                      f"regression")
     lines.append(f"{t['C']:g} regularization coefficient used")
+    solver, max_iter = results.get("solver"), results.get("max_iter")
+    fix = "raise --max_iter" + (", or use --solver fista" if solver == "saga"
+                                and results.get("label_kind") == "multiclass" else "")
     for name, r in (("all neuron", a), (f"{k} neuron", t)):
         if not r["converged"]:
-            lines.append(f"note: the {name} regression stopped at max_iter before converging "
-                         f"(raise --max_iter, or try --solver saga)")
+            lines.append(f"note: the {name} regression ({solver}) stopped at max_iter "
+                         f"{max_iter} before converging ({fix})")
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ from sentdisc.tracking import TrackingConfig, transfer_tracker
 __all__ = ["TransferConfig", "TransferError", "run_transfer"]
 
 ROLES = ("train", "val", "test")
-SOLVERS = ("auto", "liblinear", "saga")
+SOLVERS = ("auto", "liblinear", "saga", "fista")
 
 
 @dataclass
@@ -83,9 +83,11 @@ class TransferConfig(PoolConfig, LabeledDataConfig):
     dataset: str = field(default="", metadata={
         "help": "name of the output folder; empty: the train file's parent folder"})
     solver: str = field(default="auto", metadata={
-        "help": "auto (liblinear; saga for multiclass, whose multinomial L1 fit liblinear "
-                "lacks) | liblinear | saga"})
-    max_iter: int = field(default=100, metadata={"help": "logistic regression iterations"})
+        "help": "auto (liblinear; fista for multiclass, whose multinomial L1 fit liblinear "
+                "lacks and saga is slow to converge) | liblinear | saga | fista (multiclass)"})
+    max_iter: int = field(default=0, metadata={
+        "help": "logistic regression iterations; 0: the solver's default (liblinear, saga: 100 "
+                "passes over the data; fista: 10000 steps)"})
     cpus_per_trial: float = field(default=1.0, metadata={"help": "CPUs per Tune trial"})
     standardize: bool = field(default=True, metadata={
         "help": "scale features to unit variance on train before the L1 fit (folded back into "
@@ -103,13 +105,10 @@ class TransferConfig(PoolConfig, LabeledDataConfig):
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS} (each does L1), got "
                              f"{self.solver!r}")
-        if self.solver == "liblinear" and self.label_kind == "multiclass":
-            raise ValueError("solver liblinear fits multi-class one-vs-rest; the multinomial L1 "
-                             "regression needs saga (or auto)")
         if self.num_neurons < 1:
             raise ValueError(f"num_neurons must be >= 1, got {self.num_neurons}")
-        if self.num_samples < 0 or self.extremes < 0:
-            raise ValueError("num_samples and extremes must be >= 0")
+        if self.num_samples < 0 or self.extremes < 0 or self.max_iter < 0:
+            raise ValueError("num_samples, extremes and max_iter must be >= 0")
 
 
 def output_dir(cfg: LabeledDataConfig, out: OutputConfig, job: str = "transfer") -> str:
@@ -157,12 +156,17 @@ def featurize_sets(data: dict, model, checkpoint: str, pool: PoolConfig, *, kind
 
 
 def solver_for(cfg: TransferConfig, spec: LabelSpec) -> str:
+    """The solver for these labels: what --solver names, if it fits them."""
     if cfg.solver != "auto":
         if cfg.solver == "liblinear" and spec.kind == "multiclass":
             raise TransferError("--solver liblinear fits multi-class one-vs-rest; the "
-                                "multinomial L1 regression needs --solver saga (or auto)")
+                                "multinomial L1 regression needs --solver fista or saga (or "
+                                "auto)")
+        if cfg.solver == "fista" and spec.kind != "multiclass":
+            raise TransferError(f"--solver fista fits the multinomial model: these labels are "
+                                f"{spec.kind} (use liblinear, saga or auto)")
         return cfg.solver
-    return "saga" if spec.kind == "multiclass" else "liblinear"
+    return "fista" if spec.kind == "multiclass" else "liblinear"
 
 
 def sweep_config(cfg: TransferConfig, run_dir: str, spec: LabelSpec) -> SweepConfig:
@@ -297,7 +301,8 @@ def _outcome(clf, res: dict, metrics: dict, boundary) -> dict:
         "all_neurons": res["all_neurons"], "top_neurons": res["top_neurons"],
         "neuron": clf.neuron, "sign": clf.sign, "histogram_boundary": boundary,
         "sweep": res["sweep"], "top_sweep": res["top_sweep"], "C_grid": res["C_grid"],
-        "selection_metric": res["selection_metric"], "metrics": metrics,
+        "selection_metric": res["selection_metric"], "solver": res["solver"],
+        "max_iter": res["max_iter"], "metrics": metrics,
     }
 
 
@@ -339,12 +344,12 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
     log(f"train {sizes['train']}, val {sizes['val']} ({data['val_source']}), test {sizes['test']}"
         f" texts; features: layer {cfg.layer} {cfg.feature_kind}, rnn_size {model.config.rnn_size}")
 
+    sweep = sweep_config(cfg, run_dir, spec)  # a solver that cannot fit these labels: say so now
     feats, feat_stats = featurize_sets(data, model, cfg.load_model, cfg, kind=cfg.feature_kind,
                                        layer=cfg.layer, batch_size=cfg.batch_size,
                                        chunk_size=cfg.chunk_size, precision=cfg.precision, log=log)
     tracker.ready()  # the store opened while featurizing: fail before the sweep if it did not
     labels = {r: (data[r].labels if data[r] is not None else None) for r in ROLES}
-    sweep = sweep_config(cfg, run_dir, spec)
     clf, res = fit_classifier(feats, labels, cfg, sweep, log)
     metrics = split_metrics(clf, feats, labels)
     if spec.kind != "binary":

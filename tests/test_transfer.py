@@ -10,7 +10,7 @@ from sentdisc.classifier import Classifier, ClassifierError
 from sentdisc.features_ray import featurize_ray, featurize_texts
 from sentdisc.labeled import load_labeled, prepare_data
 from sentdisc.recipes.transfer import main
-from sentdisc.sweep import SweepConfig, c_grid, choose_C, fit_l1, train_classifier
+from sentdisc.sweep import SweepConfig, c_grid, choose_C, fit_l1, fit_multinomial_l1, train_classifier
 from sentdisc.transfer import TransferConfig, TransferError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -391,6 +391,7 @@ def test_transfer_command_multiclass_on_amazon_categories(ray_local, tiny_checkp
                for v in test["per_label"].values())
     assert np.array(test["confusion"]).shape == (4, 4) and np.array(test["confusion"]).sum() == 100
     assert res["selection_metric"] == "val_macro_f1"
+    assert res["solver"] == "fista" and res["all_neurons"]["converged"]
     assert set(res["top_neurons"]["by_label"]) == set(res["labels"])
     assert (out / "confusion.png").read_bytes().startswith(PNG_MAGIC)
     # the extreme samples: per top neuron, the 2 highest and lowest test texts, with heatmaps
@@ -404,6 +405,56 @@ def test_transfer_command_multiclass_on_amazon_categories(ray_local, tiny_checkp
     assert first["highest"][0]["label"] in res["labels"]
     probs = clf.label_proba(np.zeros((1, 32)))
     assert probs.shape == (1, 4) and probs.sum() == pytest.approx(1, abs=1e-9)
+
+
+def _multinomial_objective(X, y, coef, intercept, C):
+    """sklearn's: C * summed cross entropy + |W|_1."""
+    Z = X.astype(np.float64) @ coef.T + intercept
+    Z -= Z.max(1, keepdims=True)
+    return C * (np.log(np.exp(Z).sum(1)) - Z[np.arange(len(y)), y]).sum() + np.abs(coef).sum()
+
+
+@pytest.mark.parametrize("C", [0.05, 0.5])
+def test_fista_reaches_sklearns_multinomial_l1_optimum(C):
+    X, y = _multiclass(600, 0)
+    coef, intercept, converged = fit_multinomial_l1(X, y, 4, C)
+    model, saga_converged = fit_l1(X, y, C, solver="saga", max_iter=5000)
+    assert converged and saga_converged
+    ours = _multinomial_objective(X, y, coef, intercept, C)
+    theirs = _multinomial_objective(X, y, model.coef_, model.intercept_, C)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert (np.argmax(X @ coef.T + intercept, 1) == model.predict(X)).mean() >= 0.99
+    assert ((coef == 0) == (model.coef_ == 0)).mean() >= 0.95  # the same sparsity
+
+
+def test_fista_converges_where_saga_does_not():
+    """Correlated features and one long row, as mean hidden states are: saga's step is set by
+    the longest row and 100 passes stop short; FISTA converges, to a lower objective."""
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(800, 4))
+    X = latent @ rng.normal(size=(4, 40)) + 0.05 * rng.normal(size=(800, 40))
+    y = np.argmax(latent + 0.5 * rng.normal(size=(800, 4)), 1)
+    X[0] *= 8
+    X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    coef, intercept, converged = fit_multinomial_l1(X, y, 4, 0.5)
+    model, saga_converged = fit_l1(X, y, 0.5, solver="saga", max_iter=100)
+    assert converged and not saga_converged
+    assert _multinomial_objective(X, y, coef, intercept, 0.5) < \
+        _multinomial_objective(X, y, model.coef_, model.intercept_, 0.5)
+    # and a fit cut short says so
+    assert not fit_multinomial_l1(X, y, 4, 0.5, max_iter=5)[2]
+
+
+def test_multiclass_sweep_defaults_to_fista_and_reports_it():
+    (Xtr, ytr), (Xva, yva) = _multiclass(400, 0), _multiclass(200, 1)
+    sweep = SweepConfig(Cs=[0.1, 1.0], backend="local", solver="fista", label_kind="multiclass",
+                        labels=["a", "b", "c", "d"])
+    assert sweep.max_iter == 10000
+    _, res = train_classifier(Xtr, ytr, Xva, yva, sweep=sweep)
+    assert res["solver"] == "fista" and all(r["converged"] for r in res["sweep"])
+    assert res["all_neurons"]["val_acc"] > 0.8
+    with pytest.raises(ValueError, match="fista fits the multinomial model"):
+        SweepConfig(solver="fista", label_kind="binary")
 
 
 def test_multiclass_of_two_classes_is_one_row_per_class():
