@@ -68,9 +68,10 @@ class SweepConfig:
             raise ValueError(f"solver must be one of {tuple(MAX_ITER)}, got {self.solver!r}")
         if self.label_kind == "multiclass" and self.solver == "liblinear":
             raise ValueError("liblinear fits multi-class as one-vs-rest; the multinomial L1 "
-                             "regression needs solver fista or saga")
+                             "regression needs fista or saga (or auto)")
         if self.solver == "fista" and self.label_kind != "multiclass":
-            raise ValueError("solver fista fits the multinomial model (multiclass) only")
+            raise ValueError("fista fits the multinomial model, multiclass labels only (use "
+                             "liblinear, saga or auto)")
         self.max_iter = self.max_iter or MAX_ITER[self.solver]
 
     @property

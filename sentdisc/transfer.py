@@ -156,15 +156,8 @@ def featurize_sets(data: dict, model, checkpoint: str, pool: PoolConfig, *, kind
 
 
 def solver_for(cfg: TransferConfig, spec: LabelSpec) -> str:
-    """The solver for these labels: what --solver names, if it fits them."""
+    """--solver, auto resolved for these labels (SweepConfig says which solvers fit which)."""
     if cfg.solver != "auto":
-        if cfg.solver == "liblinear" and spec.kind == "multiclass":
-            raise TransferError("--solver liblinear fits multi-class one-vs-rest; the "
-                                "multinomial L1 regression needs --solver fista or saga (or "
-                                "auto)")
-        if cfg.solver == "fista" and spec.kind != "multiclass":
-            raise TransferError(f"--solver fista fits the multinomial model: these labels are "
-                                f"{spec.kind} (use liblinear, saga or auto)")
         return cfg.solver
     return "fista" if spec.kind == "multiclass" else "liblinear"
 
@@ -173,11 +166,15 @@ def sweep_config(cfg: TransferConfig, run_dir: str, spec: LabelSpec) -> SweepCon
     # Tune's trial folders are scratch: beside the outputs when those are local, else in a
     # temporary folder (the sweep's results go to tune_results.csv on any storage).
     scratch = None if storage.is_uri(run_dir) else Path(run_dir) / "tune_runs"
-    return SweepConfig(Cs=c_grid(cfg.num_samples, cfg.seed), seed=cfg.seed,
-                       max_iter=cfg.max_iter, solver=solver_for(cfg, spec), backend="tune",
-                       storage=scratch, cpus_per_trial=cfg.cpus_per_trial,
-                       standardize=cfg.standardize, num_neurons=cfg.num_neurons,
-                       label_kind=spec.kind, labels=spec.labels)
+    try:
+        return SweepConfig(Cs=c_grid(cfg.num_samples, cfg.seed), seed=cfg.seed,
+                           max_iter=cfg.max_iter, solver=solver_for(cfg, spec), backend="tune",
+                           storage=scratch, cpus_per_trial=cfg.cpus_per_trial,
+                           standardize=cfg.standardize, num_neurons=cfg.num_neurons,
+                           label_kind=spec.kind, labels=spec.labels)
+    except ValueError as e:  # a solver that cannot fit these labels
+        raise TransferError(f"--solver {cfg.solver}: {e}; these labels are {spec.kind}") \
+            from None
 
 
 def fit_classifier(feats: dict, labels: dict, cfg: TransferConfig, sweep: SweepConfig,

@@ -457,6 +457,19 @@ def test_multiclass_sweep_defaults_to_fista_and_reports_it():
         SweepConfig(solver="fista", label_kind="binary")
 
 
+def test_a_solver_that_cannot_fit_the_labels_stops_before_featurizing(tiny_checkpoint,
+                                                                      tmp_path, capsys):
+    train = _write_csv(tmp_path / "t.csv", [[i % 2, f"text {i}"] for i in range(20)])
+    categories = _write_csv(tmp_path / "c.csv", [[i % 3, f"text {i}"] for i in range(30)])
+    for path, solver, says in ((train, "fista", "fista fits the multinomial model"),
+                               (categories, "liblinear", "liblinear fits multi-class")):
+        assert main(["--load_model", str(tiny_checkpoint), "--train", path, "--solver", solver,
+                     "--experiment_dir", str(tmp_path / "exp")]) == 2
+        out = capsys.readouterr()
+        assert f"error: --solver {solver}: {says}" in out.err and "Traceback" not in out.err
+        assert "transforming" not in out.out  # nothing was featurized
+
+
 def test_multiclass_of_two_classes_is_one_row_per_class():
     """sklearn fits two classes as one logit even when multinomial: the classifier still has a
     row per class, and agrees with sklearn."""
