@@ -125,8 +125,11 @@ def fit_multinomial_l1(X: np.ndarray, y: np.ndarray, num_classes: int, C: float,
     onehot = np.zeros((n, num_classes))
     onehot[np.arange(n), y] = 1
     lam = 1.0 / (C * n)  # the objective divided by C * n: mean cross entropy + lam |W|_1
-    # the mean cross entropy's Hessian is at most 1/2 [X 1]'[X 1] / n in norm
-    step = n / (0.5 * (np.linalg.norm(X.astype(np.float64), 2) ** 2 + n))
+    # The mean cross entropy's Hessian is at most 1/2 [X 1]'[X 1] / n in norm, and
+    # |[X 1]|^2 <= |X|^2 + n. |X|^2 is the top eigenvalue of the [H, H] Gram matrix: one
+    # product, not an SVD of (a float64 copy of) the [N, H] features.
+    top = np.linalg.eigvalsh((X.T @ X).astype(np.float64))[-1] * (1 + 1e-6)
+    step = n / (0.5 * (top + n))
     W, b = np.zeros((h, num_classes)), np.zeros(num_classes)
     Wy, by, t = W, b, 1.0  # the extrapolated point the gradient is taken at
     for _ in range(max_iter):

@@ -50,13 +50,13 @@ from sentdisc.report import (
     write_results_csv,
     write_tune_csv,
 )
-from sentdisc.sweep import SweepConfig, c_grid, single_neuron_boundary, train_classifier
+from sentdisc.sweep import MAX_ITER, SweepConfig, c_grid, single_neuron_boundary, train_classifier
 from sentdisc.tracking import TrackingConfig, transfer_tracker
 
 __all__ = ["TransferConfig", "TransferError", "run_transfer"]
 
 ROLES = ("train", "val", "test")
-SOLVERS = ("auto", "liblinear", "saga", "fista")
+SOLVERS = ("auto", *MAX_ITER)  # auto, then what sentdisc.sweep fits with
 
 
 @dataclass

@@ -445,7 +445,7 @@ def test_fista_converges_where_saga_does_not():
     assert not fit_multinomial_l1(X, y, 4, 0.5, max_iter=5)[2]
 
 
-def test_multiclass_sweep_defaults_to_fista_and_reports_it():
+def test_multiclass_sweep_by_fista_converges_and_reports_its_solver():
     (Xtr, ytr), (Xva, yva) = _multiclass(400, 0), _multiclass(200, 1)
     sweep = SweepConfig(Cs=[0.1, 1.0], backend="local", solver="fista", label_kind="multiclass",
                         labels=["a", "b", "c", "d"])
