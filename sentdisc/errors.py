@@ -1,9 +1,11 @@
-"""The error classes a command reports in one line: exit 2 for bad input, 1 for a diagnosed failure.
+"""The error classes a command reports in one line: exit 2 for bad input, 1 for a diagnosed
+failure, 130 for a run the user stopped.
 
 Every error a user can cause with a flag, a file or a request (a missing path, a malformed
 record in strict mode, a bad checkpoint, a classifier of the wrong size) derives from
 ``InputError``. ``RunFailed`` is a failure the system has diagnosed itself (a stalled run, with
-what it waited for). Anything else is a failure of the system and keeps its traceback.
+what it waited for). ``Interrupted`` is a run stopped by Ctrl-C, with what it kept. Anything
+else is a failure of the system and keeps its traceback.
 """
 
 
@@ -13,3 +15,8 @@ class InputError(ValueError):
 
 class RunFailed(RuntimeError):
     """A run that failed for a reason already diagnosed in the message (exit 1, one line)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run the user stopped (Ctrl-C); the message says what was kept and how to go on (exit
+    130, one line). A KeyboardInterrupt, so tracking records the run as KILLED."""

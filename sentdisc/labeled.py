@@ -167,7 +167,8 @@ class LabelSpec:
 
     def describe(self) -> str:
         if self.kind == "multilabel":
-            return f"multilabel: {len(self.labels)} labels ({', '.join(self.labels)}), each 0/1"
+            n = len(self.labels)
+            return f"multilabel: {n} label{'s' * (n != 1)} ({', '.join(self.labels)}), each 0/1"
         if self.midpoint is not None:
             return (f"binary: ratings of {self.keys[0]!r} below {self.midpoint:g} negative, "
                     f"above it positive")

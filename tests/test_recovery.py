@@ -1,8 +1,10 @@
-"""A run that cannot fit, a run whose data can never be read, and a driver killed mid-run, on the
-session's real Ray: each ends in seconds with its reason, or resumes where it stopped."""
+"""A run that cannot fit, a run whose data can never be read, a run stopped by Ctrl-C and a driver
+killed mid-run, on the session's real Ray: each ends in seconds with its reason, or resumes where
+it stopped."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +74,42 @@ def _driver(argv: list, log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _wait_for_iteration(proc, run: Path, log: Path, iteration: int, timeout: float = 240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = [r["iteration"] for r in read_history(run / "history.csv")] \
+            if (run / "history.csv").exists() else []
+        if done and max(done) >= iteration:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no report of iteration {iteration}: {log.read_text()[-3000:]}")
+
+
+def test_ctrl_c_stops_a_run_in_one_line_naming_the_checkpoint_it_continues_from(ray_local,
+                                                                                tmp_path):
+    runs = tmp_path / "runs"
+    run, log = runs / "c", tmp_path / "driver.log"
+    driver = _driver(["--train", str(corpus(tmp_path / "c")), "--split", "1,0,0", "--rnn_size",
+                      "32", "--embed_size", "8", "--batch_size", "4", "--seq_length", "32",
+                      "--max_iters", "2000", "--log_interval", "5", "--save_iters", "10",
+                      "--experiment_dir", str(runs), "--experiment_name", "c"], log)
+    try:
+        _wait_for_iteration(driver, run, log, 15)
+        os.killpg(driver.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
+        assert driver.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    last = log.read_text().strip().splitlines()[-1]
+    done = max(r["iteration"] for r in read_history(run / "history.csv"))
+    said = re.fullmatch(r"pretrain: interrupted: stopped by Ctrl-C at iteration (\d+); the same "
+                        r"command continues from (\S+)", last)
+    assert said and int(said[1]) == done, last
+    newest = Path(said[2])  # (its workers may save once more while the run aborts)
+    assert newest.parent == run and incomplete_reason(newest) is None, last
+    assert 10 <= int(newest.name[len("checkpoint_"):]) <= done < 2000, last
+
+
 def test_a_killed_driver_reruns_from_its_newest_complete_checkpoint(ray_local, tmp_path):
     runs = tmp_path / "runs"
     argv = ["--train", str(corpus(tmp_path / "c")), "--split", "1,0,0", "--rnn_size", "32",
@@ -80,14 +118,7 @@ def test_a_killed_driver_reruns_from_its_newest_complete_checkpoint(ray_local, t
             "--experiment_dir", str(runs), "--experiment_name", "k"]
     run = runs / "k"
     first = _driver(argv, tmp_path / "first.log")
-    deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None:
-        done = [r["iteration"] for r in read_history(run / "history.csv")] \
-            if (run / "history.csv").exists() else []
-        if done and max(done) >= 35:
-            break
-        time.sleep(0.5)
-    assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    _wait_for_iteration(first, run, tmp_path / "first.log", 35)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything in its group, no cleanup
     first.wait(30)
     time.sleep(3)  # its workers belong to the session's Ray and may save once more before dying

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
 from sentdisc.config import OutputConfig
-from sentdisc.errors import InputError, RunFailed
+from sentdisc.errors import InputError, Interrupted, RunFailed
 from sentdisc.model import ModelConfig
 from sentdisc.report import merge_rows, plot_loss, read_history, write_history
 from sentdisc.runtime import ensure_ray
@@ -175,7 +175,7 @@ class TrainJob:
         watch = Progress(prefix=self.prefix, printed=progress, stall_warn_s=tc.stall_warn_s,
                          stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
                          on_rows=on_rows)
-        result = _fit(self.trainer(watch.actor_name), watch)
+        result = _fit(self.trainer(watch.actor_name), watch, self.run_dir)
         final = (self.final_checkpoint or (lambda r: r.checkpoint))(result)
         return _write_outputs(self.run_dir, self.title, prior, watch.rows, final,
                               time.perf_counter() - t0)
@@ -209,23 +209,36 @@ class TrainJob:
                 "run_config.json": storage.join(self.run_dir, "run_config.json")}
 
 
-def _fit(trainer, watch: Progress):
+def _fit(trainer, watch: Progress, run_dir: str):
     """``trainer.fit()`` with the progress channel running; a run the watchdog stopped fails
-    with its diagnosis. Ray Train installs its own Ctrl-C handler (in the main thread: only
-    there can the watchdog stop a run); the caller's comes back afterwards."""
+    with its diagnosis, one stopped by Ctrl-C says what it kept. Ray Train installs its own
+    Ctrl-C handler (in the main thread: only there can the watchdog stop a run), which aborts
+    the run and leaves ``ray.get`` to end in a SystemExit; the caller's handler comes back
+    afterwards."""
     main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if main else None
     watch.can_stop = main
     try:
         with watch:
             return trainer.fit()
-    except (KeyboardInterrupt, SystemExit, Exception):
+    except (KeyboardInterrupt, SystemExit, Exception) as e:
         if watch.stalled:
             raise RunFailed(watch.stalled) from None
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise Interrupted(_kept(watch.rows, run_dir)) from None
         raise
     finally:
         if main:
             signal.signal(signal.SIGINT, handler)
+
+
+def _kept(rows: list, run_dir: str) -> str:
+    done = max((r["iteration"] for r in rows if r.get("iteration") is not None), default=None)
+    newest = ckpt_io.newest_complete(run_dir, log=lambda _: None)
+    where = f"at iteration {done}" if done is not None else "before its first report"
+    return (f"stopped by Ctrl-C {where}; " + (
+        f"the same command continues from {newest}" if newest else
+        "no checkpoint was saved yet, so the same command starts over"))
 
 
 def _write_outputs(run_dir: str, title: str, prior: list, rows: list, checkpoint,
