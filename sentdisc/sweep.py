@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sentdisc.classifier import SENTIMENT, Classifier, fit_result_to_classifier, rank_neurons
+from sentdisc.errors import Interrupted
 from sentdisc.metrics import SELECTION, classification_metrics
 from sentdisc.runtime import ensure_ray
 
@@ -232,8 +233,12 @@ def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]
     for result in tuner.fit():
         if result.error is not None:
             raise RuntimeError(f"Tune trial C={result.config.get('C')} failed: {result.error}")
-        m = result.metrics
-        rows.append({k: m[k] for k in ROW_KEYS} | {"trial_id": m.get("trial_id", "")})
+        m = result.metrics or {}
+        if "C" in m:
+            rows.append({k: m[k] for k in ROW_KEYS} | {"trial_id": m.get("trial_id", "")})
+    if len(rows) < len(sweep.Cs):  # Tune's Ctrl-C handler ends a sweep with what it has
+        raise Interrupted(f"the Ray Tune sweep was stopped (Ctrl-C) with {len(rows)} of "
+                          f"{len(sweep.Cs)} values of C fitted; nothing was chosen")
     return rows
 
 

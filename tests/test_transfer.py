@@ -503,3 +503,34 @@ def test_malformed_multiclass_files_are_one_clear_error(tmp_path, change, messag
     (tmp_path / "c.json").write_text(json.dumps({**good, **change}))
     with pytest.raises(ClassifierError, match=message):
         Classifier.load(tmp_path / "c.json")
+
+
+def test_ctrl_c_during_the_tune_sweep_stops_it_in_one_line_not_on_a_partial_grid(ray_local,
+                                                                                tmp_path):
+    """Tune's own Ctrl-C handler ends a sweep and returns the trials it has, most without a
+    result: no C may be chosen from those (it was a KeyError from deep inside)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from sentdisc.errors import Interrupted
+    from sentdisc.sweep import sweep_C
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 8)).astype(np.float32), rng.integers(0, 2, 200)
+    default = signal.getsignal(signal.SIGINT)
+
+    def press_ctrl_c():  # once Tune's handler is in place, as a user would during the sweep
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if signal.getsignal(signal.SIGINT) is not default:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(Interrupted, match=r"the Ray Tune sweep was stopped \(Ctrl-C\) with "
+                                          r"\d of 10 values of C fitted; nothing was chosen"):
+        sweep_C(X, y, X, y, SweepConfig(Cs=c_grid()[:10], storage=tmp_path))
+    assert signal.getsignal(signal.SIGINT) is default
