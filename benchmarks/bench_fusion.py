@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_note, print_table, set_threads
+from _common import add_step_args, load_note, print_table, set_threads
 from bench_model import products_and_rest
 
 from sentdisc import kernels
@@ -107,11 +107,7 @@ def compiled(fn, args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rnn_size", type=int, default=512)
-    p.add_argument("--embed_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seq_length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_step_args(p)
     p.add_argument("--calls", type=int, default=2000, help="calls per timing round")
     p.add_argument("--quick", action="store_true", help="fewer calls")
     args = p.parse_args(argv)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    add_step_args,
     best_time,
     bf16_plan,
     fmt_rate,
@@ -182,11 +183,7 @@ def sst2_texts(n_fallback: int = 1821) -> tuple:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rnn_size", type=int, default=512)
-    p.add_argument("--embed_size", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--seq_length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    add_step_args(p)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best kept)")
     p.add_argument("--one_at_a_time", type=int, default=300, help="texts timed one at a time")
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
