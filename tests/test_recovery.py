@@ -1,5 +1,5 @@
-"""A run that cannot fit, a run whose data can never be read, a run stopped by Ctrl-C and a driver
-killed mid-run, on the session's real Ray: each ends in seconds with its reason, or resumes where
+"""A run that cannot fit, a run whose data can never be read, a run stopped by Ctrl-C or SIGTERM
+and a driver killed mid-run, on the session's real Ray: each ends in seconds with its reason, or resumes where
 it stopped."""
 import json
 import os
@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from sentdisc import storage
 from sentdisc.checkpoint import incomplete_reason
@@ -85,8 +87,11 @@ def _wait_for_iteration(proc, run: Path, log: Path, iteration: int, timeout: flo
     raise AssertionError(f"no report of iteration {iteration}: {log.read_text()[-3000:]}")
 
 
-def test_ctrl_c_stops_a_run_in_one_line_naming_the_checkpoint_it_continues_from(ray_local,
-                                                                                tmp_path):
+@pytest.mark.parametrize("sig,name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_stopped_run_says_in_one_line_which_checkpoint_it_continues_from(ray_local, tmp_path,
+                                                                          sig, name):
+    # SIGINT to the group is what a terminal sends on Ctrl-C; SIGTERM is what `ray job stop`
+    # sends a job's driver
     runs = tmp_path / "runs"
     run, log = runs / "c", tmp_path / "driver.log"
     driver = _driver(["--train", str(corpus(tmp_path / "c")), "--split", "1,0,0", "--rnn_size",
@@ -95,15 +100,15 @@ def test_ctrl_c_stops_a_run_in_one_line_naming_the_checkpoint_it_continues_from(
                       "--experiment_dir", str(runs), "--experiment_name", "c"], log)
     try:
         _wait_for_iteration(driver, run, log, 15)
-        os.killpg(driver.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C: the whole group
-        assert driver.wait(120) == 130, log.read_text()[-3000:]
+        os.killpg(driver.pid, sig)
+        assert driver.wait(120) == 128 + sig, log.read_text()[-3000:]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     last = log.read_text().strip().splitlines()[-1]
     done = max(r["iteration"] for r in read_history(run / "history.csv"))
-    said = re.fullmatch(r"pretrain: interrupted: stopped by Ctrl-C at iteration (\d+); the same "
-                        r"command continues from (\S+)", last)
+    said = re.fullmatch(rf"pretrain: interrupted: stopped by {name} at iteration (\d+); the "
+                        r"same command continues from (\S+)", last)
     assert said and int(said[1]) == done, last
     newest = Path(said[2])  # (its workers may save once more while the run aborts)
     assert newest.parent == run and incomplete_reason(newest) is None, last

@@ -4,7 +4,8 @@ Each recipe module has ``main(argv=None) -> int``: it parses its config dataclas
 library pieces, prints what it made, and returns the exit status through ``run``: 0 when done,
 2 with one line on bad input (``sentdisc.errors.InputError``, including a data error raised
 inside a Ray task), 1 with one line on a diagnosed failure (``RunFailed``) and with the
-traceback on any other, 130 with one line on a run stopped by Ctrl-C (``Interrupted``).
+traceback on any other, 130 (Ctrl-C) or 143 (SIGTERM) with one line on a run the user
+stopped (``Interrupted``).
 ``jobs/*.py`` are one-line shims over these, so a Ray job and the command run identical code.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ def run(prog: str, body: Callable[[], object]) -> int:
         return 1
     except Interrupted as e:
         print(f"{prog}: interrupted: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

@@ -211,32 +211,45 @@ class TrainJob:
 
 def _fit(trainer, watch: Progress, run_dir: str):
     """``trainer.fit()`` with the progress channel running; a run the watchdog stopped fails
-    with its diagnosis, one stopped by Ctrl-C says what it kept. Ray Train installs its own
-    Ctrl-C handler (in the main thread: only there can the watchdog stop a run), which aborts
-    the run and leaves ``ray.get`` to end in a SystemExit; the caller's handler comes back
-    afterwards."""
+    with its diagnosis, one stopped by Ctrl-C or SIGTERM (`ray job stop`) says what it kept.
+    Ray Train installs its own Ctrl-C handler (in the main thread: only there can the watchdog
+    stop a run), which aborts the run; either signal then ends ``ray.get`` in the same
+    SystemExit, so the signal is noted as it comes. The caller's handlers come back after."""
     main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGINT) if main else None
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     watch.can_stop = main
+    stopped_by = []
+    if main:
+        def on_sigterm(signum, frame):
+            stopped_by.append("SIGTERM")
+            previous = handlers[signal.SIGTERM]
+            if callable(previous):
+                previous(signum, frame)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with watch:
             return trainer.fit()
     except (KeyboardInterrupt, SystemExit, Exception) as e:
         if watch.stalled:
             raise RunFailed(watch.stalled) from None
+        if stopped_by:
+            raise Interrupted(_kept("SIGTERM", watch.rows, run_dir), 128 + signal.SIGTERM) \
+                from None
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise Interrupted(_kept(watch.rows, run_dir)) from None
+            raise Interrupted(_kept("Ctrl-C", watch.rows, run_dir)) from None
         raise
     finally:
-        if main:
-            signal.signal(signal.SIGINT, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
-def _kept(rows: list, run_dir: str) -> str:
+def _kept(stopped_by: str, rows: list, run_dir: str) -> str:
     done = max((r["iteration"] for r in rows if r.get("iteration") is not None), default=None)
     newest = ckpt_io.newest_complete(run_dir, log=lambda _: None)
     where = f"at iteration {done}" if done is not None else "before its first report"
-    return (f"stopped by Ctrl-C {where}; " + (
+    return (f"stopped by {stopped_by} {where}; " + (
         f"the same command continues from {newest}" if newest else
         "no checkpoint was saved yet, so the same command starts over"))
 
