@@ -1,6 +1,6 @@
 """A run that cannot fit, a run whose data can never be read, a run stopped by Ctrl-C or SIGTERM
-and a driver killed mid-run, on the session's real Ray: each ends in seconds with its reason, or resumes where
-it stopped."""
+and a driver killed mid-run, on the session's real Ray: each ends in seconds with its reason,
+or resumes where it stopped."""
 import json
 import os
 import random
