@@ -17,14 +17,14 @@ import torch
 Shape = tuple
 
 
-def add_step_args(p, threads: int = 2):
+def add_step_args(p):
     """The training step's shape flags every model benchmark takes (mLSTM-512, embed 64,
     batch 64 x 128 by default), and its thread count."""
     p.add_argument("--rnn_size", type=int, default=512)
     p.add_argument("--embed_size", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seq_length", type=int, default=128)
-    p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--threads", type=int, default=2)
 
 
 def set_threads(n: int):

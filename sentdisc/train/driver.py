@@ -235,17 +235,17 @@ def _fit(trainer, watch: Progress, run_dir: str):
         if watch.stalled:
             raise RunFailed(watch.stalled) from None
         if stopped_by:
-            raise Interrupted(_kept("SIGTERM", watch.rows, run_dir), 128 + signal.SIGTERM) \
+            raise Interrupted(_stop_message("SIGTERM", watch.rows, run_dir), 128 + signal.SIGTERM) \
                 from None
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise Interrupted(_kept("Ctrl-C", watch.rows, run_dir)) from None
+            raise Interrupted(_stop_message("Ctrl-C", watch.rows, run_dir)) from None
         raise
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
 
 
-def _kept(stopped_by: str, rows: list, run_dir: str) -> str:
+def _stop_message(stopped_by: str, rows: list, run_dir: str) -> str:
     done = max((r["iteration"] for r in rows if r.get("iteration") is not None), default=None)
     newest = ckpt_io.newest_complete(run_dir, log=lambda _: None)
     where = f"at iteration {done}" if done is not None else "before its first report"
