@@ -87,6 +87,18 @@ def _wait_for_iteration(proc, run: Path, log: Path, iteration: int, timeout: flo
     raise AssertionError(f"no report of iteration {iteration}: {log.read_text()[-3000:]}")
 
 
+def assert_the_jobs_own_lines(lines: list):
+    """The terminal shows the job's lines, Ray Data's plans and progress blocks are in its log
+    file only, and the job says what it starts before its workers' long silent start-up."""
+    ray_data = [line for line in lines
+                if re.search(r"(streaming_executor|logging_progress)\.py|Running Dataset", line)]
+    assert not ray_data, "\n".join(ray_data[:5])
+    job = [line for line in lines if line.startswith("[pretrain] ")]
+    assert job[0].startswith("[pretrain] starting 1 Ray Train worker x 1 CPU (gloo) on 4 CPUs "
+                             "(1 node); the first report comes once it is up"), job[:3]
+    assert job[1].startswith("[pretrain] precision auto: "), job[:3]  # the worker's first
+
+
 @pytest.mark.parametrize("sig,name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_a_stopped_run_says_in_one_line_which_checkpoint_it_continues_from(ray_local, tmp_path,
                                                                           sig, name):
@@ -105,7 +117,9 @@ def test_a_stopped_run_says_in_one_line_which_checkpoint_it_continues_from(ray_l
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    last = log.read_text().strip().splitlines()[-1]
+    lines = log.read_text().strip().splitlines()
+    assert_the_jobs_own_lines(lines)
+    last = lines[-1]
     done = max(r["iteration"] for r in read_history(run / "history.csv"))
     said = re.fullmatch(rf"pretrain: interrupted: stopped by {name} at iteration (\d+); the "
                         r"same command continues from (\S+)", last)

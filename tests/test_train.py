@@ -155,6 +155,17 @@ def test_missing_path_fails_before_any_worker(ray_local, tmp_path, capsys):
     assert not runs.exists()  # nothing started, nothing written
 
 
+def test_the_start_line_says_what_the_run_asks_of_which_cluster(ray_local):
+    from sentdisc.train.resources import starting_line
+
+    assert starting_line(TrainConfig(num_workers="1-3", worker_resources="trainer=1")) == (
+        "starting 1-3 (elastic) Ray Train workers x 1 CPU + 1 trainer (gloo) on 4 CPUs (1 node); "
+        "the first report comes once they are up and have read their first data")
+    assert starting_line(TrainConfig(cpus_per_worker=0.5)).startswith(
+        "starting 1 Ray Train worker x 0.5 CPU (gloo) on 4 CPUs (1 node); the first report "
+        "comes once it is up")
+
+
 def test_count_train_bytes_matches_the_encoded_good_records(ddp_run):
     from sentdisc.data.readers import read_dataset
     from sentdisc.text import encode

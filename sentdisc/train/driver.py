@@ -29,7 +29,7 @@ from sentdisc.runtime import ensure_ray
 from sentdisc.tracking import CHECKPOINT_TAG, Tracker, TrackingConfig, pretrain_tracker
 from sentdisc.train.config import TrainConfig
 from sentdisc.train.progress import Progress
-from sentdisc.train.resources import check_fits, stall_diagnosis
+from sentdisc.train.resources import check_fits, stall_diagnosis, starting_line
 
 # Above this many input bytes the driver does not read the corpus once just to size the run.
 COUNT_LIMIT_BYTES = 2 * 1024 ** 3
@@ -161,6 +161,9 @@ class TrainJob:
         checkpoint_final and summary.json; returns the summary (with every row)."""
         storage.makedirs(self.run_dir)
         storage.write_json(storage.join(self.run_dir, "run_config.json"), self.run_config)
+        tc = self.tc
+        if progress:  # the workers print nothing for tens of seconds: say what is coming
+            print(f"{self.prefix} {starting_line(tc)}", flush=True)
         tracker.start(self.run_config)  # every config value as an MLflow param
         tracker.ready()  # before any worker starts
         t0 = time.perf_counter()
@@ -171,7 +174,6 @@ class TrainJob:
             write_history(merge_rows(prior, watch.rows), history)
             tracker.log_rows(new)  # rank 0's rows only: no other rank sends any
 
-        tc = self.tc
         watch = Progress(prefix=self.prefix, printed=progress, stall_warn_s=tc.stall_warn_s,
                          stall_fail_s=tc.stall_fail_s, diagnose=lambda: stall_diagnosis(tc),
                          on_rows=on_rows)

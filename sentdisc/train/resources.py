@@ -60,6 +60,27 @@ def check_fits(tc: TrainConfig) -> None:
             f"Use {', or '.join(f for f in fixes if f)}")
 
 
+def starting_line(tc: TrainConfig) -> str:
+    """What the run is about to start, said before Ray Train starts it: the workers take tens
+    of seconds to come up (processes, torch, DDP, their first data) and print nothing until
+    then."""
+    import ray
+
+    lo, hi = tc.min_workers, tc.max_workers
+    count = f"{lo}" if lo == hi else f"{lo}-{hi} (elastic)"
+    each = f"{_num(tc.cpus_per_worker)} CPU" + (" + 1 GPU" if tc.use_gpu else "") + \
+        "".join(f" + {_num(v)} {k}" for k, v in tc.extra_resources.items())
+    total = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    where = f"{_num(total.get('CPU', 0.0))} CPUs" + \
+        (f", {_num(total['GPU'])} GPUs" if total.get("GPU") else "") + \
+        f" ({nodes} node{'s' if nodes != 1 else ''}{' now, autoscaling' if can_autoscale() else ''})"
+    they = "they are up and have read their" if hi != 1 else "it is up and has read its"
+    return (f"starting {count} Ray Train worker{'s' if hi != 1 else ''} x {each} "
+            f"({'nccl' if tc.use_gpu else 'gloo'}) on {where}; the first report comes once "
+            f"{they} first data")
+
+
 def waiting_for() -> str:
     """One line on what the cluster is waiting for: free CPUs/GPUs and the demands that cannot
     be scheduled (tasks, actors, placement groups), from the GCS (no dashboard needed)."""
