@@ -88,8 +88,8 @@ def _wait_for_iteration(proc, run: Path, log: Path, iteration: int, timeout: flo
 
 
 def assert_the_jobs_own_lines(lines: list):
-    """The terminal shows the job's lines, Ray Data's plans and progress blocks are in its log
-    file only, and the job says what it starts before its workers' long silent start-up."""
+    """The terminal shows the job's own lines (Ray Data's plans and progress blocks go to its
+    log file only), and the job says what it starts before its workers' silent start-up."""
     ray_data = [line for line in lines
                 if re.search(r"(streaming_executor|logging_progress)\.py|Running Dataset", line)]
     assert not ray_data, "\n".join(ray_data[:5])
