@@ -37,8 +37,7 @@ def check_fits(tc: TrainConfig) -> None:
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     workers, per = tc.min_workers, tc.cpus_per_worker
-    where = f"{_num(cpus)} CPUs" + (f" and {_num(gpus)} GPUs" if gpus else "") + \
-        f" ({len(nodes)} node{'s' if len(nodes) != 1 else ''}, no autoscaler)"
+    where = _cluster_size(", no autoscaler")
     if tc.use_gpu and gpus < workers:
         raise ResourceError(f"the run needs {workers} GPUs (one per worker) but the cluster has "
                             f"{where}: use fewer --num_workers or add GPU nodes")
@@ -60,21 +59,26 @@ def check_fits(tc: TrainConfig) -> None:
             f"Use {', or '.join(f for f in fixes if f)}")
 
 
+def _cluster_size(note: str = "") -> str:
+    """'4 CPUs and 1 GPUs (2 nodes<note>)': what the cluster has now, as every message says it."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    gpus = total.get("GPU", 0.0)
+    return (f"{_num(total.get('CPU', 0.0))} CPUs" + (f" and {_num(gpus)} GPUs" if gpus else "")
+            + f" ({nodes} node{'s' if nodes != 1 else ''}{note})")
+
+
 def starting_line(tc: TrainConfig) -> str:
     """What the run is about to start, said before Ray Train starts it: the workers take tens
     of seconds to come up (processes, torch, DDP, their first data) and print nothing until
     then."""
-    import ray
-
     lo, hi = tc.min_workers, tc.max_workers
     count = f"{lo}" if lo == hi else f"{lo}-{hi} (elastic)"
     each = f"{_num(tc.cpus_per_worker)} CPU" + (" + 1 GPU" if tc.use_gpu else "") + \
         "".join(f" + {_num(v)} {k}" for k, v in tc.extra_resources.items())
-    total = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    where = f"{_num(total.get('CPU', 0.0))} CPUs" + \
-        (f", {_num(total['GPU'])} GPUs" if total.get("GPU") else "") + \
-        f" ({nodes} node{'s' if nodes != 1 else ''}{' now, autoscaling' if can_autoscale() else ''})"
+    where = _cluster_size(" now, autoscaling" if can_autoscale() else "")
     they = "they are up and have read their" if hi != 1 else "it is up and has read its"
     return (f"starting {count} Ray Train worker{'s' if hi != 1 else ''} x {each} "
             f"({'nccl' if tc.use_gpu else 'gloo'}) on {where}; the first report comes once "
