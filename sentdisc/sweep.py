@@ -17,6 +17,7 @@ sklearn.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -229,8 +230,10 @@ def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]
         # Reusing trial actors saves a Python start + sklearn import per trial.
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="max", reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    with _tune_output_to(storage / f"{name}.log"):
+        results = tuner.fit()
     rows = []
-    for result in tuner.fit():
+    for result in results:
         if result.error is not None:
             raise RuntimeError(f"Tune trial C={result.config.get('C')} failed: {result.error}")
         m = result.metrics or {}
@@ -240,6 +243,30 @@ def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]
         raise Interrupted(f"the Ray Tune sweep was stopped (Ctrl-C) with {len(rows)} of "
                           f"{len(sweep.Cs)} values of C fitted; nothing was chosen")
     return rows
+
+
+@contextlib.contextmanager
+def _tune_output_to(log: Path):
+    """Ray Tune's own console output during a sweep (its experiment table, result paths and
+    INFO lines, printed even at ``verbose=0``) goes to ``log``; its warnings still print. The
+    job prints the sweep itself, one line per C."""
+    import logging
+    import sys
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    tune_logger = logging.getLogger("ray.tune")
+    saved = tune_logger.handlers[:], tune_logger.propagate, tune_logger.level
+    with open(log, "a") as f, contextlib.redirect_stdout(f):
+        to_file, to_terminal = logging.StreamHandler(f), logging.StreamHandler(sys.stderr)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        to_terminal.setLevel(logging.WARNING)
+        tune_logger.handlers, tune_logger.propagate = [to_file, to_terminal], False
+        tune_logger.setLevel(min(saved[2] or logging.INFO, logging.INFO))
+        try:
+            yield
+        finally:
+            tune_logger.handlers, tune_logger.propagate = saved[0], saved[1]
+            tune_logger.setLevel(saved[2])
 
 
 def sweep_C(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str = "sweep") -> list[dict]:

@@ -190,6 +190,12 @@ def test_transfer_command_on_sst2(ray_local, tiny_checkpoint, shared_data, tmp_p
     assert "train, val, test accuracy for all neuron regression" in printed
     assert "train, val, test accuracy for 2 neuron regression" in printed
     assert "regularization coefficient used" in printed
+    # the job's lines on the terminal; Ray Tune's own output (printed even at verbose=0) in
+    # a log file beside its trial folders
+    assert "Configuration for experiment" not in printed and "View detailed" not in printed
+    tune_log = (tmp_path / "exp" / "run" / "transfer" / "sst2" / "tune_runs" /
+                "sweep_all_neurons.log").read_text()
+    assert "Configuration for experiment" in tune_log and "View detailed results" in tune_log
 
     out = tmp_path / "exp" / "run" / "transfer" / "sst2"  # dataset named after train's folder
     res = json.loads((out / "results.json").read_text())

@@ -159,16 +159,17 @@ class FinetuneWorker(TrainWorker):
             self.bad_evals += 1
             if score == self.best["score"]:  # as good, and trained longer: Ray Train keeps
                 self.best["iteration"] = self.iteration  # the later of equal scores, so do we
-        if self.ft.patience and self.bad_evals >= self.ft.patience:
-            self.stopped = True
-            self.say(f"early stop at iteration {self.iteration}: no better validation "
-                     f"{self.metric} for {self.bad_evals} validations (best "
-                     f"{self.best['score']:.4f} at iteration {self.best['iteration']})")
+        self.stopped = bool(self.ft.patience and self.bad_evals >= self.ft.patience)
         self.last_eval = self.iteration
         self.report(save=True, epoch_done=epoch_done, extra={
             "val_score": score, "val_metric": self.metric, "val_accuracy": m["accuracy"],
             "val_macro_f1": m["macro_f1"], "best_score": self.best["score"],
-            "best_iteration": self.best["iteration"], "stopped_early": self.stopped})
+            "best_iteration": self.best["iteration"], "stopped_early": self.stopped,
+            **({"eta_s": 0.0} if self.stopped else {})})
+        if self.stopped:  # after the validation's own line, which the driver prints first
+            self.say(f"early stop at iteration {self.iteration}: no better validation "
+                     f"{self.metric} for {self.bad_evals} validations (best "
+                     f"{self.best['score']:.4f} at iteration {self.best['iteration']})")
 
     # --- what a report and a checkpoint hold -------------------------------------------------
 

@@ -244,12 +244,15 @@ class TrainWorker:
         run_s = time.perf_counter() - self.start if self.start is not None else 0.0
         done = self.iteration - self.resumed_from
         total = self.total_iters
+        eta = max(0.0, (total - self.iteration) * run_s / done) if total and done else None
+        if (extra or {}).get("final"):
+            eta = 0.0  # a run may end before total_iters (fine-tuning's early stop)
         row = {
             "iteration": self.iteration, "epoch": self.epoch, "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "bytes_per_s": interval_bytes / elapsed if elapsed > 0 else 0.0,
             "bytes_seen": self.bytes_seen, "elapsed_s": run_s, "total_iters": total,
-            "eta_s": max(0.0, (total - self.iteration) * run_s / done) if total and done else None,
+            "eta_s": eta,
             **dict(zip(counts, (int(v) for v in summed))), "precision": self.precision}
         row.update(self.extra_metrics(row))
         return {**row, "param_checksum": _checksum(self.model),
