@@ -248,16 +248,17 @@ def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]
 @contextlib.contextmanager
 def _tune_output_to(log: Path):
     """Ray Tune's own console output during a sweep (its experiment table, result paths and
-    INFO lines, printed even at ``verbose=0``) goes to ``log``; its warnings still print. The
-    job prints the sweep itself, one line per C."""
+    INFO lines, printed even at ``verbose=0``) and its trials' output go to ``log``; Tune's
+    warnings still print. The job prints the sweep itself, one line per C."""
     import logging
     import sys
 
     log.parent.mkdir(parents=True, exist_ok=True)
     tune_logger = logging.getLogger("ray.tune")
     saved = tune_logger.handlers[:], tune_logger.propagate, tune_logger.level
-    with open(log, "a") as f, contextlib.redirect_stdout(f):
-        to_file, to_terminal = logging.StreamHandler(f), logging.StreamHandler(sys.stderr)
+    terminal = sys.stderr
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        to_file, to_terminal = logging.StreamHandler(f), logging.StreamHandler(terminal)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         to_terminal.setLevel(logging.WARNING)
         tune_logger.handlers, tune_logger.propagate = [to_file, to_terminal], False
