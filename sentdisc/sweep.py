@@ -255,19 +255,17 @@ def _tune_output_to(log: Path):
 
     log.parent.mkdir(parents=True, exist_ok=True)
     tune_logger = logging.getLogger("ray.tune")
-    saved = tune_logger.handlers[:], tune_logger.propagate, tune_logger.level
+    saved = tune_logger.handlers[:], tune_logger.propagate
     terminal = sys.stderr
     with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         to_file, to_terminal = logging.StreamHandler(f), logging.StreamHandler(terminal)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         to_terminal.setLevel(logging.WARNING)
         tune_logger.handlers, tune_logger.propagate = [to_file, to_terminal], False
-        tune_logger.setLevel(min(saved[2] or logging.INFO, logging.INFO))
         try:
             yield
         finally:
-            tune_logger.handlers, tune_logger.propagate = saved[0], saved[1]
-            tune_logger.setLevel(saved[2])
+            tune_logger.handlers, tune_logger.propagate = saved
 
 
 def sweep_C(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str = "sweep") -> list[dict]:

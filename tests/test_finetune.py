@@ -176,29 +176,34 @@ def test_finetune_multiclass_with_lm_loss(ray_local, tiny_checkpoint, shared_dat
 
 def test_a_validation_score_that_stops_improving_stops_the_run(ray_local, tiny_checkpoint,
                                                                shared_data, tmp_path, capsys):
-    # an lr too small to move a float32 weight: every validation scores as the first did, and
-    # a score no better than the best is a step towards stopping
+    # an lr too small to move a float32 weight: every validation (one per epoch of 4 batches)
+    # scores as the first did, and a score no better than the best is a step towards stopping
     sst = shared_data / "sst2"
     assert main(["--load_model", str(tiny_checkpoint), "--train", str(sst / "train.csv"),
                  "--valid", str(sst / "val.csv"), "--test", str(sst / "test.csv"),
                  "--text_key", "sentence", "--label_key", "label", "--max_train", "64",
-                 "--max_eval", "32", "--batch_size", "16", "--lr", "1e-20", "--eval_every", "1",
-                 "--patience", "2", "--max_iters", "20", "--extremes", "0",
+                 "--max_eval", "32", "--batch_size", "16", "--lr", "1e-20", "--patience", "2",
+                 "--max_iters", "20", "--extremes", "0",
                  "--experiment_dir", str(tmp_path / "exp")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.startswith("[finetune] ")]
     run = tmp_path / "exp" / "default" / "finetune" / "sst2"
     res = json.loads((run / "results.json").read_text())
-    assert res["stopped_early"] and res["iterations"] == 3, res
+    assert res["stopped_early"] and res["iterations"] == 12, res
     # of equal scores the later is kept, as Ray Train keeps the later of equal checkpoints
-    assert res["best"]["iteration"] == 3
+    assert res["best"]["iteration"] == 12
     assert json.loads((run / "checkpoint_final" / "train_state.json").read_text())[
-        "iteration"] == 3
+        "iteration"] == 12
+    # each validation is the epoch's it closes (0-based, as the rows during it)
+    validations = [line for line in lines if "| val accuracy" in line]
+    assert [line.split(" | ")[:2] for line in validations] == [
+        ["[finetune] epoch 0", "iter 4/20 (20%)"], ["[finetune] epoch 1", "iter 8/20 (40%)"],
+        ["[finetune] epoch 2", "iter 12/20 (60%)"]], lines
     # the validation that decided it, then the decision, then the final line: nothing left
     stop = next(i for i, line in enumerate(lines) if "early stop" in line)
-    assert lines[stop] == ("[finetune] early stop at iteration 3: no better validation accuracy "
-                           f"for 2 validations (best {res['best']['val_score']:.4f} at "
-                           "iteration 3)"), lines
-    assert "iter 3/20" in lines[stop - 1] and "| val accuracy" in lines[stop - 1], lines
-    assert "ETA 0m00s" in lines[stop - 1] and "ETA 0m00s" in lines[stop + 1], lines
-    assert "(stopped early)" in lines[stop + 1], lines
+    assert lines[stop] == ("[finetune] early stop at iteration 12: no better validation "
+                           f"accuracy for 2 validations (best {res['best']['val_score']:.4f} at "
+                           "iteration 12)"), lines
+    assert lines[stop - 1] == validations[-1] and "ETA 0m00s" in lines[stop - 1], lines
+    assert lines[stop + 1].startswith("[finetune] epoch 2 | iter 12/20 (60%)"), lines
+    assert "ETA 0m00s" in lines[stop + 1] and "(stopped early)" in lines[stop + 1], lines

@@ -178,7 +178,11 @@ class FinetuneWorker(TrainWorker):
             torch.distributed.all_reduce(self.sums)
         class_loss, lm_loss, n = self.sums.tolist()
         self.sums.zero_()
-        out = {"texts_seen_interval": int(n)}
+        # a row belongs to the epoch of its last step: the validation that closes epoch 0
+        # (self.epoch already 1, step 0) is epoch 0's, as are the final rows after it
+        ended_an_epoch = self.step_in_epoch == 0 and self.epoch > 0
+        out = {"texts_seen_interval": int(n),
+               "epoch": self.epoch - 1 if ended_an_epoch else self.epoch}
         if n:
             out["class_loss"] = class_loss / n
             if self.ft.lm_weight:
