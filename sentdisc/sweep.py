@@ -18,7 +18,9 @@ sklearn.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -250,9 +252,6 @@ def _tune_output_to(log: Path):
     """Ray Tune's own console output during a sweep (its experiment table, result paths and
     INFO lines, printed even at ``verbose=0``) and its trials' output go to ``log``; Tune's
     warnings still print. The job prints the sweep itself, one line per C."""
-    import logging
-    import sys
-
     log.parent.mkdir(parents=True, exist_ok=True)
     tune_logger = logging.getLogger("ray.tune")
     saved = tune_logger.handlers[:], tune_logger.propagate

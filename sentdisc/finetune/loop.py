@@ -164,8 +164,7 @@ class FinetuneWorker(TrainWorker):
         self.report(save=True, epoch_done=epoch_done, extra={
             "val_score": score, "val_metric": self.metric, "val_accuracy": m["accuracy"],
             "val_macro_f1": m["macro_f1"], "best_score": self.best["score"],
-            "best_iteration": self.best["iteration"], "stopped_early": self.stopped,
-            **({"eta_s": 0.0} if self.stopped else {})})
+            "best_iteration": self.best["iteration"], "stopped_early": self.stopped})
         if self.stopped:  # after the validation's own line, which the driver prints first
             self.say(f"early stop at iteration {self.iteration}: no better validation "
                      f"{self.metric} for {self.bad_evals} validations (best "

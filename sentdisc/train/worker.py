@@ -35,6 +35,7 @@ class TrainWorker:
     prefix = "[train]"
     cuda_graph: Optional[str] = None  # None: the config's --cuda_graph
     windows = True  # batches are pretraining's fixed-shape windows (a CUDA graph can replay them)
+    stopped = False  # the run ends before total_iters (fine-tuning's early stop): nothing left
 
     def __init__(self, config: dict):
         import ray
@@ -245,14 +246,12 @@ class TrainWorker:
         done = self.iteration - self.resumed_from
         total = self.total_iters
         eta = max(0.0, (total - self.iteration) * run_s / done) if total and done else None
-        if (extra or {}).get("final"):
-            eta = 0.0  # a run may end before total_iters (fine-tuning's early stop)
         row = {
             "iteration": self.iteration, "epoch": self.epoch, "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "bytes_per_s": interval_bytes / elapsed if elapsed > 0 else 0.0,
             "bytes_seen": self.bytes_seen, "elapsed_s": run_s, "total_iters": total,
-            "eta_s": eta,
+            "eta_s": 0.0 if self.stopped else eta,
             **dict(zip(counts, (int(v) for v in summed))), "precision": self.precision}
         row.update(self.extra_metrics(row))
         return {**row, "param_checksum": _checksum(self.model),
