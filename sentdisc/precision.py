@@ -3,9 +3,9 @@ fine-tuning, featurize, transfer, Serve, scoring).
 
     auto  bf16 products where the hardware multiplies bf16 natively: a CUDA device, or a CPU
           with AVX-512 BF16 or AMX tiles, as torch reports them (``torch.cpu``); float32
-          elsewhere. A CPU without them emulates bf16 at a fraction of its float32 rate (an
-          AVX2-only EPYC here: 0.5 against 68 GFLOP/s at 64 x 512 x 2048), so there auto
-          keeps float32.
+          elsewhere. A CPU without them emulates bf16 at about 1% of its float32 rate (an
+          AVX2-only EPYC here: 0.5-0.6 against 68-134 GFLOP/s at 64 x 512 x 2048), so there
+          auto keeps float32.
     fp32  float32 products everywhere
     bf16  bf16 products (under autocast) even where emulated
     fp16  GPU training only (a GradScaler guards it)
@@ -76,6 +76,7 @@ def choose(requested: str, hw: Hardware) -> tuple[str, str]:
         raise ValueError("precision fp16 needs a CUDA device (on a CPU use bf16 or fp32)")
     if requested == "bf16" and not hw.native_bf16:
         return "bf16", ("precision bf16 as asked, though this CPU has no native bf16 "
-                        "(products emulated: slower than fp32)")
+                        "(no AVX-512 BF16 or AMX): its products are emulated, on AVX2 CPUs "
+                        "about 100x slower than float32 (--precision auto picks float32 here)")
     return requested, f"precision {requested} as asked"
 
