@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -87,6 +87,27 @@ def inference_shapes(B: int, T: int, E: int, H: int) -> list:
     layer's input projections are looked up per byte value (sentdisc.kernels), so what is
     left are the two recurrent products per step."""
     return [(B, H, H, T, False, False), (B, H, 4 * H, T, False, False)]
+
+
+def featurize_bound(lengths: Sequence[int], E: int, H: int, dtype=torch.float32,
+                    pool: int = 128) -> tuple[float, float]:
+    """(bytes/s, FLOP/s) that a no-grad pass over texts of these byte ``lengths``, all in one
+    featurize pool, would reach at the GEMM rate of the shapes it really runs. Rows leave the
+    batch as their texts end (featurize computes only the live rows), so step t multiplies
+    m_t = #(lengths > t) rows: a batch-wide bound would flatter the short tail, where the
+    products read the whole weight matrix for a few rows. Each m_t is timed as the next power
+    of two (a bound that is, if anything, high); per byte, 2 x the recurrent weights."""
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    if len(lengths) > pool:
+        raise ValueError(f"featurize_bound: {len(lengths)} texts do not fit one pool of {pool}")
+    live = (lengths[None, :] > np.arange(lengths.max())[:, None]).sum(1)  # m_t per step
+    rows = np.minimum(2 ** np.ceil(np.log2(live)).astype(int), len(lengths))
+    rate = {int(m): gemm_rate(inference_shapes(int(m), 1, E, H), dtype) for m in set(rows)}
+    flops_per_byte = 2 * mlstm_weight_count(E, H)
+    seconds = sum(int(m) * flops_per_byte / rate[int(r)] for m, r in zip(live, rows))
+    return int(lengths.sum()) / seconds, int(lengths.sum()) * flops_per_byte / seconds
 
 
 def _onednn_prepacked(a: torch.Tensor, b: torch.Tensor):

@@ -43,6 +43,7 @@ from _common import (
     add_step_args,
     best_time,
     bf16_plan,
+    featurize_bound,
     fmt_rate,
     gemm_rate,
     head_weight_count,
@@ -340,15 +341,26 @@ def precision_tables(args, best, B, T, H, E, n_bytes, train_fpb, feat_fpb, train
     if args.big_texts:
         texts = sst2_texts()[0][:args.big_texts]
         big = ByteLM(ModelConfig(embed_size=64, rnn_size=4096)).eval()
+        lengths = [len(e) for e in encode_list(texts)]
         rows = []
         for precision in ("fp32", "bf16") if use_bf16 else ("fp32",):
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            bound, gemm = featurize_bound(lengths, 64, 4096, dtype)
             featurize(big, texts[:4], precision=precision)  # warm-up
             t = best_time(lambda p=precision: featurize(big, texts, precision=p), reps=1,
                           warmup=0)
-            rows.append(dict(dtype=precision, tps=f"{len(texts) / t:.2f}", sec=f"{t:.1f}"))
+            rate = sum(lengths) / t
+            rows.append(dict(dtype=precision, tps=f"{len(texts) / t:.2f}", rate=fmt_rate(rate),
+                             gemm=f"{gemm / 1e9:.0f}",
+                             bound_tps=f"{bound * len(texts) / sum(lengths):.2f}",
+                             of=f"{rate / bound:.0%}", sec=f"{t:.1f}"))
         print(f"\nmLSTM-4096 (the OpenAI model's shapes, random weights) featurizing the first "
-              f"{len(texts)} SST-2 test texts, cell, batch 128:")
-        print_table(rows, [("dtype", "products"), ("tps", "texts/s"), ("sec", "seconds")])
+              f"{len(texts)} SST-2 test texts ({sum(lengths):,} bytes), cell, one batch; the "
+              f"bound: the GEMM rate of the live rows each step multiplies (texts end, rows "
+              f"leave), {2 * mlstm_weight_count(64, 4096) / 1e6:.0f} MFLOP/byte:")
+        print_table(rows, [("dtype", "products"), ("tps", "texts/s"), ("rate", "bytes/s"),
+                           ("gemm", "GEMM GFLOP/s at those rows"), ("bound_tps", "bound texts/s"),
+                           ("of", "of bound"), ("sec", "seconds")])
     if args.loss_steps:
         r = loss_agreement(args.loss_steps)
         print(f"\nfp32 vs bf16 training loss, {r['model']}, {r['steps']} steps from the same "
