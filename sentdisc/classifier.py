@@ -112,6 +112,14 @@ class Classifier:
         return [(n, s) for n, s, lab in zip(self.neurons, self.signs, self.neuron_labels,
                                             strict=True) if lab == label]
 
+    def top_neuron_of(self, label: str) -> tuple[int, int]:
+        """(neuron, sign) that stands for ``label`` of a multi-class or multi-label classifier:
+        its largest |weight|, even where the top-neuron list gave that neuron to another label
+        first (the sign is this label's weight: one neuron can mean one label, not another)."""
+        row = np.asarray(self.coef, dtype=np.float64)[self.labels.index(label)]
+        n = int(np.argmax(np.abs(row)))
+        return n, 1 if row[n] >= 0 else -1
+
     # -- scores and labels: the one place they are computed -----------------------------------
     def _check(self, features) -> np.ndarray:
         x = np.asarray(features, dtype=np.float64)

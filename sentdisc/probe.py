@@ -8,8 +8,10 @@ which checkpoint the classifier was fitted on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
+
+from sentdisc.errors import InputError
 
 TRACE_KINDS = ("cell", "hidden")
 
@@ -21,11 +23,31 @@ class Probe:
     layer: int = -1
     feature_kind: str = "cell"   # cell | hidden | mean | max
     checkpoint: str = ""         # the checkpoint the classifier was fitted on ("" if unknown)
+    label_kind: str = ""         # binary | multiclass | multilabel ("" without a classifier)
+    label_neurons: tuple = ()    # multi-class / multi-label: (label, neuron, sign) per label
 
     @classmethod
     def from_classifier(cls, clf) -> Probe:
+        per_label = () if clf.label_kind == "binary" else tuple(
+            (lab, *clf.top_neuron_of(lab)) for lab in clf.labels)
         return cls(tuple(clf.neurons), tuple(clf.signs), int(clf.layer), clf.feature_kind,
-                   clf.checkpoint)
+                   clf.checkpoint, clf.label_kind, per_label)
+
+    def for_label(self, label: str) -> Probe:
+        """This probe narrowed to the neuron that stands for ``label`` (a multi-class or
+        multi-label classifier's), signed by its weight for that label: heatmaps and
+        generation then show it, green (and +1) toward the label."""
+        if not self.neurons:
+            raise InputError(f"label {label!r}: no classifier, so no label has a neuron")
+        if not self.label_neurons:
+            raise InputError(f"label {label!r}: a {self.label_kind or 'binary'} classifier's "
+                             f"neurons are not per label (its sentiment neuron, "
+                             f"{self.neuron}, is the default)")
+        for lab, neuron, sign in self.label_neurons:
+            if lab == label:
+                return replace(self, neurons=(neuron,), signs=(sign,))
+        known = ", ".join(lab for lab, _, _ in self.label_neurons)
+        raise InputError(f"label {label!r} is not one of the classifier's labels ({known})")
 
     @classmethod
     def load(cls, path: str) -> Probe:

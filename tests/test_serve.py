@@ -229,6 +229,24 @@ def test_multi_kind_app_classifies_and_sentiment_points_to_classify(multi_kind_a
     msg = r.json()["detail"][0]["msg"]
     assert "/classify" in msg and kind in msg and "books" in msg
     assert requests.get(url + "/healthz", timeout=30).json()["label_kind"] == kind
+    # a label's neuron, signed by its weight for that label, for heatmaps and generation
+    for label in labels:
+        neuron, sign = clf.top_neuron_of(label)
+        r = post(url, "/heatmap", {"text": TEXTS[0], "label": label, "format": "json"})
+        assert r.status_code == 200, r.text
+        _, values = viz.neuron_values(model, TEXTS[0], neuron, kind="hidden", negate=sign < 0)
+        assert (r.json()["neuron"], r.json()["negated"]) == (neuron, sign < 0)
+        np.testing.assert_allclose(r.json()["values"], values, atol=1e-5)
+    r = post(url, "/generate", {"prompt": "a", "length": 5, "label": "dvd", "overwrite": 1})
+    assert r.status_code == 200 and r.json()["neuron"] == clf.top_neuron_of("dvd")[0], r.text
+    for bad, loc, msg in (
+            ({"label": "toys"}, ["body", "label"], "not one of the classifier's labels (books"),
+            ({"label": "dvd", "neuron": 3}, ["body"], "give neuron or label, not both")):
+        r = post(url, "/heatmap", {"text": "fine", **bad})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc, r.text
+        assert msg in r.json()["detail"][0]["msg"], r.text
+    spec = requests.get(url + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    assert spec["HeatmapRequest"]["properties"]["label"]["anyOf"][0]["enum"] == labels
 
 
 def test_heatmap_png_svg_json(url, model, classifier):
@@ -248,6 +266,8 @@ def test_heatmap_png_svg_json(url, model, classifier):
     assert body["neuron"] == clf.neuron and body["negated"] == negate
     assert body["chars"] == chars
     np.testing.assert_allclose(body["values"], values, atol=1e-5)
+    r = post(url, "/heatmap", {"text": text, "label": "positive"})  # a binary classifier's
+    assert r.status_code == 422 and "not per label" in r.json()["detail"][0]["msg"], r.text
 
 
 def test_generate_seeded_forced_and_in_process(url, model, classifier):

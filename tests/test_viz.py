@@ -310,6 +310,57 @@ def test_cli_generate_from_classifier_defaults(tiny_checkpoint, tmp_path, capsys
     assert record["neuron"] == 3 and record["negate"] is False
 
 
+def _label_classifier(checkpoint, path):
+    """A multi-class classifier whose labels stand for neurons with known signs: books 5 (+),
+    dvd 9 (-), and kitchen 5 as well, weighted negatively: the top-neuron list gave 5 to books
+    (kitchen has none of its own there), but 5 is what stands for kitchen, negated."""
+    from sentdisc.classifier import Classifier, rank_neurons
+
+    labels = ["books", "dvd", "kitchen"]
+    coef = np.zeros((3, 32))
+    coef[0, 5], coef[1, 9], coef[2, 5], coef[2, 12] = 2.0, -3.0, -2.5, -1.5
+    neurons, signs, serves = rank_neurons(coef, 1, labels)
+    assert serves == ["books", "dvd"]  # the case the test is about: kitchen has none of its own
+    return Classifier(coef=coef, intercept=np.zeros(3), neurons=neurons, signs=signs,
+                      neuron_labels=serves, feature_kind="cell", label_kind="multiclass",
+                      labels=labels, checkpoint=str(checkpoint)).save(path)
+
+
+@pytest.mark.parametrize("label, neuron, negate", [
+    ("books", 5, False), ("dvd", 9, True), ("kitchen", 5, True)])
+def test_cli_label_shows_that_labels_neuron_with_its_sign(tiny_checkpoint, tmp_path, capsys,
+                                                          label, neuron, negate):
+    clf = _label_classifier(tiny_checkpoint, tmp_path / "classifier.json")
+    text = "Great extras on this disc"
+    assert visualize.main(["--classifier", str(clf), "--label", label, "--text", text,
+                           "--experiment_dir", str(tmp_path), "--formats", "json"]) == 0
+    record = json.load(open(capsys.readouterr().out.split()[-1], encoding="utf-8"))
+    assert (record["neuron"], record["negate"], record["label"]) == (neuron, negate, label)
+    chars, values = viz.neuron_values(load(tiny_checkpoint), text, neuron, negate=negate)
+    assert record["chars"] == chars and np.allclose(record["values"], values)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label", "toys"], "label 'toys' is not one of the classifier's labels (books, dvd, "
+                          "kitchen)"),
+    (["--label", "dvd", "--neuron", "3"], "give --neuron or --label, not both"),
+    (["--label", "dvd", "--classifier", ""], "--label needs --classifier"),
+    (["--label", "positive", "--classifier", "{binary}"], "a binary classifier's neurons are "
+                                                          "not per label"),
+])
+def test_cli_bad_label_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, args, message):
+    from sentdisc.classifier import Classifier
+
+    clf = _label_classifier(tiny_checkpoint, tmp_path / "classifier.json")
+    binary = Classifier(coef=np.ones(32), intercept=0.0, neurons=[7], signs=[1]).save(
+        tmp_path / "binary.json")
+    args = [a.replace("{binary}", str(binary)) for a in args]
+    assert visualize.main(["--load_model", str(tiny_checkpoint), "--classifier", str(clf),
+                           "--experiment_dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--load_model", "/nonexistent/ckpt"], "does not exist"),
     (["--neuron", "500"], "neuron must be an integer"),

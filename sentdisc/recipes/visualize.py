@@ -7,8 +7,9 @@
 Flags as in NVIDIA's sentiment-discovery ``visualize.py`` (text, neuron, layer, generate,
 seq_length, temperature, overwrite, negate, load_model). With ``--classifier`` (the transfer
 step's classifier.json) the neuron, layer, state and sign come from its ``Probe``: the neuron
-defaults to its top neuron, and a top neuron with a negative weight is negated (green =
-positive sentiment) unless ``--no-negate`` says otherwise. Files go to
+defaults to its top neuron (``--label L``: the one that stands for label L of a multi-class or
+multi-label classifier), and a top neuron with a negative weight is negated (green = positive sentiment,
+or label L) unless ``--no-negate`` says otherwise. Files go to
 <experiment_dir>/<experiment_name>/heatmaps/, named by ``safe_filename``.
 """
 from __future__ import annotations
@@ -45,6 +46,10 @@ class VisualizeConfig:
     classifier: str = field(default="", metadata={
         "help": "transfer classifier.json: its top neuron, sign, layer and feature kind",
         "path": True})
+    label: str = field(default="", metadata={
+        "help": "a multi-class or multi-label classifier's label: show the neuron that stands "
+                "for it (its largest weight for that label), signed toward the label (instead "
+                "of --neuron)"})
     layer: int | None = field(default=None, metadata={
         "help": "layer to read (default: the classifier's, else -1 = last)"})
     kind: str | None = field(default=None, metadata={
@@ -70,6 +75,13 @@ def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
     from sentdisc.checkpoint import OPENAI, OPENAI_SENTIMENT_NEURON
 
     probe = Probe.load(cfg.classifier) if cfg.classifier else Probe()
+    if cfg.label:
+        if not cfg.classifier:
+            raise InputError("--label needs --classifier: the classifier names each label's "
+                             "neurons")
+        if cfg.neuron is not None:
+            raise InputError("give --neuron or --label, not both")
+        probe = probe.for_label(cfg.label)
     ckpt = cfg.load_model or probe.checkpoint
     # OpenAI's model without a classifier: its known sentiment unit rather than unit 0.
     known = OPENAI_SENTIMENT_NEURON if ckpt == OPENAI and not cfg.classifier else 0
@@ -101,11 +113,12 @@ def trace(cfg: VisualizeConfig, model) -> dict:
     """The resolved config's characters and values, with the title, label and file suffix."""
     sign = " (negated)" if cfg.negate else ""
     neg = "_neg" if cfg.negate else ""
+    of = f", label {cfg.label}" if cfg.label else ""
     if not cfg.generate:
         chars, values = viz.neuron_values(model, cfg.text, cfg.neuron, cfg.layer, cfg.kind,
                                           negate=cfg.negate)
         return {"chars": chars, "values": values, "prompt_end": None, "generated": None,
-                "title": f"neuron {cfg.neuron}{sign} ({cfg.kind}, layer {cfg.layer})",
+                "title": f"neuron {cfg.neuron}{sign}{of} ({cfg.kind}, layer {cfg.layer})",
                 "label": f"neuron {cfg.neuron}{sign}, {cfg.kind}, layer {cfg.layer}",
                 "suffix": f"_n{cfg.neuron}_l{cfg.layer}_{cfg.kind}{neg}"}
     out = viz.generate_text(model, cfg.text, cfg.seq_length, cfg.temperature, neuron=cfg.neuron,
@@ -114,7 +127,7 @@ def trace(cfg: VisualizeConfig, model) -> dict:
     held = f"held at {cfg.overwrite:+g}" if out["forced"] is not None else "free"
     return {"chars": out["chars"], "values": out["values"], "prompt_end": out["prompt_end"],
             "generated": out,
-            "title": f"generated, neuron {cfg.neuron} {held}, T={cfg.temperature:g}, "
+            "title": f"generated, neuron {cfg.neuron}{of} {held}, T={cfg.temperature:g}, "
                      f"seed {cfg.seed}",
             "label": f"neuron {cfg.neuron}{sign}, cell, layer {cfg.layer}",  # generation reads cells
             "suffix": f"_gen_n{cfg.neuron}_l{cfg.layer}_o{cfg.overwrite or 0:g}{neg}"
@@ -133,7 +146,8 @@ def render(cfg: VisualizeConfig, t: dict, fmt: str) -> bytes:
     elif fmt == "html":
         text = viz.render_html(chars, values, end, title=t["title"], label=t["label"])
     else:
-        record = {"text": "".join(chars), "neuron": cfg.neuron, "layer": cfg.layer,
+        record = {"text": "".join(chars), "neuron": cfg.neuron, "label": cfg.label or None,
+                  "layer": cfg.layer,
                   "kind": "cell" if cfg.generate else cfg.kind, "negate": cfg.negate,
                   "checkpoint": cfg.load_model, "prompt_end": end,
                   "chars": chars, "values": [float(v) for v in values]}

@@ -155,8 +155,7 @@ async def heatmap(req: HeatmapRequest, server: Server):
     from sentdisc import viz
 
     server.check_texts([req.text], "text")
-    neuron = server.pick_neuron(req.neuron, None)
-    negate = server.probe.negate(neuron)
+    neuron, negate = server.pick_neuron(req.neuron, None, req.label)
     chars, values = await server.work(viz.neuron_values, MODEL, req.text, neuron,
                                       layer=server.probe.layer, kind=server.probe.trace_kind,
                                       negate=negate)
@@ -180,11 +179,10 @@ async def generate(req: GenerateRequest, server: Server) -> ORJSONResponse:
     length = req.length if "length" in req.model_fields_set else min(req.length, cap)
     if length > cap:  # the schema's maximum is this deployment's cap (apply_caps)
         raise invalid("length", f"{length} exceeds the limit of {cap} bytes")
-    neuron = server.pick_neuron(req.neuron, 0)
+    neuron, negate = server.pick_neuron(req.neuron, 0, req.label)
     out = await server.work(viz.generate_text, MODEL, req.prompt, length,
                             req.temperature, neuron=neuron, overwrite=req.overwrite,
-                            layer=server.probe.layer, seed=req.seed,
-                            negate=server.probe.negate(neuron))
+                            layer=server.probe.layer, seed=req.seed, negate=negate)
     return ORJSONResponse({"text": out["text"], "prompt_end": int(out["prompt_end"]),
                            "neuron": neuron, "overwrite": req.overwrite,
                            "chars": list(out["chars"]), "trace": finite(out["values"])})
@@ -261,8 +259,10 @@ def make_api(server) -> FastAPI:
         if api.openapi_schema is None:
             a = server.args
             rnn = None if server.failure else server.config.rnn_size
+            labels = None if server.failure else [
+                label for label, _, _ in server.probe.label_neurons]
             api.openapi_schema = apply_caps(plain_openapi(), a.max_texts, a.max_text_bytes,
-                                            a.max_generate_length, rnn)
+                                            a.max_generate_length, rnn, labels)
         return api.openapi_schema
 
     api.openapi = openapi

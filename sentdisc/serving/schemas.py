@@ -9,7 +9,7 @@ for); a generation prompt may be empty.
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from sentdisc.viz import MAX_OVERWRITE, MAX_SEED
 
@@ -88,9 +88,23 @@ class ClassifyResponse(BaseModel):
     labels: list[str] = Field(description="the classifier's labels, in its order")
 
 
-class HeatmapRequest(_Request):
+class _PicksNeuron(_Request):
+    """A request that names a neuron, or a label whose neuron it means: one or the other."""
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["neuron", "label"]}})
+
+    @model_validator(mode="after")
+    def _neuron_or_label(self):
+        if {"neuron", "label"} <= self.model_fields_set:
+            raise ValueError("give neuron or label, not both")
+        return self
+
+
+class HeatmapRequest(_PicksNeuron):
     text: Text
     neuron: Neuron | None = Field(None, description="default: the sentiment neuron")
+    label: str | None = Field(None, max_length=1000, description=(
+        "a multi-class or multi-label classifier's label: the neuron that stands for it (its "
+        "largest weight for that label), signed toward the label (instead of neuron)"))
     format: Literal["png", "svg", "json"] = "png"
 
 
@@ -103,13 +117,16 @@ class HeatmapValues(BaseModel):
                                       "negative, so that positive values read as positive")
 
 
-class GenerateRequest(_Request):
+class GenerateRequest(_PicksNeuron):
     prompt: str = ""
     length: Int(1, 1 << 20) = 200
     temperature: float = Field(1.0, ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False,
                                description="sampling temperature; below 1e-4 (0 included) "
                                            "each byte is the most likely one (greedy)")
     neuron: Neuron | None = Field(None, description="default: the sentiment neuron, else 0")
+    label: str | None = Field(None, max_length=1000, description=(
+        "a multi-class or multi-label classifier's label: the neuron that stands for it "
+        "(instead of neuron; overwrite +1 is toward the label)"))
     overwrite: float | None = Field(None, ge=-MAX_OVERWRITE, le=MAX_OVERWRITE,
                                     allow_inf_nan=False, description=(
                                         "hold the neuron at this value while generating (+1 "
@@ -161,9 +178,11 @@ def _cap_ints(prop: dict, maximum: int) -> None:
 
 
 def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_length: int,
-               rnn_size: int | None) -> dict:
+               rnn_size: int | None, labels: list[str] | None = None) -> dict:
     """Write one deployment's caps into its OpenAPI document (``spec``, changed in place):
-    texts per request, bytes per text, generate length, and the neurons its model has.
+    texts per request, bytes per text, generate length, the neurons its model has, and the
+    labels that have a neuron (``labels``: a multi-class or multi-label classifier's; [] for
+    none, so ``label`` can only be null).
 
     JSON Schema counts characters, the cap counts UTF-8 bytes: maxLength is the byte cap (a text
     longer than that in characters is over it in bytes too), and the description says bytes.
@@ -194,4 +213,16 @@ def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_len
             prop = schemas.get(name, {}).get("properties", {}).get(field)
             if prop:
                 _cap_ints(prop, rnn_size - 1)
+    if labels is not None:
+        for name in ("HeatmapRequest", "GenerateRequest"):
+            prop = schemas.get(name, {}).get("properties", {}).get("label")
+            if prop:
+                about = prop.get("description", "")
+                prop.clear()
+                if labels:
+                    prop["anyOf"] = [{"type": "string", "enum": list(labels)}, {"type": "null"}]
+                else:
+                    prop["type"] = "null"
+                    about += " (none here: this classifier's neurons are not per label)"
+                prop.update(default=None, description=about)
     return spec

@@ -150,12 +150,21 @@ class ModelServer:
                                  f"(0..{H - 1})")
         return neuron
 
-    def pick_neuron(self, neuron: int | None, fallback: int | None) -> int:
-        """The requested neuron, else the sentiment neuron, else ``fallback``."""
+    def pick_neuron(self, neuron: int | None, fallback: int | None,
+                    label: str | None = None) -> tuple[int, bool]:
+        """(neuron, negate): the requested neuron, else ``label``'s top neuron, else the
+        sentiment neuron, else ``fallback``; negate where the classifier's weight on it (for
+        ``label``, when given) is negative."""
         self.ready()
-        for choice in (neuron, self.probe.neuron, fallback):
+        probe = self.probe
+        if label is not None:  # (neuron and label both: the request's schema refuses it)
+            try:
+                probe = probe.for_label(label)
+            except InputError as e:
+                raise invalid("label", str(e)) from None
+        for choice in (neuron, probe.neuron, fallback):
             if choice is not None:
-                return self.check_neuron(choice)
+                return self.check_neuron(choice), probe.negate(choice)
         raise invalid("neuron", "required (no classifier is loaded to name the sentiment "
                                 "neuron)")
 
