@@ -392,7 +392,7 @@ def test_page_is_self_contained_and_calls_the_api(url):
     r = requests.get(url + "/", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
-    assert "/sentiment" in html and "/heatmap" in html and "<textarea" in html
+    assert 'post("sentiment"' in html and 'post("heatmap"' in html and "<textarea" in html
     assert "http://" not in html and "https://" not in html  # no CDN: nothing external
 
 
@@ -449,6 +449,27 @@ def test_page_typing_a_review_updates_sentiment_and_heatmap(url, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "page_after_typing.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000
+    assert browser.find_element(By.ID, "caption").text == \
+        f"heatmap: neuron {post(url, '/sentiment', {'texts': ['x']}).json()['neuron']}, " \
+        f"the sentiment neuron"
+
+
+def test_page_of_a_multiclass_app_under_its_prefix_heatmaps_the_top_labels_neuron(
+        multi_kind_apps, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = multi_kind_apps["multiclass"]  # served under /multiclass: the page calls its own
+    browser.get(url)                        # endpoints there, opened with or without the slash
+    text = browser.find_element(By.ID, "review").get_attribute("value")
+    res = post(url, "/classify", {"texts": [text]}).json()["results"][0]
+    top = max(res["probabilities"], key=res["probabilities"].get)
+    caption = lambda: browser.find_element(By.ID, "caption").text
+    WebDriverWait(browser, 30, poll_frequency=0.1).until(
+        lambda b: caption() == f"heatmap: the neuron that stands for {top}")
+    assert browser.find_element(By.ID, "verdict").text.startswith(res["label"])
+    assert browser.find_element(By.ID, "heat").get_attribute("src").startswith("blob:")
+    assert browser.find_element(By.ID, "status").text == ""
 
 
 def test_docs_render_from_the_apps_own_assets(url, browser):
