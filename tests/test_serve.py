@@ -459,17 +459,22 @@ def test_page_of_a_multiclass_app_under_its_prefix_heatmaps_the_top_labels_neuro
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _ = multi_kind_apps["multiclass"]  # served under /multiclass: the page calls its own
-    browser.get(url)                        # endpoints there, opened with or without the slash
-    text = browser.find_element(By.ID, "review").get_attribute("value")
+    url, _ = multi_kind_apps["multiclass"]  # served under /multiclass/: the page calls its own
+    wait = WebDriverWait(browser, 30, poll_frequency=0.5)  # endpoints there, not the root's
+
+    def page(b):  # reloaded while the browser's kept-alive connection still reaches the
+        b.get(url + "/")  # HAProxy from before this app was added (it answers 404)
+        return b.find_elements(By.ID, "review")
+
+    text = wait.until(page)[0].get_attribute("value")
     res = post(url, "/classify", {"texts": [text]}).json()["results"][0]
     top = max(res["probabilities"], key=res["probabilities"].get)
     caption = lambda: browser.find_element(By.ID, "caption").text
-    WebDriverWait(browser, 30, poll_frequency=0.1).until(
-        lambda b: caption() == f"heatmap: the neuron that stands for {top}")
+    wait.until(lambda b: caption() == f"heatmap: the neuron that stands for {top}")
     assert browser.find_element(By.ID, "verdict").text.startswith(res["label"])
     assert browser.find_element(By.ID, "heat").get_attribute("src").startswith("blob:")
     assert browser.find_element(By.ID, "status").text == ""
+    assert browser.find_element(By.ID, "docs").get_attribute("href") == url + "/docs"
 
 
 def test_docs_render_from_the_apps_own_assets(url, browser):
