@@ -7,9 +7,9 @@
 Flags as in NVIDIA's sentiment-discovery ``visualize.py`` (text, neuron, layer, generate,
 seq_length, temperature, overwrite, negate, load_model). With ``--classifier`` (the transfer
 step's classifier.json) the neuron, layer, state and sign come from its ``Probe``: the neuron
-defaults to its top neuron (``--label L``: the one that stands for label L of a multi-class or
-multi-label classifier), and a top neuron with a negative weight is negated (green = positive sentiment,
-or label L) unless ``--no-negate`` says otherwise. Files go to
+defaults to its top neuron (``--label L``: the one that stands for label L of a multi-class
+or multi-label classifier), and a top neuron with a negative weight is negated (green =
+positive sentiment, or label L) unless ``--no-negate`` says otherwise. Files go to
 <experiment_dir>/<experiment_name>/heatmaps/, named by ``safe_filename``.
 """
 from __future__ import annotations
