@@ -45,8 +45,8 @@ class TrackingConfig:
     tracking: str = field(default="mlflow", metadata={
         "help": "mlflow: log params, metrics and artifacts to MLflow | none: no tracking"})
     tracking_uri: str = field(default="", metadata={
-        "help": "MLflow tracking URI (e.g. http://host:5000); empty: a SQLite store "
-                "<experiment_dir>/mlflow.db", "path": True})
+        "help": "MLflow tracking URI (e.g. http://host:5000); empty: $MLFLOW_TRACKING_URI "
+                "if set, else a SQLite store <experiment_dir>/mlflow.db", "path": True})
     mlflow_experiment: str = field(default="", metadata={
         "help": "MLflow experiment name; empty: 'pretrain', 'transfer-<dataset>' or "
                 "'finetune-<dataset>'"})
@@ -77,10 +77,18 @@ _noted: set = set()
 
 def store_for(cfg: TrackingConfig, experiment_dir: str, log=print) -> tuple[str, Optional[str]]:
     """(tracking URI, artifact location for a new experiment, None: the server's default).
-    MLflow's SQLite store is a local file: an ``experiment_dir`` on object storage keeps its
-    runs in ./experiments on this machine instead (said once per process)."""
+    ``--tracking_uri``, else ``$MLFLOW_TRACKING_URI`` as every MLflow client reads it (said
+    once per process), else a SQLite store beside the outputs. MLflow's SQLite store is a local
+    file: an ``experiment_dir`` on object storage keeps its runs in ./experiments on this
+    machine instead (said once per process)."""
     if cfg.tracking_uri:
         return cfg.tracking_uri, None
+    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if from_env:
+        if ("env", from_env) not in _noted:
+            _noted.add(("env", from_env))
+            log(f"[tracking] MLflow store from $MLFLOW_TRACKING_URI: {from_env}")
+        return from_env, None
     root = experiment_dir[len("file://"):] if experiment_dir.startswith("file://") else \
         experiment_dir
     if storage.is_uri(root):

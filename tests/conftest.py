@@ -46,6 +46,8 @@ def pytest_configure(config):
     # compare against float32 references, so they fix it (bf16 is tested where asked for, and
     # auto's decision for every kind of hardware: test_precision.py)
     os.environ.setdefault("SENTDISC_PRECISION", "fp32")
+    # each test's runs go to the store beside its outputs, not to the developer's MLflow server
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     from sentdisc.serving.ingress import apply_serve_env
 
     apply_serve_env()  # every Ray the tests start serves as users are told to run it

@@ -221,6 +221,27 @@ def test_tracking_none_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == [yaml_file]
 
 
+def test_mlflow_tracking_uri_in_the_environment_is_the_default_store(tmp_path, monkeypatch):
+    env_store = f"sqlite:///{tmp_path / 'team'}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env_store)
+    out = OutputConfig(str(tmp_path / "exp"), "env")
+    notes = []
+    with pretrain_tracker(None, out, resume=False, prior_rows=[], log=notes.append) as tracker:
+        tracker.start({"train": {"lr": 0.1}})
+        tracker.ready()
+        tracker.log_rows([{"iteration": 5, "loss": 1.0}])
+    assert notes == [f"[tracking] MLflow store from $MLFLOW_TRACKING_URI: {env_store}"]
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(env_store).search_runs(
+        [MlflowClient(env_store).get_experiment_by_name("pretrain").experiment_id])
+    assert run.info.run_name == "env" and run.data.metrics == {"loss": 1.0}
+    assert not (tmp_path / "exp" / "mlflow.db").exists()
+    # --tracking_uri still wins over the environment
+    flag = TrackingConfig(tracking_uri="http://example:5000")
+    assert store_for(flag, str(tmp_path / "exp")) == ("http://example:5000", None)
+
+
 def test_an_unreachable_tracking_server_fails_the_job_at_once(tmp_path, capsys):
     from conftest import free_port
 
