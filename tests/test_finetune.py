@@ -207,3 +207,19 @@ def test_a_validation_score_that_stops_improving_stops_the_run(ray_local, tiny_c
     assert lines[stop - 1] == validations[-1] and "ETA 0m00s" in lines[stop - 1], lines
     assert lines[stop + 1].startswith("[finetune] epoch 2 | iter 12/20 (60%)"), lines
     assert "ETA 0m00s" in lines[stop + 1] and "(stopped early)" in lines[stop + 1], lines
+
+
+def test_more_workers_than_the_cluster_holds_is_one_line_naming_the_workers(
+        ray_local, tiny_checkpoint, shared_data, tmp_path, capsys):
+    # fine-tuning reads its labeled set on the driver, not through Ray Data: the workers alone
+    # cannot all start (the session's Ray has 4 CPUs)
+    sst = shared_data / "sst2"
+    assert main(["--load_model", str(tiny_checkpoint), "--train", str(sst / "train.csv"),
+                 "--text_key", "sentence", "--label_key", "label", "--num_workers", "8",
+                 "--experiment_dir", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [
+        "finetune: error: the run needs 8 CPUs: 8 workers x 1 CPU, but the cluster has 4 CPUs "
+        "(1 node, no autoscaler), so the workers could never all start. Use --num_workers 4, "
+        "or --cpus_per_worker 0.5, or add a node (ray start --address=HEAD:6379)"], err
+    assert not (tmp_path / "exp").exists()

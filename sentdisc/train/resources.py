@@ -52,11 +52,14 @@ def check_fits(tc: TrainConfig) -> None:
                  f"--cpus_per_worker {_num((cpus - tc.ingest_cpus) / workers)}"
                  if cpus - tc.ingest_cpus > 0 else None,
                  "add a node (ray start --address=HEAD:6379)"]
-        raise ResourceError(
-            f"the run needs {_num(need)} CPUs: {workers} worker{'s' if workers != 1 else ''} x "
-            f"{_num(per)} CPU + {_num(tc.ingest_cpus)} for Ray Data's read and preprocess tasks "
-            f"(--ingest_cpus), but the cluster has {where}, so the data would never be read. "
-            f"Use {', or '.join(f for f in fixes if f)}")
+        asked = f"{workers} worker{'s' if workers != 1 else ''} x {_num(per)} CPU"
+        # a run that reads no data through Ray Data (fine-tuning) leaves nothing for it
+        stuck = (f"{asked} + {_num(tc.ingest_cpus)} for Ray Data's read and preprocess tasks "
+                 f"(--ingest_cpus), but the cluster has {where}, so the data would never be read"
+                 if tc.ingest_cpus else
+                 f"{asked}, but the cluster has {where}, so the workers could never all start")
+        raise ResourceError(f"the run needs {_num(need)} CPUs: {stuck}. "
+                            f"Use {', or '.join(f for f in fixes if f)}")
 
 
 def _cluster_size(note: str = "") -> str:
