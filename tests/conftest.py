@@ -133,7 +133,11 @@ def start_local_ray():
     # address="local": always a fresh instance, never a `ray start` cluster found on the machine.
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **aws}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **aws}},
+             # Ray kills an idle worker process over its soft limit (num_cpus) after 1 s, and the
+             # next test's tasks start new ones (~2 s of a core each: Python, ray, torch);
+             # kept 2 min, they are reused across tests: test_transfer + test_train 145 -> 128 s.
+             _system_config={"idle_worker_killing_time_threshold_ms": 120_000})
 
 
 @pytest.fixture(scope="session")
