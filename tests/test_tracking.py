@@ -233,8 +233,8 @@ def test_mlflow_tracking_uri_in_the_environment_is_the_default_store(tmp_path, m
     assert notes == [f"[tracking] MLflow store from $MLFLOW_TRACKING_URI: {env_store}"]
     from mlflow import MlflowClient
 
-    (run,) = MlflowClient(env_store).search_runs(
-        [MlflowClient(env_store).get_experiment_by_name("pretrain").experiment_id])
+    client = MlflowClient(env_store)
+    (run,) = client.search_runs([client.get_experiment_by_name("pretrain").experiment_id])
     assert run.info.run_name == "env" and run.data.metrics == {"loss": 1.0}
     assert not (tmp_path / "exp" / "mlflow.db").exists()
     # --tracking_uri still wins over the environment
