@@ -7,7 +7,7 @@ corpus size::
 
     list_corpus (driver: every path error here, before any task)
       -> read_files: CorpusDatasource + parse stage (sentdisc.data.readers)  rows + error/file/line
-      -> tally: one pass of survey's block_counts + the first bad records   (summary, ETA total)
+      -> survey(rows, examples): its counts + the first bad records        (summary, ETA total)
       -> map_batches(texts_to_score), filter(error == ""): good rows as texts  (in the read tasks)
       -> map_batches(_ScoreReplica) on an actor pool: features_ray's replica + the classifier
       -> write_parquet(output)
@@ -29,7 +29,6 @@ counts and a progress line with an ETA (``benchmarks/bench_score.py`` measures b
 """
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import threading
@@ -48,8 +47,6 @@ from sentdisc.report import ProgressLine
 
 SUMMARY = "_summary.json"
 CALL_BATCHES = 4  # rows per replica call = 4 featurize pools: refilled rows, a short tail
-EXAMPLE_TYPE = pa.list_(pa.struct([("file", pa.string()), ("line", pa.int64()),
-                                   ("reason", pa.string())]))
 
 
 def columns(id_key: str = "", clf: Classifier | None = None) -> list[str]:
@@ -164,41 +161,7 @@ def check_cpus(replicas: int, cpus_per_replica: int) -> tuple[int, str]:
     return fit_replicas(replicas, cpus_per_replica, ray.cluster_resources().get("CPU", 0))
 
 
-# ----------------------------------------------------------------------------- tally
-
-def tally_block(examples: int):
-    """Per block of rows: one row of survey's counts and the first ``examples`` bad records."""
-
-    def counts(table: pa.Table) -> pa.Table:
-        from sentdisc.data.readers import block_counts
-
-        bad = table.select(["file", "line", "error"]).filter(
-            pc.not_equal(table.column("error"), "")).slice(0, examples)
-        first = [{"file": f, "line": n, "reason": r} for f, n, r in zip(
-            *(bad.column(c).to_pylist() for c in ("file", "line", "error")))]
-        return block_counts(table).append_column("examples", pa.array([first], EXAMPLE_TYPE))
-
-    return counts
-
-
-def tally(rows, examples: int = 20) -> dict:
-    """``survey``'s counts of ``rows`` (lines, records, bytes, skipped_<reason>, capped_*,
-    corrupt_files) and ``examples``: the first bad records by (file, line). One streaming
-    pass; the driver adds up one small row per block."""
-    from sentdisc.data.readers import SURVEY_KEYS
-
-    totals = dict.fromkeys(SURVEY_KEYS, 0)
-    corrupt: list[str] = []
-    first: list[dict] = []
-    counted = rows.map_batches(tally_block(examples), batch_format="pyarrow", batch_size=None)
-    for batch in counted.iter_batches(batch_format="pyarrow", batch_size=None):
-        for k in SURVEY_KEYS:
-            totals[k] += int(np.sum(batch.column(k).to_numpy()))
-        corrupt += [name for names in batch.column("corrupt_files").to_pylist() for name in names]
-        found = [e for block in batch.column("examples").to_pylist() for e in block]
-        first = heapq.nsmallest(examples, first + found, key=lambda e: (e["file"], e["line"]))
-    return {**totals, "corrupt_files": sorted(corrupt), "examples": first}
-
+# ----------------------------------------------------------------------------- counts
 
 def malformed(counts: dict) -> dict:
     """{reason: records} of the reasons that occurred."""
@@ -233,9 +196,8 @@ def texts_to_score(id_key: bool):
         # would become "<"), so scores equal featurize on the original texts.
         text = pc.replace_substring(table.column("bytes").cast(pa.large_string()), "&", "&amp;")
         cols = {"text": text, **{c: table.column(c) for c in ("error", "file", "line", "capped")}}
-        if id_key:  # the reader carries the id as the label column, typed as each file has it
-            cols["id"] = pa.array([v if v is None or isinstance(v, str) else json.dumps(v)
-                                   for v in table.column("label").to_pylist()], pa.string())
+        if id_key:  # the reader carries the id as the label column: as written, a string
+            cols["id"] = table.column("label").cast(pa.string())
         return pa.table(cols)
 
     return select
@@ -400,7 +362,7 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     (also written to ``output/_summary.json`` and printed). ``data_cfg`` says how to read
     the corpus (text_key, data_format, ...; its label_key is the id column). The checkpoint
     and the output must be reachable from every node."""
-    from sentdisc.data.readers import list_corpus, read_files
+    from sentdisc.data.readers import list_corpus, read_files, survey
     from sentdisc.runtime import ensure_ray
 
     t0 = time.perf_counter()
@@ -412,7 +374,7 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     replicas, why = check_cpus(replicas, cpus_per_replica)
     log(f"score: {why}")
     rows = read_files(files, data_cfg)
-    counts = tally(rows, examples)
+    counts = survey(rows, examples)
     check_records(counts, data, data_cfg)
     t1 = time.perf_counter()
     log(f"score: {counts['records']} records in {len(files)} file(s), "

@@ -73,6 +73,47 @@ def test_line_arrays_split_exactly_whatever_the_read_size(read_bytes, monkeypatc
     assert sum(ranged, []) == lines[:11]
 
 
+def read_without_ray(path, cfg):
+    """The rows of one file through the real read and parse stages, in this process."""
+    import pyarrow as pa
+    from pyarrow import fs as pafs
+
+    from sentdisc.data.datasource import Piece, _Reader
+    from sentdisc.data.records import parse_records
+
+    blocks = _Reader(cfg, "", (), 0).read(pafs.LocalFileSystem(), Piece(str(path), path.stat().st_size))
+    return pa.concat_tables(parse_records(cfg)(b) for b in blocks).to_pylist()
+
+
+@pytest.mark.parametrize("name", ["bom.csv", "bom.tsv", "bom.csv.gz"])
+def test_csv_byte_order_mark_is_not_part_of_the_first_column(tmp_path, name):
+    delim = "\t" if ".tsv" in name else ","
+    data = "\ufeff" + f"sentence{delim}id\nfine product{delim}000123\nbroke in a day{delim}1e5\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data.encode()) if name.endswith(".gz") else data.encode())
+    rows = read_without_ray(path, DataConfig(text_key="sentence", label_key="id"))
+    assert [(r["line"], r["error"], r["bytes"], r["label"]) for r in rows] == [
+        (2, "", encode("fine product").tobytes(), "000123"),
+        (3, "", encode("broke in a day").tobytes(), "1e5")]
+
+
+def test_csv_id_that_is_not_utf8_is_a_counted_bad_record(tmp_path):
+    path = tmp_path / "ids.csv"
+    path.write_bytes(b"sentence,id\nfine,A1\nalso fine,B\xff2\nstill fine,C3\n")
+    rows = read_without_ray(path, DataConfig(text_key="sentence", label_key="id"))
+    assert [(r["label"], r["error"]) for r in rows] == [
+        ("A1", ""), (None, "invalid_utf8"), ("C3", "")]
+
+
+def test_labels_of_any_json_type_in_one_block_come_out_as_one_string_column(tmp_path):
+    path = tmp_path / "ids.json"
+    ids = ["T1", 7, 1.5, True, "0042", [1, "x"], {"a": "é"}]
+    path.write_text("".join(json.dumps({"t": "fine", "id": i}) + "\n" for i in ids))
+    rows = read_without_ray(path, DataConfig(text_key="t", label_key="id"))
+    assert [r["label"] for r in rows] == [
+        "T1", "7", "1.5", "true", "0042", '[1, "x"]', '{"a": "é"}']
+
+
 def test_bad_storage_input_is_one_line_on_the_driver_within_seconds(monkeypatch):
     import socket
 

@@ -21,9 +21,13 @@ TRICKY = [{"reviewerID": "T1", "reviewText": "Terrible &amp; bad, AT&T style"},
           {"reviewerID": "T2", "reviewText": "I &lt;3 it &amp;lt; really &copy"},
           {"reviewerID": "T3", "reviewText": "  line\nbreak and   spaces  "},
           {"reviewerID": "T4", "reviewText": "Caf\u00e9 cr\u00e8me \U0001F600 was fine"},
+          {"reviewerID": "0042", "reviewText": "A JSON string id that looks like a number"},
           {"reviewerID": "T5"},                        # missing_key: no text
           {"reviewText": "no id at all"}]              # missing_key: no id
-CSV = 'reviewerID,reviewText\nC1,"Good value, would buy again"\nC2,"Two\nlines &amp; a quote"""\n'
+# Ids a number parser would rewrite (000123 -> 123, 1e5 -> 100000.0, True -> true, nan -> NaN)
+# beside ones it would not: one column of mixed looks.
+CSV = ('reviewerID,reviewText\nC1,"Good value, would buy again"\nC2,"Two\nlines &amp; a quote"""\n'
+       '000123,Arrived on time.\n1e5,Broke after a week.\nTrue,"Fine, nothing more."\nnan,Love it.\n')
 FIT_TEXTS = ["This movie was wonderful, I loved every minute.", "Terrible. A waste of money.",
              "Best purchase I have made all year.", "The plot made no sense at all.",
              "Highly recommended, great fun.", "Awful acting, boring and slow."]
@@ -49,7 +53,7 @@ def corpus(tmp_path_factory):
                           max_record_bytes=2048)  # over-long records ~3 KB: not capped here
     (root / "tricky.json").write_text("".join(json.dumps(r) + "\n" for r in TRICKY))
     (root / "more.csv").write_text(CSV)
-    # A numeric id, alone in its file: the reader takes one type of label (here: id) a block
+    # a numeric id: its JSON text, a string like every other id
     (root / "numeric.json").write_text(json.dumps({"reviewerID": 7, "reviewText": "ok."}) + "\n")
     return root, manifest
 
@@ -116,8 +120,8 @@ def test_one_row_per_well_formed_record_and_malformed_counted(scored, corpus):
     _, out, rows, summary = scored
     root, manifest = corpus
     expected = manifest["expected"]
-    # tricky.json: 4 good, 2 missing_key; more.csv: 2 good; numeric.json: 1 good
-    good_extra, bad_extra = 4 + 2 + 1, 2
+    # tricky.json: 5 good, 2 missing_key; more.csv: 6 good; numeric.json: 1 good
+    good_extra, bad_extra = 5 + 6 + 1, 2
     assert len(rows) == summary["rows_written"] == expected["records"] + good_extra
     assert len({(r["file"], r["line"]) for r in rows}) == len(rows)
     want = {k[len("skipped_"):]: v for k, v in expected.items() if k.startswith("skipped_") and v}
@@ -166,6 +170,18 @@ def test_scores_equal_the_classifier_in_process(scored, corpus, model, classifie
     assert all(r["capped"] == 0 for r in rows)
     assert (summary["neuron"], summary["sign"]) == (clf.neuron, clf.sign)
     assert summary["feature_kind"] == "mean"
+
+
+def test_ids_come_out_exactly_as_written(scored, corpus):
+    _, _, rows, _ = scored
+    root = corpus[0]
+    ids = {(r["file"], r["line"]): r["id"] for r in rows}
+    in_csv = {key: row[0] for key, row in csv_texts(root).items()}  # the cells, as written
+    assert {key: ids[key] for key in in_csv} == in_csv
+    assert {"000123", "1e5", "True", "nan"} <= set(in_csv.values())
+    line = next(i for i, r in enumerate(TRICKY, 1) if r.get("reviewerID") == "0042")
+    assert ids[(str(root / "tricky.json"), line)] == "0042"  # a JSON string stays that string
+    assert ids[(str(root / "numeric.json"), 1)] == "7"  # a JSON number: its JSON text
 
 
 def test_unknown_text_key_exits_2_naming_the_key(ray_local, tiny_checkpoint, classifier,

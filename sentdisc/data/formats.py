@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 
 from sentdisc.data.config import MAX_LINE_BYTES, DataConfig, DataError
-from sentdisc.report import parse_cell
 
 READ_BYTES = 1 << 20     # one read; on a damaged archive what the failing read held is lost
 CHUNK_RECORDS = 8192     # records per block for the formats parsed here
@@ -171,8 +170,10 @@ def _as_json(text, label, cfg: DataConfig) -> bytes:
 
 
 def csv_records(f, cfg: DataConfig, delim: str):
-    # surrogateescape keeps invalid bytes visible to the parse stage instead of failing the file
-    text = io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline="")
+    # surrogateescape keeps invalid bytes visible to the parse stage instead of failing the file.
+    # utf-8-sig drops a byte-order mark (Excel writes one), which would otherwise stick to the
+    # first column's name and make every row missing_key; the JSON and text parsers drop it too.
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
     csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     reader = csv.reader(text, delimiter=delim)
     header = next(reader, None)
@@ -192,7 +193,10 @@ def csv_records(f, cfg: DataConfig, delim: str):
         elif len(row) <= need:
             yield (line, b"", "missing_key", f"row has {len(row)} fields")
         else:
-            label = parse_cell(row[cols[cfg.label_key]]) if cfg.label_key else None
+            # The cell as written: the label column is also scoring's id, and reading numbers
+            # out of it would rewrite ids (000123 -> 123, 1e5 -> 100000.0) and, with numeric and
+            # other cells in one column, give the block mixed types that Arrow cannot hold.
+            label = row[cols[cfg.label_key]] if cfg.label_key else None
             yield (line, _as_json(row[cols[cfg.text_key]], label, cfg), "", "")
 
 

@@ -49,6 +49,7 @@ its split.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import re
 from typing import Optional
 
@@ -205,10 +206,13 @@ def train_split(cfg: DataConfig) -> dict:
 
 SURVEY_KEYS = ("lines", "records", "bytes", "capped_records", "capped_bytes") + tuple(
     f"skipped_{r}" for r in REASONS)
+EXAMPLE_TYPE = pa.list_(pa.struct([("file", pa.string()), ("line", pa.int64()),
+                                   ("reason", pa.string())]))
 
 
-def block_counts(table: pa.Table) -> pa.Table:
-    """One row of counts for a block of rows: SURVEY_KEYS, and the corrupt files."""
+def block_counts(table: pa.Table, examples: Optional[int] = None) -> pa.Table:
+    """One row of counts for a block of rows: SURVEY_KEYS, the corrupt files and, with
+    ``examples``, the block's first that many bad records."""
     error = table.column("error")
     ok = pc.equal(error, "")
     size = pc.if_else(ok, pc.binary_length(table.column("bytes")), 0)
@@ -227,22 +231,34 @@ def block_counts(table: pa.Table) -> pa.Table:
                                                   table.column("line").filter(bad).to_pylist())]
     row = {k: pa.array([int(counts.get(k, 0))], pa.int64()) for k in SURVEY_KEYS}
     row["corrupt_files"] = pa.array([corrupt], pa.list_(pa.string()))
+    if examples is not None:
+        first = table.select(["file", "line", "error"]).filter(pc.invert(ok)).slice(0, examples)
+        row["examples"] = pa.array([[{"file": f, "line": n, "reason": r} for f, n, r in zip(
+            *(first.column(c).to_pylist() for c in ("file", "line", "error")))]], EXAMPLE_TYPE)
     return pa.table(row)
 
 
-def survey(ds) -> dict:
+def survey(ds, examples: Optional[int] = None) -> dict:
     """Counts of a dataset of rows (``read_dataset``'s): ``lines`` (all rows), ``records`` and
     ``bytes`` (good ones, bytes after capping), ``capped_records``, ``capped_bytes``, one
     ``skipped_<reason>`` per reason in ``REASONS``, and ``corrupt_files`` ("file:line" of each
-    file that could not be read to its end)."""
+    file that could not be read to its end); with ``examples``, also ``examples``: the first
+    that many bad records by (file, line), each {file, line, reason}."""
     totals = dict.fromkeys(SURVEY_KEYS, 0)
     corrupt: list[str] = []
-    counted = ds.map_batches(block_counts, batch_format="pyarrow", batch_size=None)
+    first: list[dict] = []
+    counted = ds.map_batches(block_counts, fn_kwargs={"examples": examples},
+                             batch_format="pyarrow", batch_size=None)
     for batch in counted.iter_batches(batch_format="pyarrow", batch_size=None):
         for k in SURVEY_KEYS:
             totals[k] += int(np.sum(batch.column(k).to_numpy()))
         corrupt += [name for names in batch.column("corrupt_files").to_pylist() for name in names]
+        if examples is not None:  # blocks come in any order: keep the smallest seen so far
+            found = [e for block in batch.column("examples").to_pylist() for e in block]
+            first = heapq.nsmallest(examples, first + found, key=lambda e: (e["file"], e["line"]))
     totals["corrupt_files"] = sorted(corrupt)
+    if examples is not None:
+        totals["examples"] = first
     return totals
 
 

@@ -5,7 +5,8 @@ that is Python) and the one vectorised preprocessing, ``sentdisc.text.encode_bat
 raw record becomes one row:
 
 * ``bytes``: the preprocessed UTF-8 (large_binary), empty when the record is bad;
-* ``error``: '' or one of ``REASONS``; ``file``, ``line``; ``label`` when ``label_key`` is set;
+* ``error``: '' or one of ``REASONS``; ``file``, ``line``; ``label`` when ``label_key`` is set
+  (a string: as written, or the JSON of a number or other value, so the column has one type);
 * ``capped``: how many encoded bytes were cut from a record over ``max_record_bytes`` (0 for
   the others): the packer and ``survey`` count them as ``capped_records`` / ``capped_bytes``.
 
@@ -38,7 +39,7 @@ def parse_records(cfg: DataConfig) -> Callable[[pa.Table], pa.Table]:
         cols = {"bytes": data, "error": pa.array(errors, pa.string()), "file": raw.column("file"),
                 "line": raw.column("line"), "capped": pa.array(capped, pa.int64())}
         if cfg.label_key:
-            cols["label"] = pa.array(labels)
+            cols["label"] = pa.array(labels, pa.string())
         return _finish(pa.table(cols), cfg, details)
 
     return parse
@@ -118,6 +119,15 @@ def json_record(raw: bytes, text_key: str, label_key: str | None):
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
         return None, None, "invalid_utf8", str(e)
+    if label_key:
+        # One type for the column whatever the file holds (a number here, a string there, in
+        # one block or across formats, would fail Arrow): a string as written, else its JSON.
+        if not isinstance(label, str):
+            label = json.dumps(label, ensure_ascii=False)
+        try:  # Arrow fails the whole block on a label (an id) it cannot encode
+            label.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return None, None, "invalid_utf8", f"{label_key!r}: {e}"
     return value, label, "", ""
 
 
