@@ -95,7 +95,11 @@ def _base_type(tp):
 def _coerce(value: Any, tp, name: str, source: str) -> Any:
     base = _base_type(tp)
     if value is None:
-        return None
+        if type(None) in typing.get_args(tp):
+            return None
+        # `max_iters:` with nothing after it reads as null in YAML
+        raise ValueError(f"{source}: {name} must be {getattr(base, '__name__', base)}, "
+                         "got an empty value")
     try:
         if base is bool:
             if isinstance(value, bool):

@@ -43,6 +43,15 @@ def test_bad_values_are_clear(capsys):
     assert "rnn_type must be one of" in capsys.readouterr().err
 
 
+def test_an_empty_yaml_value_names_the_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  rnn_size:\n")
+    with pytest.raises(SystemExit):
+        parse([ModelConfig, Run], ["--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "c.yaml" in err and "rnn_size must be int, got an empty value" in err, err
+
+
 def test_cli_lists_commands(capsys):
     from sentdisc.cli import main
 
@@ -78,3 +87,14 @@ def test_path_fields_expand_environment_variables(tmp_path, monkeypatch):
     assert out.experiment_dir == f"{tmp_path}/exp" and out.run_dir == f"{tmp_path}/exp/default"
     with pytest.raises(ValueError, match="plain folder name"):
         _ = OutputConfig(str(tmp_path), "../up").run_dir
+
+
+@pytest.mark.parametrize("split,said", [("0,1,1", "training's, must be above 0"),
+                                        ("8,x,1", "expected proportions like 1000,1,1")])
+def test_a_split_that_leaves_no_training_fails_with_the_flags(split, said, capsys):
+    from sentdisc.recipes import pretrain
+
+    with pytest.raises(SystemExit) as e:  # parsed with the flags: no Ray has started
+        pretrain.main(["--train", "corpus", "--split", split])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"split {split!r}" in err and said in err, err

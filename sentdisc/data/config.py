@@ -70,6 +70,11 @@ class DataConfig:
     max_record_bytes: int = field(default=64 << 10, metadata={
         "help": "a record's encoded bytes are capped here (counted as capped_records/bytes)"})
 
+    def __post_init__(self):
+        from sentdisc.data.splits import parse_split  # (splits reads this module's names)
+
+        parse_split(self.split)  # a bad --split fails with the flags, before Ray starts
+
 
 def compression_of(path: str) -> Optional[str]:
     """The codec a file name asks for ("gzip", "bz2", "zstd", "lz4", "xz"), or None."""

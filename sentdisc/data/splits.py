@@ -26,6 +26,8 @@ def parse_split(split: str) -> list[float]:
     if not parts or len(parts) > 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
         raise InputError(f"split {split!r}: expected 1-3 non-negative proportions like 1000,1,1")
     parts += [0.0] * (3 - len(parts))
+    if parts[0] == 0:  # --train is the corpus to train on: a split must leave it something
+        raise InputError(f"split {split!r}: the first proportion, training's, must be above 0")
     return [p / sum(parts) for p in parts]
 
 
