@@ -62,6 +62,24 @@ def test_the_watchdog_stops_a_run_whose_data_can_never_be_read(ray_local, tmp_pa
     assert time.time() - t0 < 120
 
 
+def test_a_diverged_run_stops_at_its_first_report_and_saves_no_checkpoint_from_it(
+        ray_local, tmp_path, capsys):
+    # an Adam step of 1e30 makes every weight non-finite at once
+    code = recipe.main(["--train", str(corpus(tmp_path / "c", 200)), "--split", "1,0,0",
+                        "--rnn_size", "16", "--embed_size", "8", "--batch_size", "4",
+                        "--seq_length", "32", "--lr", "1e30", "--lr_scheduler", "none",
+                        "--max_iters", "500", "--log_interval", "5", "--save_iters", "5",
+                        "--experiment_dir", str(tmp_path / "runs"), "--experiment_name", "d"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and len(err) == 1, captured.err[-3000:]
+    assert re.fullmatch(r"pretrain: failed: training diverged at iteration 5: loss nan, param_checksum "
+                        r"nan \(lr 1\.00e\+30\); no checkpoint is saved from it: lower --lr "
+                        r"\(or --clip\)", err[0]), err[0]
+    assert "not saving iteration 5's checkpoint: loss nan" in captured.out, captured.out[-3000:]
+    assert not list((tmp_path / "runs" / "d").glob("checkpoint_*"))
+
+
 def _driver(argv: list, log: Path) -> subprocess.Popen:
     """``python jobs/pretrain.py ...`` as a user runs it, in its own process group, joined to
     the session's Ray (as `ray job submit` would have it)."""

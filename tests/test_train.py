@@ -3,6 +3,7 @@ explicit resume, outputs on disk. One Train run is shared by several tests (each
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,27 @@ def test_history_read_while_it_is_written_leaves_out_the_partial_row(tmp_path):
     assert read_history(path) == rows[:2]
     path.write_text(whole)
     assert read_history(path) == rows
+
+
+def test_a_failed_history_write_is_said_once_retried_and_the_watchdog_lives_on(ray_local, capsys):
+    from sentdisc.train.progress import Progress, send
+
+    handed = []
+
+    def on_rows(rows):  # as a storage outage would: the first two writes fail
+        handed.append([r["iteration"] for r in rows])
+        if len(handed) <= 2:
+            raise OSError("s3://bucket/run/history.csv: connection reset")
+
+    with Progress(printed=False, on_rows=on_rows, every_s=0.1, stall_warn_s=1.0) as watch:
+        send(watch.actor_name, {"iteration": 5})
+        deadline = time.time() + 20
+        while len(handed) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        send(watch.actor_name, {"iteration": 10})
+        time.sleep(1.5)  # no report for longer than stall_warn_s: the watchdog still speaks
+    out = capsys.readouterr().out
+    assert handed[:3] == [[5], [5], [5]] and handed[-1] == [10], handed  # none lost
+    assert out.count("could not record the reports (OSError: s3://bucket/run/history.csv: "
+                     "connection reset)") == 1, out
+    assert "recording the reports again" in out and "waiting for the cluster" in out, out

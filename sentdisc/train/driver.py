@@ -234,8 +234,10 @@ def _fit(trainer, watch: Progress, run_dir: str):
         with watch:
             return trainer.fit()
     except (KeyboardInterrupt, SystemExit, Exception) as e:
-        if watch.stalled:
-            raise RunFailed(watch.stalled) from None
+        if watch.failed:
+            newest = ckpt_io.newest_complete(run_dir, log=lambda _: None)
+            raise RunFailed(watch.failed + (f"; the newest checkpoint is {newest}" if newest
+                                            else "")) from None
         if stopped_by:
             raise Interrupted(_stop_message("SIGTERM", watch.rows, run_dir), 128 + signal.SIGTERM) \
                 from None

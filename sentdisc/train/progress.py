@@ -13,6 +13,7 @@ Ctrl-C would) so that ``pretrain`` fails with that diagnosis instead of waiting 
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -65,10 +66,19 @@ def note(actor_name: str, text: str) -> None:
 NOTE = "note"
 
 
+def diverged(row: dict) -> Optional[str]:
+    """What is not finite in a report's row (its interval's loss, or the weights' checksum),
+    or None: the one test of a diverged run, for the workers (which then save no checkpoint)
+    and the driver (which stops the run)."""
+    bad = [f"{key} {row[key]}" for key in ("loss", "param_checksum")
+           if row.get(key) is not None and not math.isfinite(row[key])]
+    return ", ".join(bad) or None
+
+
 class Progress:
     """Rows from the workers while a Train run is fitted: ``actor_name`` goes to the workers,
     ``with progress:`` polls around ``trainer.fit()``, ``rows`` holds every row seen, and
-    ``stalled`` the watchdog's diagnosis if it stopped the run."""
+    ``failed`` the reason if it stopped the run (a stall, a diverged loss)."""
 
     def __init__(self, prefix: str = "[pretrain]", printed: bool = True,
                  on_rows: Optional[Callable[[list], None]] = None, every_s: float = 1.0,
@@ -86,7 +96,9 @@ class Progress:
                                                 scheduling_strategy=here).remote()
         self.rows: list[dict] = []
         self._seen = 0  # entries read from the actor: rows and notes
-        self.stalled: Optional[str] = None
+        self._unrecorded: list[dict] = []  # rows on_rows failed on: handed over again
+        self._failure: Optional[str] = None  # the last failure said, so it is said once
+        self.failed: Optional[str] = None
         self.can_stop = True  # False when fit() runs off the main thread: warn only
         self._last = time.monotonic()
         self._warned_at = 0.0
@@ -104,45 +116,81 @@ class Progress:
 
         self._stop.set()
         self._thread.join()
-        self.drain()
+        try:
+            self.drain()
+        except Exception as e:
+            self._say_failure(e)
+            print(f"{self.prefix} {len(self._unrecorded)} report(s) could not be recorded: "
+                  f"{self._failure}", flush=True)
         ray.kill(self.log)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.drain()
-            self._watch()
+            try:
+                self.drain()
+                self._watch()
+            except Exception as e:  # the watchdog must outlive a failed write (or hang unsaid)
+                self._say_failure(e)
+
+    def _say_failure(self, e: Exception) -> None:
+        said = f"{type(e).__name__}: {e}"
+        if said != self._failure:
+            print(f"{self.prefix} could not record the reports ({said}); "
+                  f"trying again each {self.every_s:g} s", flush=True)
+        self._failure = said
 
     def _watch(self) -> None:
         """Say what the cluster waits for when no report came for a while; stop the run
         when it has been too long."""
         quiet = time.monotonic() - self._last
-        if self.stall_fail_s and quiet >= self.stall_fail_s and self.stalled is None \
-                and self.can_stop:
-            self.stalled = (f"no report from the workers for {human_time(quiet)} "
-                            f"(--stall_fail_s {self.stall_fail_s:g}): {self.diagnose()}")
-            print(f"{self.prefix} stopping the run: {self.stalled}", flush=True)
-            os.kill(os.getpid(), signal.SIGINT)  # Ray Train aborts the run, as on Ctrl-C
+        if self.stall_fail_s and quiet >= self.stall_fail_s and self.can_stop:
+            self._stop_run(f"no report from the workers for {human_time(quiet)} "
+                           f"(--stall_fail_s {self.stall_fail_s:g}): {self.diagnose()}")
         elif self.stall_warn_s and quiet >= self.stall_warn_s and \
                 quiet - self._warned_at >= self.stall_warn_s:
             self._warned_at = quiet
             print(f"{self.prefix} no report for {human_time(quiet)}: waiting for the cluster: "
                   f"{self.diagnose()}", flush=True)
 
+    def _stop_run(self, reason: str) -> None:
+        """Stop the run (as Ctrl-C would: Ray Train aborts it) so that it fails with
+        ``reason``; off the main thread nothing can stop it, so it is only said."""
+        if self.failed is not None:
+            return
+        if not self.can_stop:
+            print(f"{self.prefix} warning: {reason}", flush=True)
+            self.failed = ""  # said once
+            return
+        self.failed = reason
+        print(f"{self.prefix} stopping the run: {reason}", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+
     def drain(self) -> None:
         import ray
 
         new = ray.get(self.log.since.remote(self._seen))
-        if not new:
+        if new:
+            self._seen += len(new)
+            self._last, self._warned_at = time.monotonic(), 0.0
+            for row in new:
+                if self.printed:
+                    print(f"{self.prefix} {row[NOTE] if NOTE in row else row_line(row)}",
+                          flush=True)
+            new = [row for row in new if NOTE not in row]
+            self.rows.extend(new)
+            for row in new:
+                if diverged(row):
+                    self._stop_run(
+                        f"training diverged at iteration {row.get('iteration')}: "
+                        f"{diverged(row)} (lr {row.get('lr', float('nan')):.2e}); no checkpoint "
+                        f"is saved from it: lower --lr (or --clip)")
+            self._unrecorded.extend(new)
+        if self.on_rows is None or not self._unrecorded:
             return
-        self._seen += len(new)
-        self._last, self._warned_at = time.monotonic(), 0.0
-        for row in new:
-            if self.printed:
-                print(f"{self.prefix} {row[NOTE] if NOTE in row else row_line(row)}", flush=True)
-        new = [row for row in new if NOTE not in row]
-        self.rows.extend(new)
-        if self.on_rows is not None and new:
-            self.on_rows(new)
+        self.on_rows(self._unrecorded)  # raising, they stay for the next drain's try
+        if self._failure:
+            print(f"{self.prefix} recording the reports again", flush=True)
+        self._unrecorded, self._failure = [], None
 
 
 def _waiting_for() -> str:

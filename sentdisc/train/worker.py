@@ -23,6 +23,7 @@ from sentdisc import storage
 from sentdisc.precision import Hardware, choose
 from sentdisc.train.config import TrainConfig, make_optimizer, per_worker_batch
 from sentdisc.train.faults import KillOnce
+from sentdisc.train.progress import diverged
 from sentdisc.train.resume import restore_point
 from sentdisc.train.step import TrainStep, autocast_for
 
@@ -191,6 +192,9 @@ class TrainWorker:
         checkpoint holding every rank's data position goes to Ray Train too. Returns the row."""
         metrics = self._metrics(extra)
         final = bool((extra or {}).get("final"))
+        if save and diverged(metrics):  # a checkpoint to resume from must hold finite weights
+            self.say(f"not saving iteration {self.iteration}'s checkpoint: {diverged(metrics)}")
+            save = False
         name = f"checkpoint_{self.iteration:08d}" + ("_final" if final else "")
         self._send_row(metrics, storage.join(self.run_dir, name) if save else "")
         self.unsaved_rows.append(metrics)
