@@ -105,6 +105,14 @@ class Classifier:
     def has_top(self) -> bool:
         return self.top_coef is not None
 
+    def neuron_boundary(self) -> float | None:
+        """The top neuron's raw value where the top-neuron model flips class: binary, with a
+        one-neuron top model and a nonzero weight (the histogram's line); None otherwise."""
+        if self.label_kind != "binary" or not self.has_top or self.top_coef.size != 1 \
+                or self.top_coef[0] == 0:
+            return None
+        return -self.top_intercept / float(self.top_coef[0])
+
     def neurons_of(self, label: str) -> list[tuple[int, int]]:
         """(neuron, sign) of the top neurons picked for ``label`` (binary: all of them)."""
         if self.label_kind == "binary" or not self.neuron_labels:
@@ -128,6 +136,11 @@ class Classifier:
         if x.ndim != 2 or x.shape[1] != self.rnn_size:
             raise ClassifierError(f"features must be [N, {self.rnn_size}] ({self.feature_kind} "
                                   f"features of layer {self.layer}), got shape {list(x.shape)}")
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():  # NaN scores would turn into the first label, silently
+            raise ValueError(f"the features of {int(bad.sum())} of {len(x)} text(s) are not "
+                             f"finite (rows {np.flatnonzero(bad)[:5].tolist()}...): the model "
+                             "that made them has diverged or overflowed")
         return x
 
     def _proba(self, z: np.ndarray) -> np.ndarray:

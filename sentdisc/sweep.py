@@ -415,14 +415,3 @@ def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, sweep: SweepConfig 
     clf = _raw_feature_classifier(all_fit, top_fit, ranked, scaling, sweep, feature_kind, layer,
                                   checkpoint)
     return clf, _results(all_fit, top_fit, clf, sweep)
-
-
-def single_neuron_boundary(X: np.ndarray, y: np.ndarray, neuron: int, C: float,
-                           sweep: SweepConfig) -> float | None:
-    """Value of ``neuron`` where a one-neuron binary regression flips class (None if its
-    weight is 0, and for the multi kinds, which have no single boundary)."""
-    if sweep.label_kind != "binary":
-        return None
-    model, _ = fit_l1(X[:, [neuron]], y, C, sweep.seed, sweep.max_iter, sweep.solver)
-    w, b = float(model.coef_[0, 0]), float(model.intercept_[0])
-    return None if w == 0 else -b / w

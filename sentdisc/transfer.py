@@ -50,7 +50,7 @@ from sentdisc.report import (
     write_results_csv,
     write_tune_csv,
 )
-from sentdisc.sweep import MAX_ITER, SweepConfig, c_grid, single_neuron_boundary, train_classifier
+from sentdisc.sweep import MAX_ITER, SweepConfig, c_grid, train_classifier
 from sentdisc.tracking import TrackingConfig, transfer_tracker
 
 __all__ = ["TransferConfig", "TransferError", "run_transfer"]
@@ -351,8 +351,7 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
     metrics = split_metrics(clf, feats, labels)
     if spec.kind != "binary":
         log(metrics_lines(metrics))
-    boundary = single_neuron_boundary(feats["train"], labels["train"], clf.neuron,
-                                      res["top_neurons"]["C"], sweep)
+    boundary = clf.neuron_boundary()
     files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, metrics, boundary, log=log)
     extremes = write_extremes(run_dir, cfg, data, feats, labels, clf, model, files, log)
 

@@ -78,6 +78,11 @@ def test_classifier_json_roundtrip_and_bad_files(tmp_path):
     np.testing.assert_allclose(back.predict_proba_top(Xtr), clf.predict_proba_top(Xtr))
     with pytest.raises(ClassifierError, match=r"\[N, 12\]"):
         back.predict_proba(np.zeros((2, 7)))
+    diverged = Xtr[:3].copy()
+    diverged[1, 4] = np.nan
+    for answer in (back.predict_proba, back.predict, back.predict_labels):
+        with pytest.raises(ValueError, match=r"1 of 3 text\(s\) are not finite \(rows \[1\]"):
+            answer(diverged)
     with pytest.raises(ClassifierError, match="does not exist"):
         Classifier.load(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{not json")
@@ -287,6 +292,10 @@ def test_standardized_fit_is_folded_into_raw_feature_weights():
     np.testing.assert_allclose(clf.predict_proba(Xva * scale),
                                model.predict_proba((Xva * scale - mu) / sd)[:, 1], atol=1e-6)
     assert res["all_neurons"]["val_acc"] == pytest.approx((clf.predict(Xva * scale) == yva).mean())
+    # The histogram's line is where the classifier's own one-neuron model flips, in raw units.
+    at = np.zeros((1, 30))
+    at[0, 11] = clf.neuron_boundary()
+    assert abs(at[0, 11]) < 1e-2 and clf.predict_proba_top(at)[0] == pytest.approx(0.5)
 
 
 # --- beyond one binary label ---------------------------------------------------------------
