@@ -153,7 +153,8 @@ def test_finetune_binary_survives_a_killed_worker_then_serves_and_scores(
                                sorted(clf.predict_proba(feats[:4])), atol=1e-5)
 
 
-def test_finetune_multiclass_with_lm_loss(ray_local, tiny_checkpoint, shared_data, tmp_path):
+def test_finetune_multiclass_with_lm_loss(ray_local, tiny_checkpoint, shared_data, tmp_path,
+                                         capsys):
     amz = shared_data / "amazon_blitzer"
     assert main(["--load_model", str(tiny_checkpoint), "--train", str(amz / "train.csv"),
                  "--valid", str(amz / "val.csv"), "--test", str(amz / "test.csv"),
@@ -172,6 +173,22 @@ def test_finetune_multiclass_with_lm_loss(ray_local, tiny_checkpoint, shared_dat
     assert any(r.get("lm_bpb") for r in history) and any(r.get("class_loss") for r in history)
     clf = Classifier.load(run / "checkpoint_final")
     assert clf.label_kind == "multiclass" and np.atleast_2d(clf.coef).shape == (4, 32)
+    # the same experiment rerun with another head, or resumed from a pretraining checkpoint:
+    # one line each, before any work (its head could not continue that run)
+    argv = ["--load_model", str(tiny_checkpoint), "--train", str(amz / "train.csv"),
+            "--text_key", "text", "--label_key", "category", "--max_train", "128",
+            "--experiment_dir", str(tmp_path / "exp")]
+    capsys.readouterr()
+    assert main(argv + ["--feature_kind", "mean"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"finetune: error: {run}/checkpoint_") and err.endswith(
+        "continues a run of other inputs: --feature_kind cell (this command: mean). Give this "
+        "run its own --experiment_name (or --dataset), or the same inputs to continue that "
+        "one"), err
+    assert main(argv + ["--resume", str(tiny_checkpoint), "--experiment_name", "other"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"finetune: error: --resume {tiny_checkpoint} is not a fine-tuning checkpoint (it has "
+        "no classifier.json): to fine-tune from it, pass it as --load_model")
 
 
 def test_a_validation_score_that_stops_improving_stops_the_run(ray_local, tiny_checkpoint,

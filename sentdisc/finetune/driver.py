@@ -17,6 +17,7 @@ from typing import Optional
 
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
+from sentdisc.classifier import Classifier
 from sentdisc.config import OutputConfig
 from sentdisc.errors import InputError
 from sentdisc.finetune.config import FinetuneConfig
@@ -55,8 +56,9 @@ def finetune(cfg: FinetuneConfig, train_cfg: TrainConfig, output: Optional[Outpu
     output = checked_output(output or OutputConfig())
     run_dir = output_dir(cfg, output, "finetune")
     tc = resumed(train_cfg, run_dir, PREFIX)
-    prior = prior_history(run_dir, tc.resume)
     spec, dataset = data["spec"], storage.basename(run_dir)
+    _check_continues(tc.resume, spec, cfg, base)
+    prior = prior_history(run_dir, tc.resume)
     log(f"{PREFIX} labels: {spec.describe()}")
     tracker = finetune_tracker(tracking, output, run_dir, dataset, base, bool(tc.resume), prior)
     ensure_ray(include_dashboard=False, log_to_driver=False)
@@ -96,6 +98,28 @@ def _base_checkpoint(cfg: FinetuneConfig):
     config = ckpt_io.openai_config(base) if ckpt_io.is_openai_weights(base) else \
         ckpt_io.load_config(base)
     return base, config
+
+
+def _check_continues(resume: str, spec, cfg: FinetuneConfig, base: str) -> None:
+    """A run continued (a rerun of its command, or --resume) must fine-tune what it started
+    with: the same labels, head and base checkpoint (its head could not hold others)."""
+    if not resume:
+        return
+    path = storage.join(resume, ckpt_io.CLASSIFIER_FILE)
+    if not storage.exists(path):
+        raise InputError(f"--resume {resume} is not a fine-tuning checkpoint (it has no "
+                         f"{ckpt_io.CLASSIFIER_FILE}): to fine-tune from it, pass it as "
+                         "--load_model")
+    was = Classifier.load(path)
+    pairs = {"labels": (f"{was.label_kind} {was.labels}", f"{spec.kind} {list(spec.labels)}"),
+             "--feature_kind": (was.feature_kind, cfg.feature_kind),
+             "--load_model": (was.meta.get("base_checkpoint", base), base)}
+    differ = [f"{name} {old} (this command: {new})" for name, (old, new) in pairs.items()
+              if old != new]
+    if differ:
+        raise InputError(f"{resume} continues a run of other inputs: {'; '.join(differ)}. Give "
+                         "this run its own --experiment_name (or --dataset), or the same inputs "
+                         "to continue that one")
 
 
 def _job(cfg: FinetuneConfig, tc: TrainConfig, output: OutputConfig, run_dir: str, base: str,
