@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 from sentdisc import storage
 from sentdisc.classifier import Classifier
 from sentdisc.data.config import DataConfig, DataError
+from sentdisc.data.readers import list_corpus, read_files, skipped_by_reason, survey
 from sentdisc.errors import InputError, RunFailed
 from sentdisc.probe import Probe
 from sentdisc.report import ProgressLine
@@ -163,17 +164,11 @@ def check_cpus(replicas: int, cpus_per_replica: int) -> tuple[int, str]:
 
 # ----------------------------------------------------------------------------- counts
 
-def malformed(counts: dict) -> dict:
-    """{reason: records} of the reasons that occurred."""
-    return {k[len("skipped_"):]: v for k, v in counts.items()
-            if k.startswith("skipped_") and v}
-
-
 def check_records(counts: dict, data: str, cfg: DataConfig) -> None:
     """No well-formed record is bad input: name the key when it is what every record lacks."""
     if counts["records"]:
         return
-    bad = malformed(counts)
+    bad = skipped_by_reason(counts)
     lacking = bad.pop("missing_key", 0)
     others = f"; malformed otherwise: {json.dumps(bad)}" if bad else ""
     if lacking:
@@ -362,7 +357,6 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     (also written to ``output/_summary.json`` and printed). ``data_cfg`` says how to read
     the corpus (text_key, data_format, ...; its label_key is the id column). The checkpoint
     and the output must be reachable from every node."""
-    from sentdisc.data.readers import list_corpus, read_files, survey
     from sentdisc.runtime import ensure_ray
 
     t0 = time.perf_counter()
@@ -378,7 +372,7 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
     check_records(counts, data, data_cfg)
     t1 = time.perf_counter()
     log(f"score: {counts['records']} records in {len(files)} file(s), "
-        f"{sum(malformed(counts).values())} malformed; scoring on {replicas} replica(s)")
+        f"{sum(skipped_by_reason(counts).values())} malformed; scoring on {replicas} replica(s)")
     counter = _counter()
     with _Watch(counter, counts["records"], counts["bytes"]) as watch:
         write(scored(rows, checkpoint, clf, data_cfg.label_key or "", batch_size, chunk_size,
@@ -408,7 +402,7 @@ def probe_fields(clf: Classifier) -> dict:
 def summarize(counts: dict, n_rows: int, n_files: int, times: tuple, watch: _Watch,
               run: dict) -> dict:
     t0, t1, t2, t3 = times
-    bad = malformed(counts)
+    bad = skipped_by_reason(counts)
     return {**run,
             "rows_written": n_rows, "files_written": n_files,
             "lines": counts["lines"], "records": counts["records"],

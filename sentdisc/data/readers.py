@@ -238,6 +238,11 @@ def block_counts(table: pa.Table, examples: Optional[int] = None) -> pa.Table:
     return pa.table(row)
 
 
+def skipped_by_reason(counts: dict) -> dict:
+    """{reason: records} of the skip reasons that occurred in ``survey``'s counts."""
+    return {k[len("skipped_"):]: v for k, v in counts.items() if k.startswith("skipped_") and v}
+
+
 def survey(ds, examples: Optional[int] = None) -> dict:
     """Counts of a dataset of rows (``read_dataset``'s): ``lines`` (all rows), ``records`` and
     ``bytes`` (good ones, bytes after capping), ``capped_records``, ``capped_bytes``, one

@@ -22,6 +22,7 @@ from typing import Any, Optional
 from sentdisc import checkpoint as ckpt_io
 from sentdisc import storage
 from sentdisc.config import OutputConfig
+from sentdisc.data.readers import skipped_by_reason
 from sentdisc.errors import InputError, Interrupted, RunFailed
 from sentdisc.model import ModelConfig
 from sentdisc.report import merge_rows, plot_loss, read_history, write_history
@@ -359,9 +360,8 @@ def _check_some_good(counts: dict, data_cfg, sample: bool) -> None:
 
 
 def _skipped(counts: dict) -> str:
-    reasons = {k[len("skipped_"):]: v for k, v in counts.items()
-               if k.startswith("skipped_") and v}
-    parts = [f"{v} {k}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    parts = [f"{v} {k}" for k, v in sorted(skipped_by_reason(counts).items(),
+                                            key=lambda kv: -kv[1])]
     if counts.get("capped_records"):
         parts.append(f"{counts['capped_records']} capped at max_record_bytes")
     return f"; skipped: {', '.join(parts)}" if parts else ""
