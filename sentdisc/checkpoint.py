@@ -190,8 +190,18 @@ def check_safetensors(uri: str) -> None:
             header = None
     if not isinstance(header, dict):
         raise CheckpointError(f"{uri}: not a safetensors file")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        # bool is an int to Python, not to safetensors
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            got = "missing" if offsets is None else repr(offsets)[:80]
+            raise CheckpointError(f"{uri}: not a safetensors file (tensor {name!r}: "
+                                  f"data_offsets {got}, expected [begin, end])")
+        end = max(end, offsets[1])
     if 8 + n + end != size:
         raise CheckpointError(f"{uri}: {size} bytes, its header describes {8 + n + end}")
 

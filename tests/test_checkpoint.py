@@ -55,6 +55,38 @@ def test_truncated_weights(tmp_path):
         load(d)
 
 
+def _safetensors_by_hand(path, header: dict, data: bytes = b"\0" * 8):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("entry,got", [
+    ({"dtype": "F32", "shape": [2]}, "data_offsets missing"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": "0,8"}, "data_offsets '0,8'"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0]}, r"data_offsets \[0\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, None]}, r"data_offsets \[0, None\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, True]}, r"data_offsets \[0, True\]"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, r"data_offsets \[8, 0\]"),
+    ([0, 8], "data_offsets missing"),
+])
+def test_check_safetensors_names_the_file_for_a_malformed_header(tmp_path, entry, got):
+    from sentdisc.checkpoint import check_safetensors, incomplete_reason
+
+    good = _safetensors_by_hand(tmp_path / "good.safetensors",
+                                {"__metadata__": {"a": "b"},
+                                 "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    check_safetensors(good)  # the hand-written layout is a valid file: only `entry` is at fault
+    bad = _safetensors_by_hand(tmp_path / "bad.safetensors", {"w": entry})
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: not a safetensors file "
+                                              rf"\(tensor 'w': {got}, expected"):
+        check_safetensors(bad)
+    # a resume reads it through incomplete_reason: the same message, not a crash
+    d = save(tiny(), tmp_path / "ck", train_state={"iteration": 1})
+    (d / "model.safetensors").write_bytes((tmp_path / "bad.safetensors").read_bytes())
+    assert "not a safetensors file (tensor 'w'" in incomplete_reason(d)
+
+
 def test_mismatched_config(tmp_path):
     d = save(tiny(), tmp_path / "ck")
     cfg = json.loads((d / "config.json").read_text())

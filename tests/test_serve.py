@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from conftest import fit_mean_classifier, routed
+from conftest import fit_mean_classifier, free_port, routed
 
 from sentdisc import featurize, load, viz
 
@@ -547,6 +547,61 @@ def test_bad_request_gets_4xx(url, name, path, body, status):
         assert "request body" in detail[0]["msg"], detail
 
 
+@pytest.fixture(scope="module")
+def plain_url(tiny_checkpoint, classifier):
+    """The plain baseline (sentdisc.serving.plain, no Ray) with the same args, in its own
+    process: the body cap is make_api's, so both apps must keep it."""
+    port = free_port()
+    args = [f"{k}={v}" for k, v in app_args(tiny_checkpoint, classifier).items()]
+    proc = subprocess.Popen([sys.executable, "-m", "sentdisc.serving.plain", *args,
+                             f"port={port}"], cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, f"the plain server exited with {proc.returncode}"
+            assert time.time() < deadline, "the plain server did not answer /healthz"
+            try:
+                if requests.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.mark.parametrize("app", ["url", "plain_url"])
+def test_chunked_body_over_cap_is_413_before_it_is_read_whole(app, request):
+    url = request.getfixturevalue(app)
+    limit = 6 * LIMITS["max_texts"] * LIMITS["max_text_bytes"] + 65536  # api._body_cap
+    sent = 0
+
+    def body():  # a generator: requests sends it chunked, with no Content-Length
+        nonlocal sent
+        yield b'{"texts": ["'
+        while sent < 4 * limit:
+            sent += 4096
+            yield b"a" * 4096
+        yield b'"]}'
+
+    r = requests.post(url + "/sentiment", data=body(), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    assert r.status_code == 413, (r.status_code, r.text[:500])
+    detail = r.json()["detail"]  # the shape the Content-Length 413 has (test_bad_request_gets_4xx)
+    assert [(d["loc"], d["type"]) for d in detail] == [(["body"], "too_large")], detail
+    said = re.fullmatch(rf"request body of at least (\d+) bytes exceeds the {limit}-byte limit",
+                        detail[0]["msg"])
+    assert said, detail
+    assert limit < int(said[1]) < 2 * limit < sent  # refused near the cap, not once read whole
+    # a chunked body under the cap is still read and answered
+    ok = requests.post(url + "/sentiment", data=iter([b'{"texts": ', b'["fine"]}']),
+                       timeout=60, headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200, ok.text[:500]
+
+
 def test_wrong_method_and_unknown_path(url):
     assert requests.get(url + "/featurize", timeout=30).status_code == 405
     assert requests.get(url + "/etc/passwd", timeout=30).status_code == 404
@@ -621,6 +676,28 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
     assert out.returncode != 0
     assert f"checkpoint {missing} does not exist" in text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("args,says", [
+    (["{ckpt}", "port=8000"], "'{ckpt}' is not key=value"),
+    (["checkpoint={ckpt}", "port=abc"], "port=abc: not an integer"),
+    (["checkpoint={ckpt}", "port=70000"], "port=70000: expected 0..65535"),
+    (["checkpoint={ckpt}", "threads=0"], "threads=0: expected at least 1"),
+    (["checkpoint={ckpt}", "max_batch_size=lots"], "max_batch_size=lots: not an integer"),
+    (["checkpoint={ckpt}", "max_batch_size=0"], "max_batch_size: Input should be greater"),
+    (["checkpoint={ckpt}", "chekpoint=x"], "chekpoint: Extra inputs are not permitted"),
+    (["port=8001"], "checkpoint: Field required"),
+    (["checkpoint={missing}"], "checkpoint {missing} does not exist"),
+])
+def test_plain_bad_arguments_exit_2_with_one_line(tiny_checkpoint, tmp_path, args, says):
+    fill = {"ckpt": tiny_checkpoint, "missing": tmp_path / "no-such-checkpoint"}
+    out = subprocess.run([sys.executable, "-m", "sentdisc.serving.plain",
+                          *(a.format(**fill) for a in args)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert out.stdout == "" and out.stderr.count("\n") == 1, out.stderr[-2000:]
+    assert out.stderr.startswith("python -m sentdisc.serving.plain: "), out.stderr
+    assert says.format(**fill) in out.stderr, out.stderr
 
 
 def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):

@@ -194,20 +194,50 @@ def _body_cap(server) -> int:
 
 
 class BodyCap:
-    """Refuse a body that cannot fit the caps before reading it (413). Plain ASGI: Starlette's
-    BaseHTTPMiddleware would wrap every request and response (a measured cost per request)."""
+    """Refuse a body that cannot fit the caps (413): from its Content-Length before reading it,
+    or, sent without one (chunked), as soon as the bytes read pass the limit. Plain ASGI:
+    Starlette's BaseHTTPMiddleware would wrap every request and response (a measured cost per
+    request)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                msg = f"request body of {int(length)} bytes exceeds the {self.limit}-byte limit"
-                response = _error(413, [{"loc": ["body"], "msg": msg, "type": "too_large"}])
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit():
+            if int(length) > self.limit:
+                return await self._refuse(f"{int(length)} bytes", scope, receive, send)
+            # The HTTP server holds the body to its Content-Length: nothing to count.
+            return await self.app(scope, receive, send)
+        seen, over = 0, False
+
+        async def counted():
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                # Told the client left, the app stops reading; what it answers gives way to
+                # the 413 below.
+                over = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_over(message):
+            if not over:
+                await send(message)
+
+        await self.app(scope, counted, unless_over)
+        if over:
+            await self._refuse(f"at least {seen} bytes", scope, receive, send)
+
+    async def _refuse(self, size: str, scope, receive, send):
+        msg = f"request body of {size} exceeds the {self.limit}-byte limit"
+        response = _error(413, [{"loc": ["body"], "msg": msg, "type": "too_large"}])
+        await response(scope, receive, send)
 
 
 def _error(status: int, detail, headers: dict | None = None) -> ORJSONResponse:

@@ -11,6 +11,7 @@ import sys
 
 from fastapi import FastAPI
 
+from sentdisc.errors import InputError
 from sentdisc.serving.api import make_api
 from sentdisc.serving.args import AppArgs, BatchConfig, check_args
 from sentdisc.serving.server import ModelServer
@@ -25,15 +26,40 @@ def plain_app(args: AppArgs | dict, batching: BatchConfig | dict | None = None,
     return make_api(server)
 
 
+PROG = "python -m sentdisc.serving.plain"
+
+
+def _int(pairs: dict, key: str, default: int) -> int:
+    raw = pairs.pop(key, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{key}={raw}: not an integer") from None
+
+
 def main(argv=None) -> int:
     import uvicorn
 
-    pairs = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv))
-    port, threads = int(pairs.pop("port", 8000)), int(pairs.pop("threads", 1))
-    host = pairs.pop("host", "127.0.0.1")
-    batching = {k: pairs.pop(k) for k in list(pairs) if k in BatchConfig.model_fields}
-    batching = {k: int(v) for k, v in batching.items()}
-    app = plain_app(pairs, batching, threads)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        bad = [a for a in argv if "=" not in a]
+        if bad:
+            raise InputError(f"{bad[0]!r} is not key=value (usage: {PROG} checkpoint=DIR "
+                             f"[classifier=FILE] [port=8000] [threads=1] ...)")
+        pairs = dict(a.split("=", 1) for a in argv)
+        port, threads = _int(pairs, "port", 8000), _int(pairs, "threads", 1)
+        if not 0 <= port <= 65535:
+            raise InputError(f"port={port}: expected 0..65535")
+        if threads < 1:
+            raise InputError(f"threads={threads}: expected at least 1")
+        host = pairs.pop("host", "127.0.0.1")
+        # BatchConfig checks the range, with its own message
+        batching = {k: _int(pairs, k, 0) for k in list(pairs) if k in BatchConfig.model_fields}
+        app = plain_app(pairs, batching, threads)
+    except InputError as e:  # AppArgsError too: raised outside click, it would be a traceback
+        msg = getattr(e, "message", str(e)).removeprefix("sentdisc serve: ")
+        print(f"{PROG}: {' '.join(msg.split())}", file=sys.stderr)
+        return 2
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0
 
