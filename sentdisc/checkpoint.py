@@ -357,6 +357,12 @@ def _load_matching(model: ByteLM, tensors: dict, where: str) -> None:
         if wrong:
             parts.append("shape mismatch " + "; ".join(wrong))
         raise CheckpointError(f"{where} does not match its config.json: " + ", ".join(parts))
+    # a diverged run's weights would answer every text with NaN, which no label can mean
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite weights ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the run that saved it had "
+                              "diverged; use an earlier checkpoint")
     model.load_state_dict(tensors)
 
 

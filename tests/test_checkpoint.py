@@ -55,6 +55,17 @@ def test_truncated_weights(tmp_path):
         load(d)
 
 
+def test_non_finite_weights_are_refused_with_their_names(tmp_path):
+    model = tiny()
+    with torch.no_grad():
+        model.layers[0].wh[0, 0] = float("nan")
+    d = save(model, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match=r"model.safetensors holds non-finite weights "
+                                              r"\(layers.0.wh\): the run that saved it had "
+                                              r"diverged; use an earlier checkpoint"):
+        load(d)
+
+
 def _safetensors_by_hand(path, header: dict, data: bytes = b"\0" * 8):
     raw = json.dumps(header).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
