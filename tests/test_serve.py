@@ -685,19 +685,23 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
     (["checkpoint={ckpt}", "threads=0"], "threads=0: expected at least 1"),
     (["checkpoint={ckpt}", "max_batch_size=lots"], "max_batch_size=lots: not an integer"),
     (["checkpoint={ckpt}", "max_batch_size=0"], "max_batch_size: Input should be greater"),
-    (["checkpoint={ckpt}", "chekpoint=x"], "chekpoint: Extra inputs are not permitted"),
+    (["checkpoint={ckpt}", "chekpoint=x"], "chekpoint: Extra inputs are not permitted. Known: "
+                                           "checkpoint, classifier, "),
+    (["checkpoint={ckpt}", "prot=8000"], "max_generate_length, port, host, threads, "
+                                         "max_batch_size"),
     (["port=8001"], "checkpoint: Field required"),
     (["checkpoint={missing}"], "checkpoint {missing} does not exist"),
 ])
-def test_plain_bad_arguments_exit_2_with_one_line(tiny_checkpoint, tmp_path, args, says):
+def test_plain_bad_arguments_exit_2_with_one_line(tiny_checkpoint, tmp_path, args, says,
+                                                  capsys):
+    from sentdisc.serving.plain import main
+
     fill = {"ckpt": tiny_checkpoint, "missing": tmp_path / "no-such-checkpoint"}
-    out = subprocess.run([sys.executable, "-m", "sentdisc.serving.plain",
-                          *(a.format(**fill) for a in args)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert out.stdout == "" and out.stderr.count("\n") == 1, out.stderr[-2000:]
-    assert out.stderr.startswith("python -m sentdisc.serving.plain: "), out.stderr
-    assert says.format(**fill) in out.stderr, out.stderr
+    assert main([a.format(**fill) for a in args]) == 2  # (before any server starts)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1, out.err[-2000:]
+    assert out.err.startswith("python -m sentdisc.serving.plain: "), out.err
+    assert says.format(**fill) in out.err, out.err
 
 
 def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):
