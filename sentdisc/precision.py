@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sentdisc.errors import InputError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ENV = "SENTDISC_PRECISION"
 
@@ -38,9 +40,11 @@ class Hardware:
     def detect(cls, device="cpu", environ=os.environ) -> Hardware:
         import torch
 
-        fixed = environ.get(ENV, "")
+        fixed = environ.get(ENV, "").strip().lower()
         if fixed not in ("", "fp32", "bf16"):
-            raise ValueError(f"{ENV} must be fp32 or bf16 (or unset), got {fixed!r}")
+            # an InputError: every command prints it as one line, not a traceback from featurize
+            raise InputError(f"{ENV} must be fp32 or bf16 (or unset), got "
+                             f"{environ.get(ENV)!r}")
         kind = getattr(device, "type", str(device).split(":")[0])
         if kind != "cpu":
             return cls(kind, auto=fixed)

@@ -7,9 +7,10 @@ endpoints come from each backend's standard environment and config, never from f
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or a profile, or an instance role),
 ``AWS_DEFAULT_REGION``, and ``AWS_ENDPOINT_URL`` for S3-compatible servers;
 ``s3://anonymous@bucket/...`` reads a public bucket. Writes are atomic: a local file is written
-beside its name and renamed, an object store receives one PUT, so a reader never sees half a
-file. Errors name the URI and say what is wrong (no such bucket, no credentials, endpoint
-unreachable) in one line.
+under a hidden name beside its own and renamed, an object store receives one PUT, so a reader
+never sees half a file. Errors name the URI and say what is wrong (no such bucket, no
+credentials, endpoint unreachable) in one line. A key is every character after the bucket,
+``#`` and ``?`` included: ``s3://bkt/run#1/a?b.json`` is the object ``run#1/a?b.json``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
@@ -55,6 +55,20 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def _split(uri: str) -> tuple[str, str, str]:
+    """(scheme, authority, key) of ``scheme://authority/key``, split by hand: urlparse ends the
+    key at the first '#' or '?', yet S3 and GCS keys may hold both (a run named ``run#1``), and
+    cut there, every output of such a run would land on one object."""
+    scheme, _, rest = str(uri).partition("://")
+    authority, _, key = rest.partition("/")
+    return scheme.lower(), authority, key.rstrip("/")
+
+
+def _user_host(authority: str) -> tuple[str, str]:
+    user, _, host = authority.rpartition("@")
+    return user, host
+
+
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
 
@@ -71,14 +85,16 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     uri = str(uri)
     if not is_uri(uri):
         return pafs.LocalFileSystem(), absolute(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme in ("s3", "s3a"):
-        anonymous = parsed.username == "anonymous"
-        return _s3(anonymous), f"{parsed.hostname or ''}{parsed.path}".rstrip("/")
-    try:
-        return pafs.FileSystem.from_uri(uri)
+    scheme, authority, key = _split(uri)
+    if scheme in ("s3", "s3a"):
+        user, bucket = _user_host(authority)
+        return _s3(user == "anonymous"), f"{bucket}/{key}" if key else bucket
+    try:  # pyarrow, too, would end the key at '#' or '?': it resolves the root, the key is ours
+        fs, root = pafs.FileSystem.from_uri(f"{scheme}://{authority}/")
     except (ValueError, OSError) as e:
         raise StorageError(f"{uri}: cannot open this storage: {_first_line(e)}") from None
+    root = root.rstrip("/")
+    return fs, f"{root}/{key}" if key else root or "/"
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,9 +137,9 @@ def check_access(uri: str, what: str = "path") -> None:
     endpoint does not answer, the bucket does not exist."""
     if not is_uri(uri):
         return
-    parsed = urlparse(str(uri))
-    if parsed.scheme in ("s3", "s3a"):
-        if parsed.username != "anonymous" and not _aws_credentials_available():
+    scheme, authority, _ = _split(uri)
+    if scheme in ("s3", "s3a"):
+        if _user_host(authority)[0] != "anonymous" and not _aws_credentials_available():
             raise StorageError(
                 f"{what} {uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
                 f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or run on a node with an instance "
@@ -168,7 +184,7 @@ def _storage_error(uri: str, e: BaseException) -> StorageError:
     text = str(e)
     if "NETWORK_CONNECTION" in text or "Could not connect" in text or "curlCode: 7" in text \
             or "Could not resolve" in text:
-        where = s3_endpoint() or urlparse(str(uri)).hostname or ""
+        where = s3_endpoint() or _user_host(_split(uri)[1])[1]
         return StorageError(f"{uri}: cannot reach the storage endpoint {where} "
                             f"({_first_line(e)})")
     if "ACCESS_DENIED" in text or "AccessDenied" in text or "403" in text:
@@ -271,16 +287,27 @@ def makedirs(uri: str) -> None:
         raise _storage_error(uri, e) from None
 
 
+def temp_beside(path: str | os.PathLike) -> str:
+    """A unique name beside local ``path`` to write before renaming onto it; hidden (a leading
+    '.'), so a listing of data files (``list_files``, a corpus) never reads a half-written one."""
+    path = Path(path)
+    return str(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"))
+
+
 def write_bytes(uri: str, data: bytes) -> str:
     """Write a whole file atomically: readers see the old content or the new, never half."""
     fs, path = filesystem(uri)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            tmp = temp_beside(path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:  # after a failed write or rename: no stray temp file beside the data
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
         else:  # an object store: one PUT, visible only once complete
             # compression=None: pyarrow's default ('detect') would gzip a .gz name again
             with fs.open_output_stream(path, compression=None) as f:
@@ -334,7 +361,7 @@ def copy_from(src_fs: pafs.FileSystem, src_path: str, dst: str) -> str:
 def local_dir(uri: str) -> Iterator[Path]:
     """A local folder holding ``uri``'s files: the folder itself when it is local, else a
     temporary download that is removed afterwards."""
-    if not is_uri(uri) or urlparse(uri).scheme == "file":
+    if not is_uri(uri) or _split(uri)[0] == "file":
         yield Path(filesystem(uri)[1])
         return
     tmp = tempfile.mkdtemp(prefix="sentdisc-")

@@ -248,6 +248,18 @@ def test_unreachable_fails_fast_naming_the_url(tmp_path, capsys):
     assert f"cannot reach {url}/openai_weights/0.npy" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("dest", ["/proc/sentdisc-dest", "a-file/data"])
+def test_an_unwritable_dest_is_one_line(dest, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")  # a folder cannot be made below a file
+    dest = dest if dest.startswith("/") else str(tmp_path / dest)
+    url = closed_port_url()  # never reached: the folder fails first, and nothing downloads
+    assert F.main(["sst2", "--dest", dest, "--base_url", url, "--timeout", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot create {dest}/sst2 (") and len(err.splitlines()) == 1
+    assert err.endswith("): pass --dest a writable folder")
+
+
 def test_a_silent_host_times_out_in_seconds(tmp_path):
     with socket.socket() as s:  # accepts connections (the kernel does) but never answers
         s.bind(("127.0.0.1", 0))

@@ -6,6 +6,7 @@ import torch
 from conftest import OpLog
 
 from sentdisc import ByteLM, ModelConfig, featurize
+from sentdisc.errors import InputError
 from sentdisc.features import feature_precision
 from sentdisc.precision import Hardware, choose
 from sentdisc.score import fit_replicas
@@ -37,6 +38,17 @@ def test_bad_requests_are_errors():
         choose("fp16", ZEN4)
     with pytest.raises(ValueError, match="precision must be one of"):
         choose("int8", AVX2)
+
+
+
+def test_sentdisc_precision_is_read_case_insensitively_and_a_bad_value_is_input_error():
+    assert choose("auto", Hardware.detect("cpu", environ={"SENTDISC_PRECISION": "FP32"})) == \
+        ("fp32", "precision auto: fp32, as SENTDISC_PRECISION says")
+    assert Hardware.detect("cuda", environ={"SENTDISC_PRECISION": " Bf16 "}).auto == "bf16"
+    # an InputError, so every command prints it as one line (exit 2), not a traceback
+    with pytest.raises(InputError, match=r"^SENTDISC_PRECISION must be fp32 or bf16 \(or unset\), "
+                                         r"got 'fp64'$"):
+        Hardware.detect("cpu", environ={"SENTDISC_PRECISION": "fp64"})
 
 
 def test_this_machine_and_every_entry_point_default_to_auto(monkeypatch):

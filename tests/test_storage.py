@@ -7,6 +7,7 @@ import gzip
 import json
 import random
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -208,3 +209,33 @@ def test_writes_are_atomic_and_whole(s3_bucket, tmp_path):
     fs = pafs.S3FileSystem(endpoint_override=storage.s3_endpoint(), scheme="http")
     assert [i.base_name for i in fs.get_file_info(
         pafs.FileSelector(f"{s3_bucket}/sub"))] == ["f.json"]
+
+
+def test_a_failed_local_write_leaves_no_temp_file_and_the_temp_name_is_hidden(tmp_path):
+    (tmp_path / "d").mkdir()  # the rename onto a folder fails after the temp file is written
+    with pytest.raises(storage.StorageError, match=r"/d: .*Is a directory"):
+        storage.write_bytes(str(tmp_path / "d"), b"data")
+    assert [p.name for p in tmp_path.iterdir()] == ["d"] and not any((tmp_path / "d").iterdir())
+    # while a write is under way its temp file is bookkeeping to a listing, not a data file
+    tmp = Path(storage.temp_beside(tmp_path / "f.json"))
+    assert tmp.parent == tmp_path and tmp.name.startswith(".f.json.tmp-")
+    tmp.write_bytes(b"{half")
+    storage.write_bytes(str(tmp_path / "g.json"), b"{}")
+    assert storage.list_files(str(tmp_path)) == [(str(tmp_path / "g.json"), 2)]
+
+
+def test_a_key_keeps_its_hash_and_question_mark(s3_bucket, tmp_path):
+    """S3 and GCS keys may hold '#' and '?': a run named run#1 writes its own objects, not
+    ones cut short at the '#' (every output of the run on one object)."""
+    for base in (f"s3://{s3_bucket}", f"file://{tmp_path}"):
+        uri = storage.join(base, "run#1", "a?b.json")
+        storage.write_json(uri, {"run": 1})
+        storage.write_json(storage.join(base, "run#1", "c.json"), {"run": 1, "c": True})
+        assert storage.read_json(uri) == {"run": 1}
+        assert [u for u, _ in storage.list_files(base)] == [uri, storage.join(base, "run#1", "c.json")]
+    fs = pafs.S3FileSystem(endpoint_override=storage.s3_endpoint(), scheme="http")
+    keys = [i.path for i in fs.get_file_info(pafs.FileSelector(s3_bucket, recursive=True))
+            if i.type == pafs.FileType.File]
+    assert sorted(keys) == [f"{s3_bucket}/run#1/a?b.json", f"{s3_bucket}/run#1/c.json"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["run#1/a?b.json", "run#1/c.json"]

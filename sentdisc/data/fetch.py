@@ -68,7 +68,10 @@ def url_of(ds: Dataset, remote: RemoteFile, base_url: Optional[str] = None) -> s
 def download(remote: RemoteFile, folder: str, url: str, timeout: float = TIMEOUT,
              allow_unpinned: bool = False, log=print) -> tuple[str, bool]:
     """Fetch one file into ``folder`` and verify it: (its path, whether it was downloaded)."""
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise FetchError(f"cannot create {folder} ({e}): pass --dest a writable folder") from None
     final = os.path.join(folder, remote.name)
     if os.path.exists(final):
         try:
