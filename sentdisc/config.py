@@ -44,10 +44,16 @@ class OutputConfig:
     def run_dir(self) -> str:
         """experiment_dir/experiment_name (a URI stays a URI); the name must be a plain folder
         name, so no run can write outside experiment_dir."""
-        name = self.experiment_name
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise InputError(f"--experiment_name must be a plain folder name, got {name!r}")
+        name = plain_name(self.experiment_name, "experiment_name")
         return f"{self.experiment_dir.rstrip('/')}/{name}"
+
+
+def plain_name(name: str, flag: str) -> str:
+    """``name`` if it is a plain folder name (so nothing named by a flag writes outside the
+    folder it is meant for), else an InputError naming ``--flag``."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError(f"--{flag} must be a plain folder name, got {name!r}")
+    return name
 
 
 # --- paths and environment ---------------------------------------------------------------------

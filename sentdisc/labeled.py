@@ -18,6 +18,7 @@ cell that is not 0/1, a class absent from train, fewer than two classes.
 """
 from __future__ import annotations
 
+import codecs
 import io
 import math
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ import numpy as np
 from sentdisc import storage
 from sentdisc.data.config import DataConfig, DataError, file_format, open_decompressed
 from sentdisc.errors import InputError
+from sentdisc.text import END_PAD, FRONT_PAD, preprocess
 
 LABEL_KINDS = ("auto", "binary", "multiclass", "multilabel")
 SENTIMENT = ("negative", "positive")  # what 0/1 and binarized ratings are called
@@ -38,9 +40,11 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
     """A small labeled set, read in process -> pandas DataFrame with 'text' and the labels:
     one ``label_key`` as column 'label', several (a list) under their own names.
 
-    CSV/TSV/JSON/loose JSON/Parquet, compressed as corpora may be. A row whose text is null or
-    empty is an error naming the row; a missing column lists the columns found. Missing labels
-    are passed on (null / "") for the caller to drop or reject.
+    CSV/TSV/JSON/loose JSON/Parquet, compressed as corpora may be, a leading UTF-8 BOM
+    ignored. A row whose text is null or empty after preprocessing (blank, or only HTML
+    entities of whitespace such as ``&nbsp;``) is an error naming the row; a missing column
+    lists the columns found. Missing labels are passed on (null / "") for the caller to drop or
+    reject.
     """
     import pandas as pd
 
@@ -54,6 +58,8 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
     try:
         with open_decompressed(fs, inner, path) as f:  # a labeled set is small: one read
             raw = f.read()
+        if fmt != "parquet":  # as the corpus readers do; pandas' JSON reader rejects it
+            raw = raw.removeprefix(codecs.BOM_UTF8)
         if fmt in ("csv", "tsv"):
             sep = delim or ("\t" if fmt == "tsv" else ",")
             df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype={text_key: str},
@@ -76,10 +82,16 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
     else:
         for key in keys:
             out[key] = df[key].values
-    bad = out["text"].isna().to_numpy() | out["text"].astype(str).str.strip().eq("").to_numpy()
+    # empty as the model would see it: such a text has no heatmap to draw (extremes.html)
+    missing = out["text"].isna().to_numpy()
+    bad = missing | np.array([preprocess(str(t)) == FRONT_PAD + END_PAD for t in out["text"]],
+                             dtype=bool)
     if bad.any():  # a labeled set is small and precious: name the row rather than drop it
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}")
+        cell = out["text"].iloc[i]
+        why = "" if missing[i] or not str(cell).strip() else \
+            f" after preprocessing ({str(cell)!r}: HTML entities of whitespace only)"
+        raise DataError(f"{path}: row {i + 1}: empty {text_key!r}{why}")
     out["text"] = out["text"].astype(str)
     return out.reset_index(drop=True)
 

@@ -56,7 +56,8 @@ class SweepConfig:
     solver: str = "liblinear"     # liblinear | saga | fista, all L1 (multiclass: fista or saga;
                                   # fista: multiclass only)
     backend: str = "tune"         # tune: a Ray Tune trial per C; local: in process
-    storage: Path | None = None   # where Tune keeps its trials (None: a temporary folder)
+    storage: Path | None = None   # where Tune keeps its trials (None: a temporary folder,
+                                  # removed when the sweep ends)
     cpus_per_trial: float = 1.0
     standardize: bool = False     # fit on train-standardized features (see the module doc)
     num_neurons: int = 1          # top neurons for the small classifier (per label)
@@ -214,10 +215,19 @@ def _tune_trial(config, Xtr, ytr, Xva, yva, seed, max_iter, solver, kind, labels
 
 
 def _sweep_tune(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str) -> list[dict]:
+    ensure_ray(include_dashboard=False)
+    scratch = None if sweep.storage else tempfile.mkdtemp(prefix="sentdisc_tune_")
+    try:
+        return _tune_rows(Xtr, ytr, Xva, yva, sweep, name, Path(sweep.storage or scratch))
+    finally:
+        if scratch is not None:  # no one asked to keep the trials: leave nothing behind
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tune_rows(Xtr, ytr, Xva, yva, sweep: SweepConfig, name: str, storage: Path) -> list[dict]:
     from ray import tune
 
-    ensure_ray(include_dashboard=False)
-    storage = Path(sweep.storage or tempfile.mkdtemp(prefix="sentdisc_tune_")).resolve()
+    storage = storage.resolve()
     if (storage / name).exists():
         shutil.rmtree(storage / name)  # a rerun's sweep replaces the old one
     # The feature matrices go to the object store once, not into every trial's closure.

@@ -11,10 +11,11 @@ sentiment neuron) and beyond it, composed from:
    (accuracy for binary, macro-F1 otherwise), the neurons ranked by |weight| (per label), a
    second regression on the top ``num_neurons``;
 4. ``sentdisc.metrics`` on every split, from the classifier's own decisions;
-5. ``sentdisc.report`` and ``sentdisc.extremes``: the printed report, tune_results.csv, the
-   plots (neuron weights and histogram; a confusion matrix for multi-class, per-label AUC for
-   multi-label), the extreme samples as results and as a page of heatmaps; then
-   classifier.json (``sentdisc.classifier.Classifier``) and results.json;
+5. ``sentdisc.report`` and ``sentdisc.extremes``: the printed report, classifier.json
+   (``sentdisc.classifier.Classifier``, first, so a later failure keeps the fit),
+   tune_results.csv, the plots (neuron weights and histogram; a confusion matrix for
+   multi-class, per-label AUC for multi-label), the extreme samples as results and as a page
+   of heatmaps; then results.json;
 6. ``sentdisc.tracking``: all of it as an MLflow run tagged with the checkpoint.
 
 Every input (``--load_model``, the tables, ``--write_results``) and every output may be a local
@@ -36,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from sentdisc import storage
-from sentdisc.config import OutputConfig
+from sentdisc.config import OutputConfig, plain_name
 from sentdisc.features_ray import PoolConfig, featurize_texts
 from sentdisc.labeled import LabeledDataConfig, LabelSpec, TransferError, prepare_data
 from sentdisc.metrics import classification_metrics
@@ -109,6 +110,11 @@ class TransferConfig(PoolConfig, LabeledDataConfig):
             raise ValueError(f"num_neurons must be >= 1, got {self.num_neurons}")
         if self.num_samples < 0 or self.extremes < 0 or self.max_iter < 0:
             raise ValueError("num_samples, extremes and max_iter must be >= 0")
+        for name in ("batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
 
 
 def output_dir(cfg: LabeledDataConfig, out: OutputConfig, job: str = "transfer") -> str:
@@ -116,7 +122,7 @@ def output_dir(cfg: LabeledDataConfig, out: OutputConfig, job: str = "transfer")
     named after the train file's folder unless --dataset says otherwise."""
     folder = storage.absolute(cfg.train).rstrip("/").rsplit("/", 1)[0]
     name = getattr(cfg, "dataset", "") or storage.basename(folder) or "dataset"
-    return storage.join(out.run_dir, job, name)
+    return storage.join(out.run_dir, job, plain_name(name, "dataset"))
 
 
 def load_checkpoint(cfg: TransferConfig):
@@ -204,8 +210,15 @@ def split_metrics(clf, feats: dict, labels: dict) -> dict:
 
 
 def shown_split(labels: dict) -> str:
-    """The split the plots and extreme samples show: test when it has labels, else val."""
+    """The split the plots and extreme samples show: test when it has labels, else val (an
+    unlabeled test set has no classes to split a histogram by, nor true labels to list)."""
     return "test" if labels["test"] is not None else "val"
+
+
+def listed_split(feats: dict) -> str:
+    """The split --write_results lists: test whenever it was featurized, labeled or not
+    (scoring an unlabeled test set is what the file is for), else val."""
+    return "test" if feats["test"] is not None else "val"
 
 
 def _groups(clf, y: np.ndarray) -> dict:
@@ -219,12 +232,13 @@ def _groups(clf, y: np.ndarray) -> dict:
 
 def write_outputs(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf, res: dict,
                   metrics: dict, boundary, log=print) -> dict:
-    """tune_results.csv (with a sweep), the plots, the extreme samples and --write_results;
-    returns {name: path}, results.json and classifier.json included (written last by the
-    caller). ``res`` None: no sweep (a fine-tuned head)."""
+    """classifier.json first, then tune_results.csv (with a sweep), the plots and
+    --write_results; returns {name: path}, results.json included (written last by the caller).
+    ``res`` None: no sweep (a fine-tuned head)."""
     files = {name: storage.join(run_dir, file) for name, file in (
         ("results", "results.json"), ("classifier", "classifier.json"),
         ("neuron_weights", "neuron_weights.png"), ("neuron_histogram", "neuron_histogram.png"))}
+    clf.save(files["classifier"])  # the fit is what took long: a later failure keeps it
     if res is not None:
         files["tune_results"] = storage.join(run_dir, "tune_results.csv")
         write_tune_csv(files["tune_results"], res["sweep"], res["all_neurons"]["C"])
@@ -239,7 +253,7 @@ def write_outputs(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf,
         files["label_auc"] = storage.join(run_dir, "label_auc.png")
         plot_label_auc(files["label_auc"], metrics[role], role)
     if getattr(cfg, "write_results", ""):
-        shown = "test" if feats["test"] is not None else "val"
+        shown = listed_split(feats)
         files["write_results"] = cfg.write_results
         strongest = np.argsort(-np.abs(np.atleast_2d(clf.coef)).max(axis=0), kind="stable")
         write_results_csv(files["write_results"], data[shown].texts, labels[shown],
@@ -257,7 +271,7 @@ def write_extremes(run_dir: str, cfg, data: dict, feats: dict, labels: dict, clf
 
     if not cfg.extremes:
         return []
-    role = "test" if feats["test"] is not None else "val"  # labeled or not
+    role = shown_split(labels)
     samples = extreme_samples(clf, feats[role], data[role].texts, labels[role], cfg.extremes,
                               role, data[role].rows_in_file)
     files["extremes"] = storage.join(run_dir, "extremes.html")
@@ -352,19 +366,17 @@ def _transfer(cfg: TransferConfig, run_dir: str, model, data: dict, tracker, log
     if spec.kind != "binary":
         log(metrics_lines(metrics))
     boundary = clf.neuron_boundary()
-    files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, metrics, boundary, log=log)
-    extremes = write_extremes(run_dir, cfg, data, feats, labels, clf, model, files, log)
-
     dataset = storage.basename(run_dir)
-    results = {"dataset": dataset, **_inputs(cfg, model, data),
-               **_outcome(clf, res, metrics, boundary), "extremes": extremes,
-               "featurize": feat_stats, "files": {k: str(v) for k, v in files.items()}}
     clf.meta = {"dataset": dataset, "label_spec": spec.describe(), "accuracy": {
         "all": {k: res["all_neurons"][f"{k}_acc"] for k in ROLES},
         "top": {k: res["top_neurons"][f"{k}_acc"] for k in ROLES}},
         "macro_f1": {k: m["macro_f1"] for k, m in metrics.items()}}
-    clf.save(files["classifier"])
-    return results
+    files = write_outputs(run_dir, cfg, data, feats, labels, clf, res, metrics, boundary, log=log)
+    extremes = write_extremes(run_dir, cfg, data, feats, labels, clf, model, files, log)
+    return {"dataset": dataset, **_inputs(cfg, model, data),
+            **_outcome(clf, res, metrics, boundary), "shown_split": shown_split(labels),
+            "extremes": extremes, "featurize": feat_stats,
+            "files": {k: str(v) for k, v in files.items()}}
 
 
 def tracked_metrics(results: dict) -> dict:

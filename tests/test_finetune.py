@@ -207,6 +207,7 @@ def test_a_validation_score_that_stops_improving_stops_the_run(ray_local, tiny_c
     run = tmp_path / "exp" / "default" / "finetune" / "sst2"
     res = json.loads((run / "results.json").read_text())
     assert res["stopped_early"] and res["iterations"] == 12, res
+    assert res["shown_split"] == "test" and (run / "classifier.json").exists()
     # of equal scores the later is kept, as Ray Train keeps the later of equal checkpoints
     assert res["best"]["iteration"] == 12
     assert json.loads((run / "checkpoint_final" / "train_state.json").read_text())[
@@ -239,4 +240,15 @@ def test_more_workers_than_the_cluster_holds_is_one_line_naming_the_workers(
         "finetune: error: the run needs 8 CPUs: 8 workers x 1 CPU, but the cluster has 4 CPUs "
         "(1 node, no autoscaler), so the workers could never all start. Use --num_workers 4, "
         "or --cpus_per_worker 0.5, or add a node (ray start --address=HEAD:6379)"], err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_dataset_is_a_plain_folder_name_under_the_experiment(tiny_checkpoint, tmp_path, capsys):
+    train = tmp_path / "data" / "train.csv"
+    train.parent.mkdir()
+    train.write_text("label,sentence\n" + "".join(f"{i % 2},text {i}\n" for i in range(20)))
+    assert main(["--load_model", str(tiny_checkpoint), "--train", str(train), "--dataset",
+                 "../../escaped", "--experiment_dir", str(tmp_path / "exp")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "finetune: error: --dataset must be a plain folder name, got '../../escaped'"
     assert not (tmp_path / "exp").exists()

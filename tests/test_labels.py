@@ -159,3 +159,36 @@ def test_labeled_tables_read_like_corpora_compressed(tmp_path):
     for name in ("t.csv.lz4", "t.csv.zst", "t.tsv.gz", "t.json.bz2", "t.json.xz"):
         df = read_table(str(tmp_path / name), "text", "label")
         assert df["text"].tolist() == ["good", "bad"] and df["label"].tolist() == [1, 0], name
+
+
+@pytest.mark.parametrize("text, why", [
+    ("   ", r"empty 'text'$"),
+    ("&nbsp;&#10; &#x20;", r"empty 'text' after preprocessing \('&nbsp;&#10; &#x20;': HTML "
+                           r"entities of whitespace only\)"),
+])
+def test_a_text_empty_once_preprocessed_stops_the_run_naming_its_row(tmp_path, text, why):
+    """Such a text featurizes, but has no heatmap to draw: it failed extremes.html after the
+    whole sweep, before classifier.json and results.json were written."""
+    rows = [[i % 2, f"review {i}"] for i in range(10)]
+    rows[6][1] = text
+    path = write_csv(tmp_path / "t" / "train.csv", ("label", "text"), rows)
+    with pytest.raises(TransferError, match=r"train: .*train.csv: row 7: " + why) as e:
+        prepare_data(LabeledDataConfig(train=path, text_key="text"))
+    assert "\n" not in str(e.value)
+    rows[6][1] = "&amp;"  # an entity of something is text
+    write_csv(Path(path), ("label", "text"), rows)
+    assert "&amp;" in read_table(path, "text", "label")["text"].tolist()
+
+
+def test_a_utf8_bom_is_ignored_as_the_corpus_readers_ignore_it(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    records = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    (tmp_path / "lines.jsonl").write_bytes(bom + b"\n".join(json.dumps(r).encode()
+                                                            for r in records))
+    (tmp_path / "array.json").write_bytes(bom + json.dumps(records).encode())
+    (tmp_path / "lines.json.gz").write_bytes(gzip.compress((tmp_path / "lines.jsonl")
+                                                           .read_bytes()))
+    (tmp_path / "t.csv").write_bytes(bom + b"label,text\n1,good\n0,bad\n")
+    for name in ("lines.jsonl", "array.json", "lines.json.gz", "t.csv"):
+        df = read_table(str(tmp_path / name), "text", "label")
+        assert df["text"].tolist() == ["good", "bad"] and df["label"].tolist() == [1, 0], name

@@ -11,7 +11,7 @@ from sentdisc.features_ray import featurize_ray, featurize_texts
 from sentdisc.labeled import load_labeled, prepare_data
 from sentdisc.recipes.transfer import main
 from sentdisc.sweep import SweepConfig, c_grid, choose_C, fit_l1, fit_multinomial_l1, train_classifier
-from sentdisc.transfer import TransferConfig, TransferError
+from sentdisc.transfer import TransferConfig, TransferError, write_outputs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -150,6 +150,51 @@ def test_bad_input_through_the_command_exits_cleanly(tiny_checkpoint, tmp_path, 
     assert "checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--batch_size", "0", "batch_size must be >= 1, got 0"),
+    ("--chunk_size", "0", "chunk_size must be >= 1, got 0"),
+    ("--cpus_per_trial", "0", "cpus_per_trial must be > 0, got 0.0"),
+    ("--cpus_per_trial", "-1", "cpus_per_trial must be > 0, got -1.0"),
+])
+def test_sizes_that_cannot_work_are_refused_with_the_flags(tmp_path, capsys, flag, value, says):
+    """They were taken, then failed late (a ZeroDivisionError featurizing on Ray Data)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--train", str(tmp_path / "t.csv"), flag, value])
+    assert e.value.code == 2 and f"error: {says}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["../../escaped", "<tmp_path>/escaped", "a/b", "..", "."])
+def test_dataset_is_a_plain_folder_name_under_the_experiment(tiny_checkpoint, tmp_path, capsys,
+                                                              dataset):
+    dataset = dataset.replace("<tmp_path>", str(tmp_path))  # had it escaped, it stays in here
+    train = _write_csv(tmp_path / "data" / "train.csv", [[i % 2, f"text {i}"] for i in range(20)])
+    code = main(["--load_model", str(tiny_checkpoint), "--train", train, "--dataset", dataset,
+                 "--experiment_dir", str(tmp_path / "exp")])
+    out = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out.err
+    assert f"transfer: error: --dataset must be a plain folder name, got {dataset!r}" in out.err
+    assert "transforming" not in out.out
+    assert not (tmp_path / "exp").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_classifier_json_is_written_before_the_outputs_that_may_still_fail(tmp_path):
+    """The fit is what took long: a failure drawing the outputs after it keeps it."""
+    from sentdisc.labeled import LabeledSet
+    from sentdisc.storage import StorageError
+
+    X, y = _synthetic(200, 12, 3, 1, 0)
+    clf, _ = train_classifier(X, y, X, y, sweep=SweepConfig(Cs=[0.5], backend="local"))
+    sets = {role: LabeledSet([f"text {i}" for i in range(200)], y, role) for role in ("train",
+                                                                                     "val")}
+    (tmp_path / "a_file").write_text("")
+    cfg = TransferConfig(write_results=str(tmp_path / "a_file" / "results.csv"))
+    with pytest.raises(StorageError, match="a_file/results.csv"):  # a one-line error, exit 2
+        write_outputs(str(tmp_path / "out"), cfg, {**sets, "test": None},
+                      {"train": X, "val": X, "test": None}, {"train": y, "val": y, "test": None},
+                      clf, None, {}, clf.neuron_boundary(), log=lambda *_: None)
+    assert Classifier.load(tmp_path / "out" / "classifier.json").neurons == clf.neurons
+
+
 # --- featurization at scale ------------------------------------------------------------------
 
 def test_ray_data_featurization_equals_in_process(ray_local, tiny_checkpoint):
@@ -273,6 +318,14 @@ def test_transfer_command_ratings_split_validation_unlabeled_test(ray_local, tin
     assert len(_read_csv(out / "tune_results.csv")) == 3
     written = _read_csv(res_csv)
     assert [r["text"] for r in written] == ["fine", "meh", "wow"] and "label" not in written[0]
+    # the histogram and the extreme samples show the labeled split, val, with true labels;
+    # --write_results lists the unlabeled test set it was asked to score
+    assert res["shown_split"] == "val"
+    assert {e["split"] for e in res["extremes"]} == {"val"}
+    assert all(s["label"] in ("negative", "positive") for e in res["extremes"]
+               for s in e["highest"] + e["lowest"])
+    page = (out / "extremes.html").read_text()
+    assert "values on val" in page and "values on test" not in page and "true label" in page
 
 
 def test_standardized_fit_is_folded_into_raw_feature_weights():
@@ -549,3 +602,20 @@ def test_ctrl_c_during_the_tune_sweep_stops_it_in_one_line_not_on_a_partial_grid
                                           r"\d of 10 values of C fitted; nothing was chosen"):
         sweep_C(X, y, X, y, SweepConfig(Cs=c_grid()[:10], storage=tmp_path))
     assert signal.getsignal(signal.SIGINT) is default
+
+
+def test_a_sweep_without_storage_leaves_no_temporary_folder(ray_local, tmp_path, monkeypatch):
+    """Tune's trials went to a fresh sentdisc_tune_* folder under the system's temporary
+    folder per sweep, never removed; on an error as well."""
+    import tempfile
+
+    from sentdisc.sweep import sweep_C
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where mkdtemp makes it
+    X, y = _synthetic(60, 6, 2, 1, 0)
+    rows = sweep_C(X, y, X, y, SweepConfig(Cs=[0.5]))
+    assert [r["C"] for r in rows] == [0.5]
+    assert not list(tmp_path.glob("sentdisc_tune_*"))
+    with pytest.raises(RuntimeError, match="Tune trial C=0.5 failed"):
+        sweep_C(X, y, X, y[:10], SweepConfig(Cs=[0.5]))  # labels that do not fit val
+    assert not list(tmp_path.glob("sentdisc_tune_*"))

@@ -32,6 +32,7 @@ from sentdisc.transfer import (
     featurize_sets,
     label_fields,
     output_dir,
+    shown_split,
     split_metrics,
     tracked_metrics,
     write_extremes,
@@ -176,8 +177,8 @@ def _earlier_final(run_dir: str) -> str:
 def evaluate(final: str, cfg: FinetuneConfig, data: dict, run_dir: str, summary: dict,
              precision: str = "auto", log=print) -> dict:
     """The fine-tuned checkpoint scored as serving will use it: its features by ``featurize``,
-    its labels by its own classifier; metrics of val and test, the plots, the extreme
-    samples, classifier.json. Returns results.json's content."""
+    its labels by its own classifier; classifier.json, metrics of val and test, the plots,
+    the extreme samples. Returns results.json's content."""
     from sentdisc.classifier import Classifier
 
     clf = Classifier.load(final)  # the head, its checkpoint the folder it sits in
@@ -190,7 +191,6 @@ def evaluate(final: str, cfg: FinetuneConfig, data: dict, run_dir: str, summary:
     log(metrics_lines(metrics))
     files = write_outputs(run_dir, cfg, data, feats, labels, clf, None, metrics, None, log=log)
     extremes = write_extremes(run_dir, cfg, data, feats, labels, clf, model, files, log)
-    clf.save(files["classifier"])
     files["checkpoint"] = final
     rows = read_history(summary["history"])  # an earlier driver's validations included
     best = max((r for r in rows if r.get("val_score") is not None),
@@ -200,6 +200,7 @@ def evaluate(final: str, cfg: FinetuneConfig, data: dict, run_dir: str, summary:
             "model": model.config.to_dict(), "feature_kind": clf.feature_kind, "layer": -1,
             "rnn_size": model.config.rnn_size, **label_fields(data),
             "neuron": clf.neuron, "sign": clf.sign, "metrics": metrics,
+            "shown_split": shown_split(labels),
             "best": {"iteration": best.get("iteration"), "val_score": best.get("val_score"),
                      "metric": best.get("val_metric")},
             "stopped_early": bool(last.get("stopped_early")),
