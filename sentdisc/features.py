@@ -84,7 +84,12 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
 def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, run):
     """Yield (text indices, {kind: features}) as texts finish, refilling free rows from
     ``queue`` (indices into ``encoded``) after every chunk. The queue may be fed while the
-    pool runs (serving.model_process): an index it yields later joins the running rows."""
+    pool runs (serving.model_process): an index it yields later joins the running rows.
+
+    ``pool_size``: the rows, or a callable asked before every admission, so a server can
+    retune a running pool. Shrunk below the rows running, the pool admits nothing until they
+    end under it: a running row is never dropped."""
+    size = pool_size if callable(pool_size) else lambda: pool_size
     device, H, n_layers = model.device, model.config.rnn_size, layer + 1
     rows: list[int] = []                      # text index held by each row
     length = np.zeros(0, dtype=np.int64)      # that text's bytes
@@ -117,7 +122,7 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
         state = [(h[index], c[index]) for h, c in state]
         total, peak = total[index], peak[index]
 
-    admit(pool_size)
+    admit(size())
     while rows:
         remaining = length - offset
         if remaining.max() <= chunk_size:  # every row ends in this chunk: one call does all
@@ -139,7 +144,7 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
         offset += T
         finished = offset >= length
         if not finished.any():
-            admit(pool_size - len(rows))
+            admit(size() - len(rows))
             continue
         fin = torch.from_numpy(np.flatnonzero(finished)).to(device)
         h, c = state[layer]
@@ -151,7 +156,7 @@ def featurize_pool(model, encoded, queue, pool_size, layer, kinds, chunk_size, r
                {k: feats[k].float().cpu().numpy() for k in kinds})
         keep = np.flatnonzero(~finished)
         keep_rows(torch.from_numpy(keep).to(device), keep)
-        admit(pool_size - len(rows))
+        admit(size() - len(rows))
 
 
 # --- how a chunk runs: eagerly, or a captured step replayed -----------------------------------

@@ -79,3 +79,30 @@ def test_several_kinds_in_one_pass(model):
     both = featurize(model, TEXTS, kind=["cell", "mean"], batch_size=3)
     np.testing.assert_allclose(both["cell"], featurize(model, TEXTS, kind="cell"), atol=1e-6)
     np.testing.assert_allclose(both["mean"], featurize(model, TEXTS, kind="mean"), atol=1e-6)
+
+
+def test_a_pool_shrunk_while_it_runs_keeps_its_rows_and_admits_none_until_under(model):
+    """The pool asks its size before every admission (a server retunes a running pool)."""
+    from sentdisc.features import _chunk_runner, featurize_pool
+    from sentdisc.text import encode_list
+
+    texts = [f"review {i} " * (3 + 5 * i % 17) for i in range(20)]
+    size, rows = [8], []
+    eager = _chunk_runner(model, 1, ["cell"], 32, np.array([32]), 8, "fp32", "off")
+
+    def run(x, state, m):
+        rows.append(len(x))
+        if len(rows) == 4:
+            size[0] = 2
+        return eager(x, state, m)
+
+    got = np.zeros((len(texts), 24), np.float32)
+    with torch.inference_mode():
+        for idx, feats in featurize_pool(model, encode_list(texts), iter(range(len(texts))),
+                                         lambda: size[0], 1, ["cell"], 32, run):
+            got[idx] = feats["cell"]
+    assert rows[:4] == [8] * 4
+    after = rows[3:]  # from the chunk before the first admission under the new size
+    assert all(b <= max(a, 2) for a, b in zip(after, after[1:])), after
+    assert after.count(2) > 5, after  # and once under it, texts joined again
+    np.testing.assert_allclose(got, featurize(model, texts, precision="fp32"), atol=1e-5)

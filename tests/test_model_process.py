@@ -99,6 +99,79 @@ def test_every_kind_and_layer_of_a_stacked_lstm(two_layer_lstm):
         process.close()
 
 
+def _count_rows(model):
+    """In the model process: record the rows of every chunk the model runs."""
+    model.chunk_rows = []
+    run_layers = model.run_layers
+
+    def counted(x, *args, **kwargs):
+        model.chunk_rows.append(len(x))
+        return run_layers(x, *args, **kwargs)
+
+    model.run_layers = counted
+
+
+def _mark_retuned(model):
+    model.chunk_rows.append("retuned")
+
+
+def _chunk_rows(model):
+    return model.chunk_rows
+
+
+def test_a_retune_down_under_load_holds_new_texts_to_the_new_size(tiny_checkpoint):
+    """What `serve deploy` with a smaller max_batch_size does to a busy replica: the rows
+    running end, no text joins until they are under the new size, the batch stays there, and
+    each request's batch size is the rows really held. Answers do not change."""
+    from sentdisc import featurize, load
+    from sentdisc.serving.model_process import MODEL, STREAM_CHUNK
+
+    texts = [f"review {i}: " + "so so " * (10 + 7 * i % 60) for i in range(48)]
+    deadline = time.time() + 240
+
+    async def until(condition):
+        while not condition():
+            assert time.time() < deadline, "the model process fell behind"
+            await asyncio.sleep(0.01)
+
+    async def calls(process):
+        await process.run(_count_rows, MODEL)
+        answers, retuned, stop = [], False, False  # (sent after the retune, text, features, held)
+
+        async def client(k):
+            while not stop:
+                sent_after = retuned
+                feats, held = await process.featurize([texts[k % len(texts)]])
+                answers.append((sent_after, k % len(texts), feats, held))
+                k += 5
+
+        # more clients than rows: the batch is full and texts queue, as under steady load
+        clients = [asyncio.ensure_future(client(k)) for k in range(24)]
+        await until(lambda: sum(held == 16 for *_, held in answers) >= 8)
+        await asyncio.to_thread(process.configure, -1, "cell", 2)
+        retuned = True
+        await process.run(_mark_retuned, MODEL)
+        await until(lambda: sum(after for after, *_ in answers) >= 64)
+        stop = True
+        await asyncio.gather(*clients)
+        return answers, await process.run(_chunk_rows, MODEL)
+
+    answers, rows = _stream(tiny_checkpoint, -1, "cell", 16, calls)
+    mark = rows.index("retuned")
+    assert max(rows[:mark]) == 16
+    # Running rows are never dropped and none joins while they are over the size: a chunk
+    # has no more rows than the one before it, or the new size. The rows running at the
+    # retune end within the chunks their longest text takes; from then on it holds.
+    after = rows[mark - 1:mark] + rows[mark + 1:]
+    assert all(b <= max(a, 2) for a, b in zip(after, after[1:])), after
+    longest = max(len(t.encode()) for t in texts) + 3  # the pads
+    assert max(after[1 + -(-longest // STREAM_CHUNK):]) <= 2, after
+    assert all(held <= 2 for sent_after, *_, held in answers if sent_after), answers
+    want = featurize(load(str(tiny_checkpoint)), texts)
+    for _, i, feats, _ in answers:
+        np.testing.assert_allclose(feats, want[i:i + 1], atol=1e-5)
+
+
 def test_calls_run_in_the_model_process_and_errors_come_back(tiny_checkpoint):
     from sentdisc import load, viz
     from sentdisc.errors import InputError

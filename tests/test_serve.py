@@ -573,6 +573,31 @@ def plain_url(tiny_checkpoint, classifier):
 
 
 @pytest.mark.parametrize("app", ["url", "plain_url"])
+def test_a_text_blank_once_preprocessed_is_the_same_422_on_every_endpoint(app, request):
+    """Texts that pass a plain non-whitespace check but that the model reads as blank (entities
+    of whitespace; \\x1c, whitespace to Python, not to pydantic's regex): each endpoint refuses
+    them alike, naming the text, as the schema says, before any model work."""
+    url = request.getfixturevalue(app)
+    spec = requests.get(url + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    assert "HTML entities" in spec["HeatmapRequest"]["properties"]["text"]["description"]
+    assert "HTML entities" in spec["FeaturizeRequest"]["properties"]["texts"]["items"][
+        "description"]
+    for blank in ["&nbsp;", " &#10;&Tab; ", "\x1c"]:
+        for path, body, loc in [
+                ("/featurize", {"texts": ["fine", blank]}, ["body", "texts", 1]),
+                ("/sentiment", {"texts": [blank]}, ["body", "texts", 0]),
+                ("/classify", {"texts": ["fine", "ok", blank]}, ["body", "texts", 2]),
+                ("/heatmap", {"text": blank, "format": "json"}, ["body", "text"])]:
+            r = post(url, path, body)
+            assert r.status_code == 422, (blank, path, r.status_code, r.text[:500])
+            detail = r.json()["detail"]
+            assert [(d["loc"], d["type"]) for d in detail] == [(loc, "blank_text")], detail
+            assert "blank once preprocessed" in detail[0]["msg"], detail
+    # an entity that is not whitespace is text
+    assert post(url, "/featurize", {"texts": ["&amp;"]}).status_code == 200
+
+
+@pytest.mark.parametrize("app", ["url", "plain_url"])
 def test_chunked_body_over_cap_is_413_before_it_is_read_whole(app, request):
     url = request.getfixturevalue(app)
     limit = 6 * LIMITS["max_texts"] * LIMITS["max_text_bytes"] + 65536  # api._body_cap

@@ -74,7 +74,8 @@ class ModelProcess:
 
     def configure(self, layer: int, kind: str, rows: int) -> None:
         """What featurize computes (the probe's layer and kind) and how many texts the running
-        batch holds at most. Applies from the next chunk on."""
+        batch holds at most. The size applies from the next chunk on (below the texts running,
+        none joins until they end under it); layer and kind once the running batch empties."""
         self._request("configure", layer, kind, rows).result()
 
     async def featurize(self, texts: list[str]) -> tuple[np.ndarray, int]:
@@ -154,6 +155,7 @@ class _Child:
         self.layer, self.kind, self.rows = -1, "cell", 32
         self.encoded: dict[int, bytes] = {}  # text id -> its bytes, while queued or running
         self.queued: deque[int] = deque()
+        self.running = 0  # texts the pool has taken from the queue that have not ended
         self.owner: dict[int, tuple[int, int]] = {}  # text id -> (request id, position)
         self.requests: dict[int, list] = {}  # request id -> [texts left, features]
         self.text_ids = itertools.count()
@@ -174,24 +176,38 @@ class _Child:
                     self.reply(rid, False, e)
                 self.requests.clear(), self.owner.clear(), self.encoded.clear()
                 self.queued.clear()
+                self.running = 0
 
     def stream(self) -> None:
         from sentdisc.features import featurize_pool
 
         while self.queued:
-            for ids, feats in featurize_pool(self.model, self.encoded, self, self.rows,
-                                              self.layer, [self.kind], STREAM_CHUNK, self.run):
-                self.finished(ids, feats[self.kind])
+            # A pool computes the layer and kind it started with; a new size reaches it at its
+            # next admission (pool_size).
+            kind = self.kind
+            for ids, feats in featurize_pool(self.model, self.encoded, self, self.pool_size,
+                                              self.layer, [kind], STREAM_CHUNK, self.run):
+                self.finished(ids, feats[kind])
 
-    # the pool's queue: it asks after every chunk; whatever arrived meanwhile is read first
+    def pool_size(self) -> int:
+        """Rows the pool may hold, asked before every admission. Messages are read here too:
+        with every row busy the pool takes nothing from the queue, and a retune or a call
+        must still apply from the next chunk on."""
+        while self.conn.poll():
+            self.handle(self.conn.recv())
+        return self.rows
+
+    # the pool's queue: it asks whenever a row is free; whatever arrived meanwhile is read first
     def __iter__(self):
         return self
 
     def __next__(self) -> int:
         while self.conn.poll():
             self.handle(self.conn.recv())
-        if not self.queued:
+        # a retune read just above binds the rest of this admission too
+        if not self.queued or self.running >= self.rows:
             raise StopIteration
+        self.running += 1
         return self.queued.popleft()
 
     def handle(self, message) -> None:
@@ -257,7 +273,9 @@ class _Child:
             self.queued.append(text_id)
 
     def finished(self, ids: list[int], feats: np.ndarray) -> None:
-        held = len(self.owner)  # texts in the model (running or queued) as these end
+        # The rows of the chunk these ended in: after a retune down, rows admitted under the
+        # old size run on, and the size alone would understate them.
+        held, self.running = self.running, self.running - len(ids)
         for text_id, row in zip(ids, feats, strict=True):
             rid, position = self.owner.pop(text_id)
             del self.encoded[text_id]
@@ -266,4 +284,4 @@ class _Child:
             request[0] -= 1
             if request[0] == 0:
                 del self.requests[rid]
-                self.reply(rid, True, (request[1], min(held, self.rows)))
+                self.reply(rid, True, (request[1], held))

@@ -3,17 +3,21 @@
 Every limit a request can break is in the schema: the fixed ones here, the per-deployment caps
 (texts per request, bytes per text, generate length) written into /openapi.json by
 ``apply_caps`` from the replica's AppArgs. The one rule for texts everywhere: at least one
-non-whitespace character (a blank text has no sentiment, no heatmap, no features worth asking
-for); a generation prompt may be empty.
+non-whitespace character once HTML entities are unescaped, as the model reads it
+(``sentdisc.text.preprocess``; a blank text has no sentiment, no heatmap, no features worth
+asking for); a generation prompt may be empty.
 """
 from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
+from sentdisc.text import preprocess
 from sentdisc.viz import MAX_OVERWRITE, MAX_SEED
 
 TEXT_RULE = r"\S"   # JSON Schema / pydantic pattern: somewhere, a non-whitespace character
+TEXT_ABOUT = "at least one non-whitespace character once HTML entities are unescaped"
 TEMPERATURE_MAX = 100.0
 
 
@@ -34,9 +38,20 @@ def Int(lo: int, hi: int):  # a type: named like one
     return Annotated[int, Ge(lo), Le(hi), BeforeValidator(_integral)]
 
 
+def _not_blank(text: str) -> str:
+    # The pattern lets through texts the model reads as blank: whitespace spelled as entities
+    # (&nbsp;, &#10;), and \x1c-\x1f, which pydantic's Rust regex calls non-whitespace but
+    # Python's strip (so preprocess, and a JSON Schema fuzzer's regex) calls whitespace.
+    if not preprocess(text).strip():
+        raise PydanticCustomError("blank_text", "the text is blank once preprocessed (HTML "
+                                                "entities unescaped, whitespace stripped): "
+                                                "it needs at least one non-whitespace character")
+    return text
+
+
 Neuron = Int(0, 1 << 20)
-Text = Annotated[str, Field(min_length=1, pattern=TEXT_RULE,
-                            description="at least one non-whitespace character")]
+Text = Annotated[str, Field(min_length=1, pattern=TEXT_RULE, description=TEXT_ABOUT),
+                 AfterValidator(_not_blank)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -191,8 +206,7 @@ def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_len
 
     def cap_text(prop: dict) -> None:
         prop["maxLength"] = max_text_bytes
-        prop["description"] = (f"at least one non-whitespace character, at most "
-                               f"{max_text_bytes} UTF-8 bytes")
+        prop["description"] = f"{TEXT_ABOUT}, at most {max_text_bytes} UTF-8 bytes"
 
     for name in ("FeaturizeRequest", "SentimentRequest", "ClassifyRequest"):
         texts = schemas.get(name, {}).get("properties", {}).get("texts")
