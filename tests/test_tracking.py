@@ -1,6 +1,7 @@
 """Experiment tracking on a real MLflow SQLite store: one tiny 2-worker pretraining run (rank 1
-never logs), one tiny transfer run of its checkpoint, a rerun continuing its MLflow run, and a
-server that does not answer failing the job at once."""
+never logs), one tiny transfer run of its checkpoint, a rerun continuing its MLflow run, reruns
+after a killed driver appending to TensorBoard event files (local and on S3), and a server that
+does not answer failing the job at once."""
 import csv
 import json
 import random
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from sentdisc import storage
 from sentdisc.config import OutputConfig, parse
 from sentdisc.data.readers import DataConfig
 from sentdisc.model import ModelConfig
 from sentdisc.recipes import pretrain as pretrain_recipe
 from sentdisc.recipes import transfer as transfer_recipe
+from sentdisc.tensorboard import TensorBoardCurves
 from sentdisc.tracking import (
     CHECKPOINT_TAG,
     RUN_FILE,
@@ -192,6 +195,47 @@ def test_only_rank_0_reports_and_each_metric_is_logged_once_per_step():
             {"iteration": 10, "loss": 1.5, "val_bpb": 2.2, "final": True}]
     assert gate.fresh(rows) == [(5, {"loss": 2.0}), (10, {"loss": 1.5}),
                                 (10, {"resumed_from": 5.0}), (10, {"val_bpb": 2.2})]
+
+
+def _rows(*steps) -> list[dict]:
+    return [{"iteration": i, "loss": 1.0 / i} for i in steps]
+
+
+def _driver(run_dir: str, prior: list, rows: list, killed: bool = False) -> TensorBoardCurves:
+    """One driver's TensorBoard sink: opened with the history it found, fed ``rows``; a killed
+    one never gets to close (its event files stay where it wrote them, flushed)."""
+    sink = TensorBoardCurves(run_dir, prior)
+    sink.load()
+    sink.open()
+    sink.start({"max_iters": 30})
+    sink.rows(rows)
+    if killed:
+        sink.writer.close()  # only the file handle: close() would copy the files out
+    else:
+        sink.close("FINISHED")
+    return sink
+
+
+def test_a_rerun_writes_the_steps_a_killed_driver_never_received(tmp_path):
+    run = str(tmp_path / "run")
+    _driver(run, [], _rows(5, 10), killed=True)
+    # its workers went on to checkpoint 15; the rerun resumes it: history.csv has 5 and 10,
+    # the checkpoint's reports add 15, which no event file holds yet
+    _driver(run, _rows(5, 10, 15), _rows(15, 20) + [{"iteration": 20, "val_bpb": 1.5}])
+    steps = _scalars(tmp_path / "run" / "tensorboard")
+    assert sorted(steps["loss"]) == [5, 10, 15, 20] and steps["val_bpb"] == [20]
+
+
+def test_tensorboard_on_object_storage_rerun_and_no_temp_left(s3_bucket, tmp_path):
+    run = f"s3://{s3_bucket}/run"
+    first = _driver(run, [], _rows(5, 10))
+    assert not Path(first.local).exists()  # its files went to the bucket, the copy is gone
+    # a second driver is killed: its files, with 15, never reach the bucket
+    killed = _driver(run, _rows(5, 10), _rows(15), killed=True)
+    storage.remove_tree(killed.local)
+    _driver(run, _rows(5, 10, 15, 20), _rows(20, 25))
+    storage.copy_tree(storage.join(run, "tensorboard"), str(tmp_path / "tb"))
+    assert sorted(_scalars(tmp_path / "tb")["loss"]) == [5, 10, 15, 20, 25]
 
 
 def test_tracking_none_writes_nothing(tmp_path):

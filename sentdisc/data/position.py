@@ -6,7 +6,10 @@ whichever ranks took them, so a run restored on any number of workers can pass o
 those. It is kept as ranges of lines per file. A rank's rows of one file arrive in line order
 within a block, with gaps only where a line belongs to another split (validation, test) or was
 handed to another rank; the split is a pure function of (file, line), so a gap made only of
-other splits' lines continues the range, and the ranges stay about one per block.
+other splits' lines continues the range, and the ranges stay about one per block. With
+``--shuffle`` a block's rows arrive permuted: a line joins the ranges next to it, so the block
+still ends as one range, broken only where another split's line sits (about 1 line in 500 with
+the default split: hashing the gaps at every out-of-order line would cost more than it saves).
 """
 from __future__ import annotations
 
@@ -35,9 +38,24 @@ class Position:
             return
         if ranges and line > ranges[-1][1] and self._continues(file, ranges[-1][1], line):
             ranges[-1][1] = line
+            return
+        # --shuffle permutes each block's rows, so most lines land before the last range or past
+        # a gap the block's later rows fill: joining the ranges a line touches keeps one range
+        # per block, where inserting it alone would keep one per record
+        i = bisect.bisect_right(ranges, line, key=lambda r: r[0])
+        if i and line <= ranges[i - 1][1]:
+            return
+        left = i > 0 and ranges[i - 1][1] == line - 1
+        right = i < len(ranges) and ranges[i][0] == line + 1
+        if left and right:
+            ranges[i - 1][1] = ranges.pop(i)[1]
+        elif left:
+            ranges[i - 1][1] = line
+        elif right:
+            ranges[i][0] = line
         else:
-            bisect.insort(ranges, [line, line])
-            self._starts.pop(file, None)
+            ranges.insert(i, [line, line])
+        self._starts.pop(file, None)
 
     def _continues(self, file: str, last: int, line: int) -> bool:
         """Whether every line strictly between ``last`` and ``line`` is another split's."""
