@@ -620,7 +620,9 @@ def test_chunked_body_over_cap_is_413_before_it_is_read_whole(app, request):
     said = re.fullmatch(rf"request body of at least (\d+) bytes exceeds the {limit}-byte limit",
                         detail[0]["msg"])
     assert said, detail
-    assert limit < int(said[1]) < 2 * limit < sent  # refused near the cap, not once read whole
+    # refused once past the cap, not once read whole (a proxy may hand the body over in large
+    # pieces: how far past depends on them)
+    assert limit < int(said[1]) < sent, (said[1], sent)
     # a chunked body under the cap is still read and answered
     ok = requests.post(url + "/sentiment", data=iter([b'{"texts": ', b'["fine"]}']),
                        timeout=60, headers={"Content-Type": "application/json"})
@@ -760,3 +762,24 @@ def test_the_python_proxy_is_named_with_its_fix():
     assert apply_serve_env({"RAY_SERVE_ENABLE_HA_PROXY": "0"}) == {
         k: v for k, v in SERVE_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}  # a choice kept
     assert "sentdisc serve" in PROXY_WARNING and "python -m sentdisc.serving.ingress" in PROXY_WARNING
+
+
+def test_openai_weights_are_checked_against_the_classifier_before_deploy(tmp_path):
+    from test_checkpoint import _write_openai
+
+    from sentdisc.classifier import fit_result_to_classifier
+    from sentdisc.serving.args import AppArgs, AppArgsError, check_args
+
+    oa = tmp_path / "oa"
+    _write_openai(oa, H=10)
+    wrong = fit_result_to_classifier(np.ones(32), 0.0, 1.0, [0], [1.0], 0.0, 1.0).save(
+        tmp_path / "clf.json")
+    with pytest.raises(AppArgsError) as e:
+        check_args(AppArgs(checkpoint=str(oa), classifier=str(wrong)))
+    assert str(e.value) == (f"sentdisc serve: classifier {wrong} expects rnn_size 32 features, "
+                            f"checkpoint {oa} has 10")
+    with pytest.raises(AppArgsError, match=r"layer 3 out of range.* \(checkpoint "):
+        check_args(AppArgs(checkpoint=str(oa), layer=3))
+    fits = fit_result_to_classifier(np.ones(10), 0.0, 1.0, [0], [1.0], 0.0, 1.0).save(
+        tmp_path / "fits.json")
+    assert check_args(AppArgs(checkpoint=str(oa), classifier=str(fits))).layer == -1

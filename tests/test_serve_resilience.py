@@ -8,7 +8,9 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from conftest import routed
@@ -33,13 +35,13 @@ def deployed():
         serve.delete(name)
 
 
-def _deploy(name, checkpoint, port, replicas, broken=None, **options):
+def _deploy(name, checkpoint, port, replicas, broken=None, classifier=None, **options):
     from ray import serve
 
     from sentdisc.serving import SentdiscServer
     from sentdisc.serving.args import AppArgs, check_args
 
-    args = check_args(AppArgs(checkpoint=str(checkpoint)))
+    args = check_args(AppArgs(checkpoint=str(checkpoint), classifier=classifier))
     if broken:
         broken()  # after the builder's checks: only the replica can find out
     app = SentdiscServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5},
@@ -55,6 +57,21 @@ def _pids(url: str, want: int, timeout: float = 30) -> dict:
         health = requests.get(url + "/healthz", timeout=10).json()
         seen[health["pid"]] = health.get("model_pid")
     return seen
+
+
+def _model_processes(pid: int) -> list[int]:
+    """The live children of process ``pid`` started by multiprocessing's spawn (a replica's
+    model process is its only one), from /proc: the replica runs on this machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # not a process, or it exited while being read
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def _gone(pid: int, timeout: float) -> bool:
@@ -174,6 +191,29 @@ def test_unloadable_checkpoint_reported_in_healthz_without_a_crash_loop(
     time.sleep(3)  # the same process still answers: no restart loop
     again = requests.get(url + "/healthz", timeout=30).json()
     assert again["pid"] == body["pid"] and again["reason"] == body["reason"]
+
+
+def test_a_replica_whose_classifier_fails_after_the_weights_loaded_keeps_no_model_process(
+        serve_port, tiny_checkpoint, tmp_path, deployed):
+    from sentdisc.classifier import fit_result_to_classifier
+
+    clf = fit_result_to_classifier(np.ones(32), 0.0, 1.0, [0], [1.0], 0.0, 1.0).save(
+        tmp_path / "classifier.json")
+
+    def corrupt():  # read by the replica only once its model process holds the weights
+        clf.write_text("{not json")
+
+    # health checked every second: a replica reported unhealthy would be restarted at once
+    url = deployed("no-classifier", tiny_checkpoint, serve_port, replicas=1, broken=corrupt,
+                   classifier=str(clf), health_check_period_s=1, health_check_timeout_s=5)
+    body = requests.get(url + "/healthz", timeout=30).json()
+    assert body["status"] == "unavailable" and "not valid JSON" in body["reason"], body
+    r = requests.post(url + "/featurize", json={"texts": ["hi"]}, timeout=30)
+    assert r.status_code == 503 and body["reason"] in r.json()["detail"][0]["msg"], r.text
+    assert _model_processes(body["pid"]) == []
+    time.sleep(5)  # several health checks: still the same replica, still saying why
+    again = requests.get(url + "/healthz", timeout=30).json()
+    assert again["pid"] == body["pid"] and again["reason"] == body["reason"], again
 
 
 def test_a_dead_model_process_is_a_503_then_a_new_replica(serve_port, tiny_checkpoint,

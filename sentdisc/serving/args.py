@@ -99,9 +99,15 @@ def load_classifier(path: str):
 
 
 def _checkpoint_config(ckpt: str):
-    """The model config of a sentdisc checkpoint (a folder or a storage URI); None for
-    OpenAI's weights, which are checked when a replica loads them."""
-    from sentdisc.checkpoint import MODEL_FILE, check_safetensors, is_openai_weights, load_config
+    """The model config of a checkpoint: a sentdisc folder or storage URI, or a folder of
+    OpenAI's weights (None for those in a bucket, which are checked when a replica loads them)."""
+    from sentdisc.checkpoint import (
+        MODEL_FILE,
+        check_safetensors,
+        is_openai_weights,
+        load_config,
+        openai_config,
+    )
 
     try:
         storage.check_access(ckpt, "checkpoint")
@@ -109,7 +115,8 @@ def _checkpoint_config(ckpt: str):
             raise AppArgsError(f"sentdisc serve: checkpoint {ckpt} does not exist or is not a "
                                "directory")
         if is_openai_weights(ckpt):
-            return None
+            # two .npy headers give the shapes; in a bucket they would mean fetching the files
+            return None if storage.is_uri(ckpt) else openai_config(ckpt)
         config = load_config(ckpt)
     except AppArgsError:
         raise

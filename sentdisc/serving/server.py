@@ -54,6 +54,12 @@ class ModelServer:
         except (InputError, OSError, ValueError, RuntimeError) as e:
             self.failure = f"cannot load {args.checkpoint}: {last_line(e)}"
             logger.error(f"sentdisc serve: {self.failure}")
+            # The 503s need no model, and a failure after the weights loaded (the classifier,
+            # the layer) would leave them in a child process for the replica's whole life.
+            # None, not the closed process: that reads as died, which fails the health check
+            # and restarts the replica into the same failure.
+            self.close()
+            self.model = None
 
     def _load(self, args: AppArgs, threads: int) -> None:
         from sentdisc.model import check_layer

@@ -33,18 +33,27 @@ def check_fits(tc: TrainConfig) -> None:
 
     if can_autoscale():
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    problem = fit_problem(tc, [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")])
+    if problem:
+        raise ResourceError(problem)
+
+
+def fit_problem(tc: TrainConfig, nodes: list[dict]) -> str | None:
+    """Why the run cannot be scheduled on a fixed cluster of ``nodes`` (each node's Ray
+    resources, e.g. ``{"CPU": 32, "GPU": 8}``), with the numbers and the ways out; None when
+    it fits. Pure, so that a cluster described in a file is held to the same rule before it
+    exists (tests/test_cluster_files.py)."""
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
     workers, per = tc.min_workers, tc.cpus_per_worker
-    where = _cluster_size(", no autoscaler")
+    where = _size(cpus, gpus, len(nodes), ", no autoscaler")
     if tc.use_gpu and gpus < workers:
-        raise ResourceError(f"the run needs {workers} GPUs (one per worker) but the cluster has "
-                            f"{where}: use fewer --num_workers or add GPU nodes")
-    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in nodes), default=0.0)
+        return (f"the run needs {workers} GPUs (one per worker) but the cluster has {where}: "
+                f"use fewer --num_workers or add GPU nodes")
+    largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     if per > largest:
-        raise ResourceError(f"one worker needs {_num(per)} CPUs but the largest node has "
-                            f"{_num(largest)}: lower --cpus_per_worker")
+        return (f"one worker needs {_num(per)} CPUs but the largest node has "
+                f"{_num(largest)}: lower --cpus_per_worker")
     need = workers * per + tc.ingest_cpus
     if need > cpus + 1e-9:
         fixes = [f"--num_workers {max(1, int((cpus - tc.ingest_cpus) // per))}"
@@ -58,8 +67,9 @@ def check_fits(tc: TrainConfig) -> None:
                  f"(--ingest_cpus), but the cluster has {where}, so the data would never be read"
                  if tc.ingest_cpus else
                  f"{asked}, but the cluster has {where}, so the workers could never all start")
-        raise ResourceError(f"the run needs {_num(need)} CPUs: {stuck}. "
-                            f"Use {', or '.join(f for f in fixes if f)}")
+        return (f"the run needs {_num(need)} CPUs: {stuck}. "
+                f"Use {', or '.join(f for f in fixes if f)}")
+    return None
 
 
 def _cluster_size(note: str = "") -> str:
@@ -68,8 +78,11 @@ def _cluster_size(note: str = "") -> str:
 
     total = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    gpus = total.get("GPU", 0.0)
-    return (f"{_num(total.get('CPU', 0.0))} CPUs" + (f" and {_num(gpus)} GPUs" if gpus else "")
+    return _size(total.get("CPU", 0.0), total.get("GPU", 0.0), nodes, note)
+
+
+def _size(cpus: float, gpus: float, nodes: int, note: str = "") -> str:
+    return (f"{_num(cpus)} CPUs" + (f" and {_num(gpus)} GPUs" if gpus else "")
             + f" ({nodes} node{'s' if nodes != 1 else ''}{note})")
 
 
