@@ -180,6 +180,80 @@ def test_resume_continues_exactly():
         BytePacker(4, 10, 0).load_state_dict(state)
 
 
+def test_a_checkpoint_in_the_epochs_drain_continues_exactly():
+    """Restored in the drain, the packer planned it again from the rows it had left: rows still
+    over T + 1 bytes made full windows first, then a smaller re-pack, so other windows than the
+    run that saved it would have trained (a long record's overflow makes the plan visible)."""
+    rows = make_records(40, seed=8)
+    rows.insert(5, (b"L" * 300, ""))
+    B, T = 4, 6
+    for persist_state in (0, 1, -1):
+        full = list(BytePacker(B, T, persist_state).windows(as_batches(rows)))
+        first_tail = next(i for i, w in enumerate(full) if w.valid is not None)
+        assert len(full) - first_tail >= 3
+        for k in range(first_tail + 1, len(full) + 1):  # saved after k windows, in the drain
+            packer = BytePacker(B, T, persist_state)
+            it = packer.windows(as_batches(rows))
+            head = [next(it) for _ in range(k)]
+            resumed = BytePacker(B, T, persist_state)
+            resumed.load_state_dict(json.loads(json.dumps(packer.state_dict())))
+            tail = list(resumed.windows(as_batches(rows)))
+            assert len(head) + len(tail) == len(full), (persist_state, k)
+            for a, b in zip(head + tail, full):
+                assert np.array_equal(a.x.numpy(), b.x.numpy()), (persist_state, k)
+                assert np.array_equal(a.reset.numpy(), b.reset.numpy()), (persist_state, k)
+                assert (a.valid is None) == (b.valid is None), (persist_state, k)
+                if b.valid is not None:
+                    assert np.array_equal(a.valid.numpy(), b.valid.numpy()), (persist_state, k)
+                assert a.n_bytes == b.n_bytes
+            assert resumed.counts["dropped_bytes"] == 0
+
+
+def test_another_batch_or_seq_length_resumes_as_another_number_of_workers_does():
+    """Resumed with another --batch_size or --seq_length on as many workers, each worker
+    restored its own streams, of the old shape: ValueError in every worker, Ray Train
+    restarting them to max_failures. The loop's condition (``streams_change``) now sends that
+    change where another number of workers goes: fresh streams, the epoch continued past every
+    rank's taken records, none read twice, none passed over."""
+    from sentdisc.data.position import Position
+    from sentdisc.train.loop import streams_change
+
+    rows = make_records(300, seed=9)
+    batches = as_batches(rows)
+    line = 0
+    for b in batches:  # the readers' file and line columns, which the position is made of
+        n = len(b["bytes"])
+        b["file"] = np.array(["a.json"] * n, dtype=object)
+        b["line"] = np.arange(line + 1, line + n + 1)
+        line += n
+    shares = [batches[0::2], batches[1::2]]  # two ranks' disjoint shards
+    saved = []
+    for r in range(2):
+        packer = BytePacker(2, 16, 0)
+        it = packer.windows(shares[r])
+        for _ in range(5):
+            next(it)
+        saved.append(json.loads(json.dumps(packer.state_dict())))
+    assert streams_change(saved, 2, 4, 16) == ""
+    assert streams_change(saved, 2, 4, 8) == "batch 4 x seq 16 as batch 4 x seq 8"
+    assert streams_change(saved, 2, 6, 16) == "batch 4 x seq 16 as batch 6 x seq 16"
+    assert streams_change(saved, 1, 4, 16) == "2 workers on 1"
+    uneven = [dict(saved[0], batch_size=3), saved[1]]  # batch 5 on 2 workers: 3 + 2 streams
+    assert streams_change(uneven, 2, 5, 16) == ""
+    assert streams_change(uneven, 2, 4, 16) == "batch 5 x seq 16 as batch 4 x seq 16"
+    with pytest.raises(ValueError, match="batch 2 x seq 16"):  # what each worker used to do
+        BytePacker(2, 8, 0).load_state_dict(saved[0])
+    taken = Position.union([st["position"] for st in saved])
+    packed = []
+    for r in range(2):
+        packer = BytePacker(2, 8, 0, trace=lambda f, n: packed.append(n))
+        packer.resume(saved[0]["epoch"], taken.state())
+        for _ in packer.windows(shares[r]):
+            pass
+    before = [n for n in range(1, line + 1) if ("a.json", n) in taken]
+    assert before and sorted(packed + before) == list(range(1, line + 1))
+
+
 def _restored_with_full_streams(B, T):
     """A packer restored mid-epoch whose saved streams already hold more than one window."""
     packer = BytePacker(B, T, 0)
@@ -219,19 +293,23 @@ def test_bad_arguments():
 
 
 def test_two_ray_workers_get_disjoint_shards_packed_exactly(ray_local, tmp_path):
-    """Each of 2 consumers of streaming_split packs exactly the records it received; together
-    they hold the whole corpus once."""
+    """Each of 2 Train workers' shards, as the run's DataConfig splits the dataset, packs
+    exactly the records it received; together they hold the whole corpus once, an odd number
+    of records too (Ray Train's own DataConfig splits equal=True, dropping one here)."""
     from sentdisc.data import DataConfig, read_dataset
+    from sentdisc.train.resume import data_config
 
     texts = []
     for shard in range(4):
         with open(tmp_path / f"part-{shard}.json", "w") as f:
-            for i in range(50):
+            for i in range(50 + (shard == 0)):
                 text = f"shard {shard} review {i} " + "x" * (i % 13)
                 texts.append(text)
                 f.write(json.dumps({"reviewText": text}) + "\n")
     ds = read_dataset(str(tmp_path), DataConfig())
-    splits = ds.streaming_split(2, equal=False)
+    # as Ray Train V2 configures each dataset (no worker handles; node ids only for locality)
+    splits = [s["train"] for s in data_config(str(tmp_path / "run"), "").configure(
+        {"train": ds}, 2, None, None)]
     seen = [[], []]
     windows = [[], []]
     packers = [BytePacker(2, 16, 0), BytePacker(2, 16, 0)]

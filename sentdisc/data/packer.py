@@ -24,10 +24,12 @@ one stream held while the others ran dry) moves to rows with room, starting ther
 would (reset under ``persist_state=0``); rows that end early are padded, and ``Window.valid``
 says which targets are real. So every byte of an epoch is a target once, and a worker's epoch
 is exactly ``ceil((bytes - B) / (B T))`` windows, which is what the driver plans the run by.
+The drain's plan is part of the state, so a packer restored in the middle of it gives the
+same windows as the one that saved it.
 
 ``counts``: ``records`` and ``bytes`` packed, ``dropped_bytes`` (partial streams dropped when a
-run resumes on another number of workers, or a byte a moved piece loses to a row that held
-nothing), ``windows``,
+run resumes on another number of workers or with another batch or seq_length, or a byte a
+moved piece loses to a row that held nothing), ``windows``,
 ``capped_records`` / ``capped_bytes`` (records cut to max_record_bytes, from the ``capped``
 column), ``resumed_past`` (rows a restored run passed over: taken before its checkpoint) and
 ``skipped_<reason>`` per bad row, reasons from ``REASONS``.
@@ -103,6 +105,7 @@ class BytePacker:
         self._buf = [bytearray() for _ in range(self.B)]
         self._starts: list[deque] = [deque() for _ in range(self.B)]
         self._carried = False  # True once buf[0] of each stream was a target already
+        self._drain_left = 0   # windows the epoch's drain still has to give, as planned
 
     def new_epoch(self) -> None:
         """Start a new pass (the streams were drained by the last one's windows, or are
@@ -165,6 +168,13 @@ class BytePacker:
         first = next(records, None)
         if first is not None:
             records = itertools.chain((first,), records)
+            self._drain_left = 0  # more input after all: the drain is planned again at its end
+        elif self._drain_left:
+            # restored in an epoch's drain: planning it again from the rows it left gives other
+            # windows (rows still over T + 1 bytes would make full windows first)
+            yield from self._drain_windows()
+            self._reset_all = self.persist_state != -1
+            return
         while True:
             x = np.empty((B, T + 1), np.uint8)
             reset = np.zeros((B, T), bool)
@@ -243,7 +253,13 @@ class BytePacker:
                 self._starts[b].extend([at] + [at + s for s in starts if 0 < s < take])
                 buf += piece[:take]
                 piece, starts = piece[take:], [s - take for s in starts if s >= take]
-        for _ in range(n):
+        self._drain_left = n
+        yield from self._drain_windows()
+
+    def _drain_windows(self) -> Iterator[Window]:
+        """The drain's planned windows still to come (``_drain_left``), cut from its rows."""
+        B, T = self.B, self.T
+        while self._drain_left:
             x = np.zeros((B, T + 1), np.uint8)
             valid = np.zeros((B, T), bool)
             reset = np.zeros((B, T), bool)
@@ -251,6 +267,7 @@ class BytePacker:
                 m = self._cut_row(b, x, reset)
                 valid[b, :max(m - 1, 0)] = True
             self._window_done(reset)
+            self._drain_left -= 1  # before the yield: a checkpoint there sees what is left
             yield Window(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(reset),
                          int(valid.sum()), torch.from_numpy(valid))
         self._clear_streams()
@@ -262,8 +279,9 @@ class BytePacker:
         each stream's pending bytes.
 
         Resuming feeds the same epoch's input from its start; the packer passes over what was
-        taken, so windows continue exactly where they stopped (``load_state_dict``), or, on
-        another number of workers, from every rank's taken rows at once (``resume``)."""
+        taken, so windows continue exactly where they stopped (``load_state_dict``; in an
+        epoch's drain too: ``drain_left`` keeps its plan), or, on another number of workers or
+        another batch or seq_length, from every rank's taken rows at once (``resume``)."""
         past = Position.union([self._past.state(), self.position.state()])
         return {
             "batch_size": self.B, "seq_length": self.T, "persist_state": self.persist_state,
@@ -272,6 +290,7 @@ class BytePacker:
             "reset_all": self._reset_all, "counts": dict(self.counts),
             "streams": [base64.b64encode(bytes(b)).decode("ascii") for b in self._buf],
             "starts": [list(s) for s in self._starts], "carried": self._carried,
+            "drain_left": self._drain_left,
         }
 
     def load_state_dict(self, state: dict, position: dict | None = None) -> None:
@@ -288,6 +307,7 @@ class BytePacker:
         self._buf = [bytearray(base64.b64decode(s)) for s in state["streams"]]
         self._starts = [deque(int(v) for v in s) for s in state["starts"]]
         self._carried = bool(state.get("carried", True))
+        self._drain_left = int(state.get("drain_left", 0))
 
     def has_past(self) -> bool:
         """Whether a restored epoch has records to pass over."""

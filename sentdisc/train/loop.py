@@ -19,6 +19,7 @@ import torch
 from sentdisc.data.config import REASONS
 from sentdisc.data.position import Position
 from sentdisc.model import ByteLM, ModelConfig
+from sentdisc.train.config import per_worker_batch
 from sentdisc.train.faults import RecordTrace
 from sentdisc.train.resume import RESUME_SPLIT
 from sentdisc.train.step import LN2, evaluate_windows, window_loss
@@ -72,16 +73,17 @@ class PretrainWorker(TrainWorker):
         """Put the packer where the checkpoint left the epoch; True if it was under way.
 
         Every rank passes over the records any rank had taken (the position is global: Ray
-        Data hands blocks to whichever rank asks). On the same number of workers each rank also
-        keeps its own partial streams, so the windows continue exactly; on another number they
-        are dropped (at most batch_size records, each partly trained), and rank 0 carries the
-        old ranks' counts so the totals continue."""
+        Data hands blocks to whichever rank asks). With the same streams (workers, and batch
+        and seq_length on each) each rank also keeps its own partial streams, so the windows
+        continue exactly; otherwise they are dropped (at most batch_size records, each partly
+        trained), and rank 0 carries the old ranks' counts so the totals continue."""
         workers = state.get("workers")
         if not workers:
             return False
         packers = [w["packer"] for w in workers]
         position = Position.union([p.get("position") or {} for p in packers]).state()
-        if len(workers) == self.world:
+        change = streams_change(packers, self.world, self.tc.batch_size, self.tc.seq_length)
+        if not change:
             self.packer.load_state_dict(packers[self.rank], position=position)
         else:
             counts = _summed([p["counts"] for p in packers]) if self.rank == 0 else {}
@@ -89,9 +91,9 @@ class PretrainWorker(TrainWorker):
                 counts["dropped_bytes"] = counts.get("dropped_bytes", 0) + sum(
                     len(base64.b64decode(s)) for p in packers for s in p["streams"])
             self.packer.resume(packers[0]["epoch"], position, counts)
-            self.say(f"resuming {len(workers)} workers' data position on {self.world}: epoch "
-                     f"{state['epoch']} continues past the "
-                     f"{sum(len(r) for r in position.values())} line ranges taken")
+            self.say(f"resuming the data position of {change}: epoch {state['epoch']} "
+                     f"continues past the {sum(len(r) for r in position.values())} line "
+                     f"ranges taken")
         if state.get("epoch_done"):  # saved at an epoch's end: start the next one
             self.packer.new_epoch()
             self.epoch += 1
@@ -214,6 +216,20 @@ class PretrainWorker(TrainWorker):
         if self.dist:
             torch.distributed.all_reduce(totals)
         return tuple(totals.tolist())
+
+
+def streams_change(packers: list[dict], world: int, batch_size: int, seq_length: int) -> str:
+    """What differs between the saved ranks' streams (their packers' states) and the ones this
+    worker group packs ("" if nothing: each rank can continue its own), e.g. "2 workers on 1"
+    or "batch 8 x seq 64 as batch 8 x seq 32". Every rank decides alike, as the ranks must
+    agree on how the epoch goes on."""
+    if len(packers) != world:
+        return f"{len(packers)} workers on {world}"
+    saved = [(p["batch_size"], p["seq_length"]) for p in packers]
+    if saved == [(per_worker_batch(batch_size, world, r), seq_length) for r in range(world)]:
+        return ""
+    return (f"batch {sum(b for b, _ in saved)} x seq {saved[0][1]} as batch {batch_size} x "
+            f"seq {seq_length}")
 
 
 def _summed(counts: list[dict]) -> dict:

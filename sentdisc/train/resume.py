@@ -8,8 +8,10 @@ folder, which holds every checkpoint Ray Train wrote.
 
 A checkpoint taken mid-epoch records the (file, line) ranges every rank had taken. The rest of
 that epoch is read from ``train_resume``: the training split minus those records, split among
-however many workers there are now, so every rank gets an equal share of what is left (a rank
-given only records to pass over would end everyone's epoch early).
+however many workers there are now, so no rank spends its share passing over records.
+
+Ray Train's own DataConfig splits a dataset into equal shares by dropping what does not divide
+(up to world_size - 1 records an epoch, of every dataset): ``data_config`` splits them whole.
 """
 from __future__ import annotations
 
@@ -61,16 +63,41 @@ def skip_taken(position: dict):
 
 def data_config(run_dir: str, resume: str):
     """Ray Train's DataConfig, with ``train_resume`` filtered when the worker group asks for
-    it (each (re)start: the checkpoint it restores is known by then)."""
+    it (each (re)start: the checkpoint it restores is known by then), and every dataset it
+    splits split whole (``equal=False``)."""
     from ray.train import DataConfig
 
     class ResumeDataConfig(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             if RESUME_SPLIT in datasets:
                 position = taken_records(restore_point(run_dir, resume))
-                datasets = {RESUME_SPLIT: datasets[RESUME_SPLIT].map_batches(
+                datasets = {**datasets, RESUME_SPLIT: datasets[RESUME_SPLIT].map_batches(
                     skip_taken(position), batch_format="pyarrow", batch_size=None)}
-            return super().configure(datasets, world_size, worker_handles, worker_node_ids,
-                                     **kwargs)
+            return split_whole(self, datasets, world_size, worker_node_ids)
 
     return ResumeDataConfig()
+
+
+def split_whole(config, datasets: dict, world_size: int, worker_node_ids) -> list[dict]:
+    """``DataConfig.configure`` of Ray 2.60 but with ``streaming_split(equal=False)``. Its
+    ``equal=True`` hands every rank the same number of rows by dropping the last
+    ``rows % world_size`` of each epoch, never packed, trained, evaluated or counted; ranks
+    with unequal shares are the loop's to even out (a rank out of windows steps on empty
+    ones until every rank is: ``loop.PretrainWorker.train_epoch``)."""
+    output: list[dict] = [{} for _ in range(world_size)]
+    to_split = set(datasets) if config._datasets_to_split == "all" \
+        else set(config._datasets_to_split)
+    hints = worker_node_ids if config._enable_shard_locality else None
+    for name, ds in datasets.items():
+        if ds.name is None:
+            ds.set_name(name)
+        ds = ds.copy(ds)
+        ds.context.execution_options = config._resolve_execution_options(name)
+        if name in to_split:
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False,
+                                                         locality_hints=hints)):
+                output[i][name] = split
+        else:
+            for i in range(world_size):
+                output[i][name] = ds.iterator()
+    return output
