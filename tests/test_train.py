@@ -11,6 +11,7 @@ import pytest
 from sentdisc.checkpoint import load, load_optimizer_state, load_train_state
 from sentdisc.config import OutputConfig, expand, parse
 from sentdisc.data.readers import DataConfig
+from sentdisc.errors import InputError
 from sentdisc.model import ModelConfig
 from sentdisc.recipes import pretrain as recipe
 from sentdisc.report import merge_rows, read_history
@@ -144,6 +145,17 @@ def test_resume_continues_iteration_lr_and_optimizer(ddp_run):
     state = load_optimizer_state(summary["checkpoint"])["optimizer"]["state"]
     assert int(next(iter(state.values()))["step"]) == MAX_ITERS
     assert load_train_state(summary["checkpoint"])["iteration"] == MAX_ITERS
+
+
+def test_a_resume_behind_the_runs_newest_checkpoint_is_refused(ddp_run):
+    tmp, _, _ = ddp_run
+    run = tmp / "runs" / "ddp"
+    older = run / f"checkpoint_{3 * SAVE_ITERS:08d}"  # (kept: the resume test uses it)
+    with pytest.raises(InputError, match=(
+            rf"--resume {older} \(iteration {3 * SAVE_ITERS}\) is behind {run}/checkpoint_\d+"
+            r"_final \(iteration \d+\), the newest checkpoint of .*: to continue from it, give "
+            r"the run its own --experiment_name")):
+        pretrain(*tiny_configs(tmp, "ddp", resume=str(older)), progress=False)
 
 
 def test_missing_path_fails_before_any_worker(ray_local, tmp_path, capsys):

@@ -95,20 +95,36 @@ def checked_output(output: OutputConfig) -> OutputConfig:
 def resumed(tc: TrainConfig, run_dir: str, prefix: str) -> TrainConfig:
     """The run's TrainConfig with ``resume`` set: --resume (checked), else the newest complete
     checkpoint of ``run_dir`` (a rerun of the same experiment continues it)."""
+    newest = ckpt_io.newest_complete(run_dir)
     if not tc.resume:
-        newest = ckpt_io.newest_complete(run_dir)
         if newest:
             print(f"{prefix} resuming from {newest}, the newest complete checkpoint of "
                   f"{run_dir}", flush=True)
             tc = dataclasses.replace(tc, resume=newest)
     if tc.resume:
         storage.check_access(tc.resume, "--resume")
-        reason = ckpt_io.incomplete_reason(tc.resume) if storage.exists(
-            storage.join(tc.resume, ckpt_io.TRAIN_STATE)) else None
+        state = storage.join(tc.resume, ckpt_io.TRAIN_STATE)
+        reason = ckpt_io.incomplete_reason(tc.resume) if storage.exists(state) else None
         if reason:
             raise ckpt_io.CheckpointError(f"--resume {tc.resume} is incomplete: {reason}")
         tc = dataclasses.replace(tc, resume=storage.absolute(tc.resume))
+        _check_not_behind(tc.resume, newest, run_dir)
     return tc
+
+
+def _check_not_behind(resume: str, newest: Optional[str], run_dir: str) -> None:
+    """A worker continues from the newest of --resume and the run's own checkpoints (so a
+    restarted group never goes back): a --resume behind the run's newest would be passed over
+    in silence."""
+    def iteration(checkpoint: str) -> int:
+        path = storage.join(checkpoint, ckpt_io.TRAIN_STATE)
+        return storage.read_json(path).get("iteration", 0) if storage.exists(path) else 0
+
+    if newest and storage.absolute(newest) != resume and iteration(newest) > iteration(resume):
+        raise InputError(f"--resume {resume} (iteration {iteration(resume)}) is behind "
+                         f"{newest} (iteration {iteration(newest)}), the newest checkpoint of "
+                         f"{run_dir}, which the workers would continue instead: to continue "
+                         "from it, give the run its own --experiment_name")
 
 
 def prior_history(run_dir: str, resume: str) -> list:
