@@ -365,6 +365,8 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, on a head node or a worker
+    # labels are the data's: "$" (a price class) would start TeX math and fail the plot
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt

@@ -317,14 +317,14 @@ def render_png(chars: Sequence[str], values, prompt_end: Optional[int] = None,
         if shown.isspace():
             continue
         ax.text(i % width + 0.5, i // width + 0.55, shown, ha="center", va="center",
-                color=text_colours[i], **font)
+                parse_math=False, color=text_colours[i], **font)
     if prompt_end is not None:
         line, col = _marker_cell(prompt_end, n, width)
         ax.plot([col, col], [line + 0.02, line + 0.98], color="#1f3fff", linewidth=3,
                 solid_capstyle="butt", clip_on=False)
     if title:
         fig.text(MARGIN / W, 1 - (MARGIN + TITLE_H / 2) / H, title, ha="left", va="center",
-                 fontsize=11, fontweight="bold")
+                 parse_math=False, fontsize=11, fontweight="bold")
     # Colour bar under the grid: the same norm, so the scale reads directly.
     bar_x, bar_w = MARGIN + 16, min(width * CELL_W - 32, 320)  # room for the end tick labels
     cax = fig.add_axes((bar_x / W, (LEGEND_H - 24) / H, bar_w / W, 10 / H))
@@ -338,7 +338,7 @@ def render_png(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     if prompt_end is not None:
         notes.append("blue bar: end of prompt")
     fig.text((bar_x + bar_w + 24) / W, (LEGEND_H - 19) / H, " | ".join(notes), ha="left",
-             va="center", fontsize=8, color="#333333")
+             parse_math=False, va="center", fontsize=8, color="#333333")
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # A glyph no installed font has (CJK, emoji) is drawn as a box; that is expected.

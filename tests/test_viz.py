@@ -392,3 +392,15 @@ def test_job_script_generates(tiny_checkpoint, tmp_path):
     png = proc.stdout.split()[-1]
     assert png.endswith(".png") and os.path.dirname(png) == str(tmp_path / "default" / "heatmaps")
     assert _png(open(png, "rb").read()).shape[2] == 3
+
+
+def test_labels_with_dollar_signs_draw_as_written(tmp_path):
+    # price classes ($, $$, $$$) are data, not TeX: matplotlib would read "$$" as math and fail
+    from sentdisc import report
+
+    labels = ["$", "$$", "$$$"]
+    report.plot_confusion(tmp_path / "c.png", np.eye(3, dtype=int), labels, "test")
+    report.plot_neuron_weights(tmp_path / "w.png", np.ones((3, 8)), [1, 2, 3], 0.5, labels)
+    png = viz.render_png(list("cost $$ here"), np.zeros(12), title="label $$")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "w.png").stat().st_size > 0
