@@ -8,7 +8,7 @@ baseline. Model selection uses validation only; test accuracy is reported, never
 
     python benchmarks/quality.py            # the CPU run quoted in the README (< 60 min here)
     python benchmarks/quality.py --quick    # a few minutes, for checking the script
-    python benchmarks/quality.py --device cuda --rnn_size 4096 ...   # see gpu_quality.sh
+    python benchmarks/quality.py --use_gpu --rnn_size 4096 ...   # see gpu_quality.sh
 
 Writes <out>/quality.{md,csv,json} and <out>/quality.png.
 """

@@ -89,12 +89,15 @@ def test_path_fields_expand_environment_variables(tmp_path, monkeypatch):
         _ = OutputConfig(str(tmp_path), "../up").run_dir
 
 
-@pytest.mark.parametrize("split,said", [("0,1,1", "training's, must be above 0"),
-                                        ("8,x,1", "expected proportions like 1000,1,1")])
-def test_a_split_that_leaves_no_training_fails_with_the_flags(split, said, capsys):
+@pytest.mark.parametrize("flags,said", [
+    (["--split", "0,1,1"], "split '0,1,1': the first proportion, training's, must be above 0"),
+    (["--split", "8,x,1"], "split '8,x,1': expected proportions like 1000,1,1"),
+    (["--max_record_bytes", "-3"], "--max_record_bytes must be at least 64, got -3"),
+    (["--read_task_bytes", "0"], "--read_task_bytes must be at least 1, got 0")])
+def test_data_flags_that_cannot_work_fail_with_the_flags(flags, said, capsys):
     from sentdisc.recipes import pretrain
 
     with pytest.raises(SystemExit) as e:  # parsed with the flags: no Ray has started
-        pretrain.main(["--train", "corpus", "--split", split])
+        pretrain.main(["--train", "corpus", *flags])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"split {split!r}" in err and said in err, err
+    assert e.value.code == 2 and said in err, err

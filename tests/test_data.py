@@ -169,6 +169,18 @@ def test_split_is_deterministic_disjoint_and_complete(ray_local, tmp_path):
     assert sets["test"] is None and sets["val"].count() == 10 and sets["train"].count() == 600
 
 
+def test_preprocess_never_deletes_its_input(tmp_path, capsys):
+    from sentdisc.data.preprocess import main
+
+    write_shards(tmp_path / "raw", 1, 5)
+    before = sorted(p.name for p in (tmp_path / "raw").iterdir())
+    assert main([str(tmp_path / "raw"), str(tmp_path / "raw"), "--overwrite"]) == 2
+    assert "the output folder holds input files" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == before
+    assert main([str(tmp_path / "raw"), str(tmp_path / "enc"), "--max_record_bytes", "0"]) == 2
+    assert "--max_record_bytes must be at least 64" in capsys.readouterr().err
+
+
 def test_preprocess_writes_encoded_shards_read_back_without_reencoding(ray_local, tmp_path):
     from sentdisc.data.preprocess import main
 

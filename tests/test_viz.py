@@ -370,6 +370,10 @@ def test_cli_bad_label_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, args
     (["--experiment_name", "../up"], "plain folder name"),
     (["--formats", "png,exe"], "--formats"),
     (["--generate", "--overwrite", "1", "--neuron", "-3"], "neuron must be"),
+    # refused before the model runs (its trace would hold every byte's states)
+    (["--text", "&amp;" * 20_001, "--formats", "json"], "20004 characters is too many to draw"),
+    (["--generate", "--text", "ab", "--seq_length", "19999"],
+     "20004 characters with --seq_length is too many"),
 ])
 def test_cli_bad_input_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "bad.json").write_text(json.dumps({"neurons": "seven", "signs": []}))

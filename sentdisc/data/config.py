@@ -74,6 +74,11 @@ class DataConfig:
         from sentdisc.data.splits import parse_split  # (splits reads this module's names)
 
         parse_split(self.split)  # a bad --split fails with the flags, before Ray starts
+        # a cap that leaves no room for a review's first words would empty every record
+        if self.max_record_bytes < 64:
+            raise InputError(f"--max_record_bytes must be at least 64, got {self.max_record_bytes}")
+        if self.read_task_bytes < 1:
+            raise InputError(f"--read_task_bytes must be at least 1, got {self.read_task_bytes}")
 
 
 def compression_of(path: str) -> Optional[str]:

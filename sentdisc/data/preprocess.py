@@ -59,6 +59,10 @@ def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -
     if storage.is_uri(dst):
         storage.check_access(dst, "output")
     dst = storage.absolute(dst)
+    inside = [uri for uri, _ in files if uri.startswith(dst.rstrip("/") + "/")]
+    if inside:  # --overwrite would delete them before they are read
+        raise DataError(f"{dst}: the output folder holds input files ({inside[0]}, ...): "
+                        "write the shards outside the corpus")
     _prepare_dst(dst, overwrite)
     ensure_ray(include_dashboard=False, log_to_driver=False)
     cfg = dataclasses.replace(cfg, shuffle=False)
@@ -102,11 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--max_record_bytes", type=int, default=defaults.max_record_bytes)
     p.add_argument("--overwrite", action="store_true", help="replace shards already in DST")
     args = p.parse_args(argv)
-    cfg = DataConfig(text_key=args.text_key, label_key=args.label_key,
-                     data_format=args.data_format, delim=args.delim, loose_json=args.loose_json,
-                     strict=args.strict, transliterate=args.transliterate,
-                     max_record_bytes=args.max_record_bytes)
     try:
+        cfg = DataConfig(text_key=args.text_key, label_key=args.label_key,
+                         data_format=args.data_format, delim=args.delim,
+                         loose_json=args.loose_json, strict=args.strict,
+                         transliterate=args.transliterate, max_record_bytes=args.max_record_bytes)
         manifest = preprocess_corpus(args.src, args.dst, cfg, overwrite=args.overwrite)
     except InputError as e:  # a DataError, or a StorageError naming the URI
         print(f"error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from sentdisc.config import OutputConfig, build_parser, parse
 from sentdisc.errors import InputError
 from sentdisc.probe import TRACE_KINDS, Probe
 from sentdisc.recipes import run as run_recipe
+from sentdisc.text import preprocess
 
 FORMATS = ("png", "svg", "html", "json")
 
@@ -104,6 +105,12 @@ def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
         raise InputError(f"--kind must be cell or hidden, got {kind!r}")
     if cfg.overwrite is not None and not math.isfinite(cfg.overwrite):
         raise InputError(f"--overwrite must be a finite number, got {cfg.overwrite}")
+    # checked before the model runs: a trace keeps every byte's states (32 KB a byte at the
+    # OpenAI model's size), so a 1 MB text would fill the memory before the renderer refused it
+    chars = len(preprocess(text or "")) + (cfg.seq_length if cfg.generate else 0)
+    if chars > viz.MAX_CHARS:
+        raise InputError(f"{chars} characters{' with --seq_length' if cfg.generate else ''} is "
+                         f"too many to draw (at most {viz.MAX_CHARS})")
     negate = probe.negate(neuron) if cfg.negate is None else cfg.negate
     return replace(cfg, neuron=neuron, layer=probe.layer if cfg.layer is None else cfg.layer,
                    kind=kind, negate=negate, load_model=ckpt, text=text, text_file="")
