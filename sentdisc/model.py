@@ -261,9 +261,12 @@ class ByteLM(nn.Module):
         """
         if length < 0:
             raise InputError(f"length must be >= 0, got {length}")
-        if temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {temperature}")
-        layer = layer % len(self.layers)
+        if not math.isfinite(temperature) or temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0, got {temperature}")
+        layer = check_layer(layer, len(self.layers))
+        H = self.config.rnn_size
+        if force and not all(0 <= n < H for n in force):
+            raise InputError(f"forced neurons {sorted(force)} out of range for rnn_size {H}")
         prompt = list(prompt) or [ord("\n")]
         weights = [rnn.weights() for rnn in self.layers]
         watch = next(iter(force)) if force else 0

@@ -105,6 +105,17 @@ def test_csv_id_that_is_not_utf8_is_a_counted_bad_record(tmp_path):
         ("A1", ""), (None, "invalid_utf8"), ("C3", "")]
 
 
+@pytest.mark.parametrize("flags,said", [(["--bad_fraction", "1.5"], "--bad_fraction 1.5"),
+                                        (["--records", "0"], "--records 0: expected >= 1")])
+def test_synth_refuses_what_it_cannot_write(tmp_path, capsys, flags, said):
+    from sentdisc.data.synth import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "c"), *flags])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_labels_of_any_json_type_in_one_block_come_out_as_one_string_column(tmp_path):
     path = tmp_path / "ids.json"
     ids = ["T1", 7, 1.5, True, "0042", [1, "x"], {"a": "é"}]

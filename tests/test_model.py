@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from sentdisc.errors import InputError
 from sentdisc.model import ByteLM, ModelConfig
 
 
@@ -174,6 +175,12 @@ def test_generate_force_holds_neuron_and_changes_text():
     assert all(v == 1.0 for v in trace[len(prompt) - 1:])
     assert forced != free
     assert forced[:len(prompt)] == prompt
+    # the public call checks what it is given, as sentdisc.generate_text does
+    for kwargs, said in ((dict(layer=1), "layer 1 out of range for a 1-layer model"),
+                         (dict(temperature=float("nan")), "temperature must be a finite"),
+                         (dict(force={32: 1.0}), r"forced neurons \[32\] out of range")):
+        with pytest.raises(InputError, match=said):
+            model.generate(prompt, 5, **kwargs)
 
 
 def test_invalid_config_values():

@@ -200,6 +200,11 @@ def main(argv=None) -> int:
     p.add_argument("--max_record_bytes", type=int, default=DataConfig().max_record_bytes,
                    help="the cap the over-long records are made to exceed")
     args = p.parse_args(argv)
+    for flag, value, ok in (("--shards", args.shards, args.shards >= 1),
+                            ("--records", args.records, args.records >= 1),
+                            ("--bad_fraction", args.bad_fraction, 0 <= args.bad_fraction <= 1)):
+        if not ok:
+            p.error(f"{flag} {value}: expected {'0..1' if flag == '--bad_fraction' else '>= 1'}")
     try:
         m = synthesize(args.dst, args.shards, args.records, args.bad_fraction, args.seed,
                        args.compression, args.max_record_bytes)
