@@ -29,7 +29,7 @@ import numpy as np
 from sentdisc import storage
 from sentdisc.data.config import DataConfig, DataError, file_format, open_decompressed
 from sentdisc.errors import InputError
-from sentdisc.text import END_PAD, FRONT_PAD, preprocess
+from sentdisc.text import is_blank
 
 LABEL_KINDS = ("auto", "binary", "multiclass", "multilabel")
 SENTIMENT = ("negative", "positive")  # what 0/1 and binarized ratings are called
@@ -84,8 +84,7 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
             out[key] = df[key].values
     # empty as the model would see it: such a text has no heatmap to draw (extremes.html)
     missing = out["text"].isna().to_numpy()
-    bad = missing | np.array([preprocess(str(t)) == FRONT_PAD + END_PAD for t in out["text"]],
-                             dtype=bool)
+    bad = missing | np.array([is_blank(str(t)) for t in out["text"]], dtype=bool)
     if bad.any():  # a labeled set is small and precious: name the row rather than drop it
         i = int(np.flatnonzero(bad)[0])
         cell = out["text"].iloc[i]

@@ -305,9 +305,10 @@ def write_bytes(uri: str, data: bytes) -> str:
                 with open(tmp, "wb") as f:
                     f.write(data)
                 os.replace(tmp, path)
-            finally:  # after a failed write or rename: no stray temp file beside the data
+            except BaseException:  # a failed write or rename leaves no temp file beside the data
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
+                raise
         else:  # an object store: one PUT, visible only once complete
             # compression=None: pyarrow's default ('detect') would gzip a .gz name again
             with fs.open_output_stream(path, compression=None) as f:

@@ -29,6 +29,12 @@ def preprocess(text: str, transliterate: bool = False) -> str:
     return FRONT_PAD + text.replace("\n", " ").strip() + END_PAD
 
 
+def is_blank(text: str) -> bool:
+    """Nothing left once preprocessed (whitespace, or entities of it such as ``&nbsp;``): the
+    model would read only its pads, and there is no heatmap to draw."""
+    return preprocess(text) == FRONT_PAD + END_PAD
+
+
 def encode(text: str, transliterate: bool = False) -> np.ndarray:
     """One text -> uint8 array of its preprocessed UTF-8 bytes."""
     return np.frombuffer(preprocess(text, transliterate).encode("utf-8"), dtype=np.uint8)

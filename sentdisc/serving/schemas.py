@@ -13,7 +13,7 @@ from annotated_types import Ge, Le
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from sentdisc.text import preprocess
+from sentdisc.text import is_blank
 from sentdisc.viz import MAX_OVERWRITE, MAX_SEED
 
 TEXT_RULE = r"\S"   # JSON Schema / pydantic pattern: somewhere, a non-whitespace character
@@ -42,7 +42,7 @@ def _not_blank(text: str) -> str:
     # The pattern lets through texts the model reads as blank: whitespace spelled as entities
     # (&nbsp;, &#10;), and \x1c-\x1f, which pydantic's Rust regex calls non-whitespace but
     # Python's strip (so preprocess, and a JSON Schema fuzzer's regex) calls whitespace.
-    if not preprocess(text).strip():
+    if is_blank(text):
         raise PydanticCustomError("blank_text", "the text is blank once preprocessed (HTML "
                                                 "entities unescaped, whitespace stripped): "
                                                 "it needs at least one non-whitespace character")
