@@ -202,9 +202,15 @@ def test_pretrain_transfer_serve_on_a_ray_start_cluster(tmp_path):
         cluster.stop()
 
 
-def _replicas(base: str, calls: int = 20) -> dict:
-    """What /healthz says, per answering replica (the config runs two): (tag, pid) -> body."""
-    return {(h["replica"], h["pid"]): h for h in (healthz(base) for _ in range(calls))}
+def _replicas(base: str, want: int = 2, timeout: float = 120) -> dict:
+    """What /healthz says, per answering replica: (tag, pid) -> body, once ``want`` (the
+    config's min_replicas) answer. The app is healthy when its first replica is up; the second
+    may still be starting."""
+    seen, deadline = {}, time.time() + timeout
+    while len(seen) < want:
+        assert time.time() < deadline, f"{want} replicas never answered: {seen}"
+        seen.update({(h["replica"], h["pid"]): h for h in (healthz(base) for _ in range(20)) if h})
+    return seen
 
 
 def retune_in_place(cluster: Cluster, config: dict, base: str, path: Path):
