@@ -13,12 +13,16 @@ Three kinds, one logistic model each over a checkpoint's features x [N, H]:
 multi-label ``neuron_labels``: which label each was picked for), an optional model on the top
 neurons only (``top``), and what is needed to featurize the same way (``feature_kind``,
 ``layer``, ``rnn_size``, ``checkpoint``; ``"."`` means the checkpoint folder the file sits in,
-as in a fine-tuned checkpoint). No sklearn object and no pickle is stored, so loading a
-classifier someone sent you runs no code. Version 1 files (binary, before label kinds) load as
-binary classifiers of negative/positive.
+as in a fine-tuned checkpoint, and stays ``"."`` when the file is saved there again), and
+optionally ``feature_scale`` ([H]: the train features' per-neuron spread when the fit saw
+standardized features; absent: 1), by which the neurons were ranked: |weight x scale| is the
+|weight| the fit compared, so ``top_neuron_of`` names the neuron the fit put first. No sklearn
+object and no pickle is stored, so loading a classifier someone sent you runs no code. Version
+1 files (binary, before label kinds) load as binary classifiers of negative/positive.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from sentdisc.errors import InputError
 FORMAT, VERSION = "sentdisc-classifier", 2
 KINDS = ("binary", "multiclass", "multilabel")
 SENTIMENT = ("negative", "positive")  # a binary classifier's labels unless it names others
+FEATURE_KINDS = ("cell", "hidden", "mean", "max")  # sentdisc.features.KINDS (no torch import)
 HERE = "."       # ``checkpoint``: the folder classifier.json sits in
 
 
@@ -73,21 +78,32 @@ class Classifier:
     label_kind: str = "binary"
     labels: list[str] = field(default_factory=lambda: list(SENTIMENT))
     neuron_labels: list[str] = field(default_factory=list)  # the label each top neuron serves
+    # the train features' per-neuron std when the fit was standardized (None: raw features);
+    # the fit ranked neurons by |coef * feature_scale|
+    feature_scale: np.ndarray | None = None
+    # ``load`` of a file whose checkpoint is "." : the folder that meant (``save`` back into
+    # it writes "." again)
+    here: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        # Copies throughout: a caller's array or list changed later changes no classifier.
         binary = self.label_kind == "binary"
-        self.coef = np.asarray(self.coef, dtype=np.float64)
+        self.coef = np.array(self.coef, dtype=np.float64)
         self.coef = self.coef.reshape(-1) if binary else np.atleast_2d(self.coef)
         self.intercept = float(np.asarray(self.intercept).reshape(-1)[0]) if binary else \
-            np.asarray(self.intercept, dtype=np.float64).reshape(-1)
+            np.array(self.intercept, dtype=np.float64).reshape(-1)
         if self.top_coef is not None:
-            top = np.asarray(self.top_coef, dtype=np.float64)
+            top = np.array(self.top_coef, dtype=np.float64)
             self.top_coef = top.reshape(-1) if binary else np.atleast_2d(top)
             self.top_intercept = float(np.asarray(self.top_intercept).reshape(-1)[0]) \
-                if binary else np.asarray(self.top_intercept, dtype=np.float64).reshape(-1)
+                if binary else np.array(self.top_intercept, dtype=np.float64).reshape(-1)
+        if self.feature_scale is not None:
+            self.feature_scale = np.array(self.feature_scale, dtype=np.float64).reshape(-1)
         self.neurons = [int(n) for n in self.neurons]
         self.signs = [int(s) for s in self.signs]
         self.labels = [str(v) for v in self.labels]
+        self.neuron_labels = [str(v) for v in self.neuron_labels]
+        self.meta = copy.deepcopy(dict(self.meta))
         if not self.rnn_size:
             self.rnn_size = int(self.coef.shape[-1])
 
@@ -122,11 +138,36 @@ class Classifier:
 
     def top_neuron_of(self, label: str) -> tuple[int, int]:
         """(neuron, sign) that stands for ``label`` of a multi-class or multi-label classifier:
-        its largest |weight|, even where the top-neuron list gave that neuron to another label
-        first (the sign is this label's weight: one neuron can mean one label, not another)."""
-        row = np.asarray(self.coef, dtype=np.float64)[self.labels.index(label)]
-        n = int(np.argmax(np.abs(row)))
+        the one the fit ranked first for it (``rank_neurons``: largest |weight| on the features
+        the fit saw, |coef x feature_scale|), even where the top-neuron list gave that neuron to
+        another label first (the sign is this label's weight: one neuron can mean one label,
+        not another). A file without ``feature_scale`` whose top neurons the raw weights do not
+        reproduce was ranked on other features: its first listed neuron for ``label``."""
+        if self.label_kind == "binary":
+            raise ClassifierError(f"label {label!r}: a binary classifier has no per-label "
+                                  f"neuron (its sentiment neuron, {self.neuron}, serves both "
+                                  f"{self.labels[0]!r} and {self.labels[1]!r})")
+        if label not in self.labels:
+            raise ClassifierError(f"label {label!r} is not one of the classifier's labels "
+                                  f"({', '.join(self.labels)})")
+        k = self.labels.index(label)
+        row = self.coef[k]
+        if self.feature_scale is None and self.neuron_labels and \
+                not self._raw_ranking_matches():
+            listed = self.neurons_of(label)
+            if listed:
+                return listed[0]
+        ranked = np.abs(row) if self.feature_scale is None else np.abs(row * self.feature_scale)
+        n = int(np.argsort(-ranked, kind="stable")[0])  # rank_neurons' tie rule
         return n, 1 if row[n] >= 0 else -1
+
+    def _raw_ranking_matches(self) -> bool:
+        """The raw weights rank the neurons as the file lists them (a fit on raw features)."""
+        k = max(sum(1 for lab in self.neuron_labels if lab == v) for v in self.labels)
+        got = rank_neurons(self.coef, min(k, self.coef.shape[-1]), self.labels)
+        n = len(self.neurons)
+        return (got[0][:n], got[1][:n], got[2][:n]) == (self.neurons, self.signs,
+                                                      self.neuron_labels)
 
     # -- scores and labels: the one place they are computed -----------------------------------
     def _check(self, features) -> np.ndarray:
@@ -191,23 +232,35 @@ class Classifier:
 
     # -- JSON I/O -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The JSON object, sharing nothing with this classifier (changing it changes nothing
+        here)."""
         top = None
         if self.has_top:
-            top = {"neurons": self.neurons, "coef": np.asarray(self.top_coef).tolist(),
+            top = {"neurons": list(self.neurons), "coef": np.asarray(self.top_coef).tolist(),
                    "intercept": _plain(self.top_intercept), "C": _plain(self.top_C)}
-        return {
+        d = {
             "format": FORMAT, "version": VERSION,
-            "label_kind": self.label_kind, "labels": self.labels,
+            "label_kind": self.label_kind, "labels": list(self.labels),
             "coef": self.coef.tolist(), "intercept": _plain(self.intercept), "C": _plain(self.C),
-            "neurons": self.neurons, "signs": self.signs, "neuron_labels": self.neuron_labels,
+            "neurons": list(self.neurons), "signs": list(self.signs),
+            "neuron_labels": list(self.neuron_labels),
             "top": top, "feature_kind": self.feature_kind, "layer": int(self.layer),
-            "rnn_size": int(self.rnn_size), "checkpoint": self.checkpoint, "meta": self.meta,
+            "rnn_size": int(self.rnn_size), "checkpoint": self.checkpoint,
+            "meta": copy.deepcopy(self.meta),
         }
+        if self.feature_scale is not None:
+            d["feature_scale"] = self.feature_scale.tolist()
+        return d
 
     def save(self, path: str | os.PathLike) -> Path | str:
         """Write classifier.json to a local path or URI, atomically (a server reading it never
-        sees half a file)."""
-        storage.write_json(str(path), self.to_dict(), indent=1)
+        sees half a file). A classifier loaded from a file saying ``"checkpoint": "."`` and
+        saved into that same folder says "." again."""
+        d = self.to_dict()
+        if self.here and self.checkpoint == self.here and _same_location(_folder_of(str(path)),
+                                                                         self.here):
+            d["checkpoint"] = HERE
+        storage.write_json(str(path), d, indent=1)
         return path if storage.is_uri(path) else Path(path)
 
     @classmethod
@@ -226,9 +279,18 @@ class Classifier:
             p = storage.join(p, "classifier.json")
         clf = cls.from_dict(storage.read_json(p, error=ClassifierError, what="classifier file"), p)
         if clf.checkpoint == HERE:  # a fine-tuned checkpoint's own head
-            folder = p.rstrip("/").rsplit("/", 1)[0] if "/" in p else "."
-            clf.checkpoint = storage.absolute(folder)
+            clf.checkpoint = clf.here = storage.absolute(_folder_of(p))
         return clf
+
+
+def _folder_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0] if "/" in path else "."
+
+
+def _same_location(a: str, b: str) -> bool:
+    if storage.is_uri(a) or storage.is_uri(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(storage.absolute(a)) == os.path.realpath(storage.absolute(b))
 
 
 def _plain(v):
@@ -263,6 +325,23 @@ def _parse(d: dict, source: str) -> Classifier:
         top = get(d, "top")  # version 1 always had one
     if not isinstance(d.get("meta") or {}, dict):
         raise ClassifierError(f"{source}: field 'meta' must be an object")
+    feature_kind = d.get("feature_kind", "cell")
+    if feature_kind not in FEATURE_KINDS:
+        raise ClassifierError(f"{source}: field 'feature_kind' must be one of "
+                              f"{', '.join(FEATURE_KINDS)}, got {feature_kind!r}")
+    checkpoint = d.get("checkpoint", "")
+    if not isinstance(checkpoint, str):
+        raise ClassifierError(f"{source}: field 'checkpoint' must be a string (a checkpoint "
+                              f"folder or URI, \".\" for the file's own folder, \"\" if "
+                              f"unknown), got {checkpoint!r}")
+    layer = d.get("layer", -1)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ClassifierError(f"{source}: field 'layer' must be an integer (-1: the last "
+                              f"layer), got {layer!r}")
+    signs = d.get("signs")
+    if isinstance(signs, list) and any(isinstance(s, bool) or s not in (1, -1) for s in signs):
+        raise ClassifierError(f"{source}: field 'signs' must hold +1 or -1 per top neuron, "
+                              f"got {signs}")
     K = 1 if kind == "binary" else len(labels)
     try:
         coef = np.asarray(get(d, "coef"), dtype=np.float64)
@@ -277,7 +356,9 @@ def _parse(d: dict, source: str) -> Classifier:
                               top_intercept=np.asarray(get(top, "intercept", "top."),
                                                        dtype=np.float64),
                               top_C=None if top.get("C") is None else float(top["C"]))
-        layer, rnn_size = int(d.get("layer", -1)), H
+        rnn_size = H
+        scale = d.get("feature_scale")
+        scale = None if scale is None else np.asarray(scale, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise ClassifierError(f"{source}: bad value: {e}") from None
     want = [H] if kind == "binary" else [K, H]
@@ -299,6 +380,10 @@ def _parse(d: dict, source: str) -> Classifier:
                 f"{source}: 'top.coef' must be of shape {shape} (one weight per top neuron"
                 f"{'' if kind == 'binary' else ' and label'}) with {K} intercept(s), got "
                 f"{list(top_values['top_coef'].shape)} and {top_values['top_intercept'].size}")
+    if scale is not None and (list(scale.shape) != [H] or not np.isfinite(scale).all()
+                              or (scale <= 0).any()):
+        raise ClassifierError(f"{source}: field 'feature_scale' must hold {H} positive numbers "
+                              f"(each neuron's train std), got shape {list(scale.shape)}")
     bad = [n for n in neurons if not 0 <= n < H]
     if bad:
         raise ClassifierError(f"{source}: neuron indices {bad} out of range [0, {H})")
@@ -311,10 +396,10 @@ def _parse(d: dict, source: str) -> Classifier:
         raise ClassifierError(f"{source}: 'neuron_labels' must name one of the labels for each "
                               f"top neuron")
     return Classifier(coef=coef, intercept=intercept, C=C, neurons=neurons, signs=signs,
-                      feature_kind=str(d.get("feature_kind", "cell")), layer=layer,
-                      rnn_size=rnn_size, checkpoint=str(d.get("checkpoint", "")),
-                      meta=dict(d.get("meta") or {}), label_kind=kind, labels=labels,
-                      neuron_labels=neuron_labels, **top_values)
+                      feature_kind=feature_kind, layer=layer, rnn_size=rnn_size,
+                      checkpoint=checkpoint, meta=dict(d.get("meta") or {}), label_kind=kind,
+                      labels=labels, neuron_labels=neuron_labels, feature_scale=scale,
+                      **top_values)
 
 
 def rank_neurons(coef: np.ndarray, k: int, labels=None) -> tuple[list[int], list[int], list[str]]:
@@ -340,9 +425,10 @@ def rank_neurons(coef: np.ndarray, k: int, labels=None) -> tuple[list[int], list
 def fit_result_to_classifier(coef, intercept, C, neurons, top_coef, top_intercept, top_C,
                              feature_kind="cell", layer=-1, checkpoint="", *,
                              label_kind="binary", labels=SENTIMENT,
-                             neuron_labels=()) -> Classifier:
+                             neuron_labels=(), feature_scale=None) -> Classifier:
     """A Classifier from fitted weights; each top neuron's sign is its weight's (for the label
-    it serves)."""
+    it serves). ``feature_scale``: the per-neuron std the fit divided the features by (the
+    neurons were ranked on ``coef * feature_scale``), None for raw features."""
     coef = np.asarray(coef, dtype=np.float64)
     neurons = [int(n) for n in neurons]
     if label_kind == "binary":
@@ -356,4 +442,4 @@ def fit_result_to_classifier(coef, intercept, C, neurons, top_coef, top_intercep
                       top_coef=top_coef, top_intercept=top_intercept, top_C=top_C,
                       feature_kind=feature_kind, layer=layer, rnn_size=coef.shape[-1],
                       checkpoint=str(checkpoint), label_kind=label_kind, labels=list(labels),
-                      neuron_labels=list(neuron_labels))
+                      neuron_labels=list(neuron_labels), feature_scale=feature_scale)

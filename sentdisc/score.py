@@ -13,15 +13,17 @@ corpus size::
       -> write_parquet(output)
 
 The classifier's ``Probe`` says which layer and feature kind to featurize and which neuron is
-the sentiment neuron. Output columns, one row per well-formed record (``columns``): ``file``,
+the sentiment neuron. The output may not be, hold or lie inside the corpus (``--overwrite``
+would delete it). Output columns, one row per well-formed record (``columns``): ``file``,
 ``line`` (1-based; the record number for CSV, JSON arrays and Parquet), ``id`` (with
-``id_key``), the classifier's answer (binary: ``label`` 0/1, ``prob`` = P(positive) and, when
-it has a top-neuron model, ``prob_top``; multi-class: ``label`` and a ``prob_<label>`` per
-label; multi-label: ``labels`` and a ``prob_<label>`` per label), ``neuron_value`` (the top
-neuron's raw feature; its sign is in the summary) and ``capped`` (bytes cut from a record over
-``max_record_bytes``: it was scored on its first bytes). Malformed records are no rows:
-``_summary.json`` beside the Parquet files counts them by reason and lists the first ones by
-(file, line); the '_' keeps Parquet readers from taking it for data.
+``id_key``), the classifier's answer (binary: ``label``, the name ``Classifier.predict_labels``
+gives, ``prob`` = P(labels[1]) and, when it has a top-neuron model, ``prob_top``; multi-class:
+``label`` and a ``prob_<label>`` per label; multi-label: ``labels`` and a ``prob_<label>`` per
+label), ``neuron_value`` (the top neuron's raw feature; its sign is in the summary) and
+``capped`` (bytes cut from a record over ``max_record_bytes``: it was scored on its first
+bytes). Malformed records are no rows: ``_summary.json`` beside the Parquet files counts them
+by reason and lists the first ones by (file, line), and says the classifier's ``labels``
+(binary: ``prob`` is P(labels[1])); the '_' keeps Parquet readers from taking it for data.
 
 The tally reads the corpus once more than scoring needs: parsing runs at tens of MB/s per
 core, the mLSTM at KB/s, so the pass is cheap next to the scoring and buys exact malformed
@@ -33,6 +35,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -40,21 +43,22 @@ import pyarrow.compute as pc
 
 from sentdisc import storage
 from sentdisc.classifier import Classifier
-from sentdisc.data.config import DataConfig, DataError
+from sentdisc.data.config import DataConfig, DataError, file_format
 from sentdisc.data.readers import list_corpus, read_files, skipped_by_reason, survey
 from sentdisc.errors import InputError, RunFailed
 from sentdisc.probe import Probe
 from sentdisc.report import ProgressLine
 
 SUMMARY = "_summary.json"
+PRECISIONS = ("auto", "fp32", "bf16")  # what featurize takes (sentdisc.features)
 CALL_BATCHES = 4  # rows per replica call = 4 featurize pools: refilled rows, a short tail
 
 
 def columns(id_key: str = "", clf: Classifier | None = None) -> list[str]:
-    """The output's columns, in order: for a binary classifier ``label`` (0/1), ``prob``
-    (P(positive)) and ``prob_top`` (when it has a top-neuron model); for multi-class ``label``
-    (its name) and one ``prob_<label>`` per label; for multi-label ``labels`` (those over 0.5)
-    and one ``prob_<label>`` per label."""
+    """The output's columns, in order: for a binary classifier ``label`` (its name:
+    ``labels[0]`` or ``labels[1]``), ``prob`` (P(labels[1])) and ``prob_top`` (when it has a
+    top-neuron model); for multi-class ``label`` (its name) and one ``prob_<label>`` per
+    label; for multi-label ``labels`` (those over 0.5) and one ``prob_<label>`` per label."""
     head = ["file", "line"] + (["id"] if id_key else [])
     if clf is None or clf.label_kind == "binary":
         top = ["prob_top"] if clf is None or clf.has_top else []
@@ -79,12 +83,62 @@ def model_shape(checkpoint: str) -> tuple[int, int]:
     return config.rnn_size, config.layers
 
 
+def _location(path: str) -> tuple:
+    """A path as comparable parts: ('', *parts of the resolved local path) or (scheme, bucket,
+    *key parts) of a URI (``file://`` is local; s3a is s3, gcs is gs; a user@ is dropped)."""
+    path = str(path).strip()
+    if storage.is_uri(path):
+        scheme, _, rest = path.partition("://")
+        scheme = scheme.lower()
+        if scheme == "file":
+            path = "/" + rest.partition("/")[2] if not rest.startswith("/") else rest
+        else:
+            authority, _, key = rest.partition("/")
+            scheme = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}.get(scheme, scheme)
+            bucket = authority.rpartition("@")[2].lower()
+            return (scheme, bucket, *[p for p in key.split("/") if p not in ("", ".")])
+    return ("", *Path(os.path.realpath(os.path.expanduser(path))).parts)
+
+
+def _fixed_part(part: str) -> str:
+    """A glob's folder before its first wildcard (the path itself if it has none)."""
+    head = part
+    for i, ch in enumerate(part):
+        if ch in "*?[":
+            head = part[:i].rsplit("/", 1)[0] if "/" in part[:i] else "."
+            break
+    return head
+
+
+def check_output_apart(output: str, data: str) -> None:
+    """--output must not be, hold or lie inside a --data path: --overwrite would delete the
+    corpus, and the Parquet written would be read as corpus next time."""
+    out = _location(output)
+    for part in (p.strip() for p in str(data or "").split(",")):
+        if not part:
+            continue
+        fixed = _fixed_part(part)
+        src = _location(fixed)
+        n = min(len(src), len(out))
+        # a glob reads only the files it matches: an output beside them, in its folder, is
+        # apart from them
+        if src[:n] != out[:n] or fixed != part and len(out) > len(src):
+            continue
+        how = "holds" if len(out) < len(src) or fixed != part else \
+            "is" if len(src) == len(out) else "lies in"
+        raise InputError(f"--output {output} {how} the --data path {part}: scoring would "
+                         f"write into (with --overwrite: delete) the corpus; name an output "
+                         f"folder outside it")
+
+
 def check_inputs(checkpoint: str, classifier: str, output: str,
-                 overwrite: bool = False) -> tuple[Classifier, str]:
+                 overwrite: bool = False, data: str = "") -> tuple[Classifier, str]:
     """The classifier and the checkpoint it scores with (default: the one it names), checked
-    against each other, and an output folder that holds no earlier run; one line each."""
+    against each other, and an output folder apart from the corpus ``data`` that holds no
+    earlier run; one line each."""
     if not output:
         raise InputError("--output is required (a folder or URI for the Parquet files)")
+    check_output_apart(output, data)
     if not classifier:
         from sentdisc.serving.args import own_classifier
 
@@ -116,8 +170,24 @@ def check_inputs(checkpoint: str, classifier: str, output: str,
     return clf, str(checkpoint)
 
 
+def check_ids(files: list, cfg: DataConfig) -> None:
+    """--id_key needs records with fields: a text file's lines have none, and every record
+    would be scored with a null id."""
+    if not cfg.label_key:
+        return
+    text = [uri for uri, _ in files if file_format(uri, cfg) == "text"]
+    if text:
+        raise InputError(f"--id_key {cfg.label_key}: {text[0]} is read as text (one record a "
+                         f"line, no fields{f', and {len(text) - 1} more' if len(text) > 1 else ''}"
+                         f"), so no record has an id: leave --id_key out (file and line name "
+                         f"each record), or say with --data_format how to read it if it is no text")
+
+
 def check_options(replicas: int, cpus_per_replica: int, batch_size: int, chunk_size: int,
-                  rows_per_file: int, examples: int) -> None:
+                  rows_per_file: int, examples: int, precision: str = "auto") -> None:
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{precision!r}")
     if replicas < 0:
         raise InputError(f"--replicas must be >= 0 (0: as many as fit), got {replicas}")
     for name, value in (("cpus_per_replica", cpus_per_replica),
@@ -227,8 +297,9 @@ class _ScoreReplica:
         out = self.featurize(batch)
         feats = out.pop("features")
         clf = self.clf
-        if clf.label_kind == "binary":
-            out.update(label=clf.predict(feats), prob=clf.predict_proba(feats))
+        if clf.label_kind == "binary":  # the label's name, as every other kind writes it
+            out.update(label=np.array(clf.predict_labels(feats), dtype=object),
+                       prob=clf.predict_proba(feats))
             if clf.has_top:
                 out["prob_top"] = clf.predict_proba_top(feats)
         else:
@@ -361,9 +432,11 @@ def score_corpus(data: str, checkpoint: str, classifier: str, output: str,
 
     t0 = time.perf_counter()
     data_cfg = data_cfg or DataConfig()
-    check_options(replicas, cpus_per_replica, batch_size, chunk_size, rows_per_file, examples)
-    clf, checkpoint = check_inputs(checkpoint, classifier, output, overwrite)
+    check_options(replicas, cpus_per_replica, batch_size, chunk_size, rows_per_file, examples,
+                  precision)
+    clf, checkpoint = check_inputs(checkpoint, classifier, output, overwrite, data)
     files = list_corpus(data)
+    check_ids(files, data_cfg)
     ensure_ray(include_dashboard=False)
     replicas, why = check_cpus(replicas, cpus_per_replica)
     log(f"score: {why}")

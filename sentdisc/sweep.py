@@ -9,7 +9,8 @@ by |weight| (per label for the multi kinds), and a second regression, its C swep
 validation too, is fit on the top ``num_neurons`` only.
 With ``standardize`` the regressions see train-standardized features (neurons then compete on
 equal terms under L1) and the scaling is folded back into the saved weights, so the
-``Classifier`` takes raw features. Every score here comes from the ``Classifier`` the weights
+``Classifier`` takes raw features; it keeps the per-neuron std (``feature_scale``) the neurons
+were ranked by. Every score here comes from the ``Classifier`` the weights
 make, so the sweep, the report and serving label texts by one rule.
 
 Importing this module does not import torch, so a Tune trial worker pays only for numpy and
@@ -391,10 +392,13 @@ def _raw_feature_classifier(all_fit: _Fit, top_fit: _Fit, ranked: tuple,
     if scaling is not None:
         coef, intercept = scaling.fold(coef, intercept)
         top_coef, top_intercept = scaling.fold(top_coef, top_intercept, neurons)
+    # feature_scale: the neurons were ranked on the standardized weights, coef * std; the
+    # classifier keeps std so that it ranks them the same way (``Classifier.top_neuron_of``)
     return fit_result_to_classifier(coef, intercept, all_fit.best["C"], neurons, top_coef,
                                     top_intercept, top_fit.best["C"], feature_kind, layer,
                                     checkpoint, label_kind=sweep.label_kind,
-                                    labels=sweep.labels, neuron_labels=serves)
+                                    labels=sweep.labels, neuron_labels=serves,
+                                    feature_scale=None if scaling is None else scaling.std)
 
 
 def train_classifier(Xtr, ytr, Xva, yva, Xte=None, yte=None, sweep: SweepConfig | None = None,

@@ -163,13 +163,14 @@ def test_scores_equal_the_classifier_in_process(scored, corpus, model, classifie
     np.testing.assert_allclose(got["neuron_value"], feats[:, clf.neuron], atol=1e-5)
     np.testing.assert_allclose(got["prob"], clf.predict_proba(feats), atol=1e-5)
     np.testing.assert_allclose(got["prob_top"], clf.predict_proba_top(feats), atol=1e-5)
-    agree = got["label"] == clf.predict(feats)
+    agree = got["label"] == np.array(clf.predict_labels(feats), dtype=object)  # label names
     assert agree.all() or np.abs(got["prob"][~agree] - 0.5).max() < 1e-5
     assert got["prob"].std() > 1e-3, "probabilities all alike: the comparison could not fail"
     assert [r["id"] for r in rows] == ids and "7" in ids
     assert all(r["capped"] == 0 for r in rows)
     assert (summary["neuron"], summary["sign"]) == (clf.neuron, clf.sign)
     assert summary["feature_kind"] == "mean"
+    assert set(got["label"]) <= {"negative", "positive"} and summary["labels"] == clf.labels
 
 
 def test_ids_come_out_exactly_as_written(scored, corpus):
@@ -218,3 +219,104 @@ def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, classifier, corpus, t
     assert code == 2, err
     (line,) = error_lines(err)
     assert re.search(message, line), err
+
+
+class _NoCounter:
+    class add:  # the counter actor's method, called as ``counter.add.remote(...)``
+        @staticmethod
+        def remote(*_):
+            return None
+
+
+def test_binary_label_column_is_the_classifiers_label_name(tiny_checkpoint, model, classifier):
+    """A binary classifier whose labels are ['1', '0']: the label column says what
+    Classifier.predict_labels says, the name, not the class index (which reads inverted)."""
+    from sentdisc.classifier import Classifier
+    from sentdisc.score import _ScoreReplica, columns
+
+    d = classifier[0].to_dict()
+    d["labels"] = ["1", "0"]
+    clf = Classifier.from_dict(d)
+    replica = _ScoreReplica(str(tiny_checkpoint), d, 8, 256, 1, _NoCounter, columns("", clf),
+                            "fp32")
+    n = len(FIT_TEXTS)
+    out = replica({"text": np.array(FIT_TEXTS, dtype=object), "file": np.array(["f"] * n),
+                   "line": np.arange(1, n + 1), "capped": np.zeros(n, dtype=np.int64),
+                   "error": np.array([""] * n)})
+    feats = featurize(model, FIT_TEXTS, kind=clf.feature_kind, layer=clf.layer, precision="fp32")
+    want = clf.predict_labels(feats)
+    assert list(out["label"]) == want and set(want) == {"0", "1"}
+    np.testing.assert_allclose(out["prob"], clf.predict_proba(feats), atol=1e-5)  # P(labels[1])
+    assert [str(i) for i in clf.predict(feats)] != want  # the indices would have been wrong
+
+
+def _copy_corpus(corpus, tmp_path) -> Path:
+    import shutil
+
+    data = tmp_path / "mc"
+    data.mkdir()
+    for name in ("tricky.json", "more.csv"):
+        shutil.copy(corpus[0] / name, data / name)
+    return data
+
+
+@pytest.mark.parametrize("output, data_of", [
+    ("{data}", "{data}"), ("{data}/", "{data}/more.csv"), ("{data}/scored", "{data}"),
+    ("{tmp}", "{data}"), ("file://{data}", "{data}/tricky.json,{data}/more.csv"),
+    ("{tmp}", "{data}/*.json")])
+def test_output_that_is_holds_or_lies_in_the_data_is_refused_before_scoring(
+        tiny_checkpoint, classifier, corpus, tmp_path, monkeypatch, output, data_of):
+    """The corpus is never written into, nor deleted by --overwrite: one line, exit 2, before
+    Ray starts, the corpus untouched."""
+    import sentdisc.runtime
+
+    data = _copy_corpus(corpus, tmp_path)
+    before = sorted((p.name, p.read_bytes()) for p in data.iterdir())
+    monkeypatch.setattr(sentdisc.runtime, "ensure_ray", lambda **_: pytest.fail("Ray started"))
+    argv = args(tiny_checkpoint, classifier, (data,), "x", "--overwrite")
+    argv[argv.index("--output") + 1] = output.format(data=data, tmp=tmp_path)
+    argv[argv.index("--data") + 1] = data_of.format(data=data)
+    code, _, err = run_main(argv)
+    assert code == 2, err
+    (line,) = error_lines(err)
+    assert "--data path" in line and "outside it" in line, line
+    assert sorted((p.name, p.read_bytes()) for p in data.iterdir()) == before
+
+
+def test_output_beside_the_data_is_accepted(tmp_path):
+    from sentdisc.score import check_output_apart
+
+    (tmp_path / "mc").mkdir()
+    for output, data in ((tmp_path / "mcx", tmp_path / "mc"), (tmp_path / "out", tmp_path / "*.json"),
+                         ("s3://b/ab", "s3://b/a"), ("gs://b/a", "s3://b/a")):
+        check_output_apart(str(output), str(data))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--precision", "bogus"], r"--precision must be one of auto, fp32, bf16, got 'bogus'"),
+])
+def test_bad_options_are_one_line_before_ray(tiny_checkpoint, classifier, corpus, tmp_path,
+                                            monkeypatch, extra, message):
+    import re
+
+    import sentdisc.runtime
+
+    monkeypatch.setattr(sentdisc.runtime, "ensure_ray", lambda **_: pytest.fail("Ray started"))
+    code, _, err = run_main(args(tiny_checkpoint, classifier, corpus, tmp_path / "out", *extra))
+    assert code == 2, err
+    (line,) = error_lines(err)
+    assert re.search(message, line), err
+    assert "Traceback" not in err
+
+
+def test_id_key_on_a_text_corpus_is_refused(tiny_checkpoint, classifier, tmp_path, monkeypatch):
+    """A .txt file's records have no fields: --id_key would score every one with a null id."""
+    import sentdisc.runtime
+
+    monkeypatch.setattr(sentdisc.runtime, "ensure_ray", lambda **_: pytest.fail("Ray started"))
+    (tmp_path / "lines.txt").write_text("good movie\nbad movie\n")
+    code, _, err = run_main(args(tiny_checkpoint, classifier, (tmp_path / "lines.txt",),
+                                 tmp_path / "out"))
+    assert code == 2, err
+    (line,) = error_lines(err)
+    assert "--id_key reviewerID" in line and "lines.txt is read as text" in line, line

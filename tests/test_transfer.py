@@ -619,3 +619,115 @@ def test_a_sweep_without_storage_leaves_no_temporary_folder(ray_local, tmp_path,
     with pytest.raises(RuntimeError, match="Tune trial C=0.5 failed"):
         sweep_C(X, y, X, y[:10], SweepConfig(Cs=[0.5]))  # labels that do not fit val
     assert not list(tmp_path.glob("sentdisc_tune_*"))
+
+
+# --- which neuron stands for a label; the classifier's own API ------------------------------
+
+def _witnessed(n, seed):
+    """4 classes driven by neurons 1, 4, 7, 10, each also weakly witnessed by a neuron of tiny
+    variance (20..23): small standardized weights, the largest raw ones."""
+    X, y = _multiclass(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    for k, col in enumerate((20, 21, 22, 23)):
+        X[:, col] = 1e-3 * (0.5 * (y == k) + rng.normal(size=n))
+    return X, y
+
+
+def test_label_neuron_is_the_one_the_standardized_fit_ranked_first(tmp_path):
+    from sentdisc.classifier import rank_neurons
+    from sentdisc.probe import Probe
+
+    labels = ["books", "dvd", "electronics", "kitchen"]
+    (Xtr, ytr), (Xva, yva) = _witnessed(800, 0), _witnessed(200, 1)
+    clf, res = train_classifier(Xtr, ytr, Xva, yva, sweep=SweepConfig(
+        Cs=[0.05, 0.5], num_neurons=1, backend="local", solver="fista", standardize=True,
+        label_kind="multiclass", labels=labels))
+    raw_top = [int(np.argmax(np.abs(row))) for row in clf.coef]
+    standardized = rank_neurons(clf.coef * Xtr.std(0, dtype=np.float64), 1, labels)
+    assert raw_top != standardized[0], "the rankings agree: the test could not fail"
+    want = dict(zip(labels, zip(standardized[0], standardized[1], strict=True)))
+    assert {lab: clf.top_neuron_of(lab) for lab in labels} == want
+    assert want == {lab: (n, 1) for lab, n in zip(labels, (1, 4, 7, 10))}
+    # what classifier.json and results.json name for each label, and what heatmaps show
+    assert {lab: res["top_neurons"]["by_label"][lab][0]["neuron"] for lab in labels} == \
+        {lab: n for lab, (n, _) in want.items()}
+    assert {lab: (n, s) for lab, n, s in Probe.from_classifier(clf).label_neurons} == want
+    back = Classifier.load(clf.save(tmp_path / "classifier.json"))
+    np.testing.assert_allclose(back.feature_scale, Xtr.std(0, dtype=np.float64), rtol=1e-6)
+    assert {lab: back.top_neuron_of(lab) for lab in labels} == want
+    # a file from before feature_scale still loads, and names its listed neuron per label
+    raw = json.loads((tmp_path / "classifier.json").read_text())
+    del raw["feature_scale"]
+    (tmp_path / "old.json").write_text(json.dumps(raw))
+    old = Classifier.load(tmp_path / "old.json")
+    assert old.feature_scale is None and {lab: old.top_neuron_of(lab) for lab in labels} == want
+
+
+def test_label_neuron_taken_by_an_earlier_label_is_still_that_labels():
+    """Two labels whose first choice is one neuron: the list gives it to the first, and each
+    label still stands by it, signed by its own weight."""
+    coef = np.array([[2.0, 0.0, 1.5], [-2.0, 0.5, 0.0]])
+    clf = Classifier(coef=coef, intercept=[0.0, 0.0], neurons=[0, 2], signs=[1, 1],
+                     label_kind="multiclass", labels=["cold", "hot"],
+                     neuron_labels=["cold", "cold"], feature_scale=[1.0, 10.0, 1.0])
+    assert clf.top_neuron_of("cold") == (0, 1)
+    assert clf.top_neuron_of("hot") == (1, 1)  # |0.5 x 10| beats |-2 x 1|
+    clf.feature_scale = None
+    clf.neurons, clf.signs, clf.neuron_labels = [0, 2], [1, 1], ["cold", "cold"]
+    assert clf.top_neuron_of("hot") == (0, -1)
+
+
+def test_classifier_api_errors_and_copies(tmp_path):
+    multi = Classifier(coef=[[1.0, 0.0], [0.0, 1.0]], intercept=[0.0, 0.0], neurons=[0, 1],
+                       signs=[1, 1], label_kind="multiclass", labels=["a", "b"],
+                       neuron_labels=["a", "b"])
+    with pytest.raises(ClassifierError, match=r"label 'toys' is not one of .*\(a, b\)"):
+        multi.top_neuron_of("toys")
+    w = np.array([0.5, -2.0, 0.0])
+    binary = Classifier(coef=w, intercept=0.0, neurons=[1], signs=[-1], labels=["1", "0"])
+    with pytest.raises(ClassifierError, match="binary classifier has no per-label neuron"):
+        binary.top_neuron_of("1")
+    x = np.array([[0.0, 1.0, 0.0]])
+    assert binary.predict_labels(x) == ["1"]
+    w[1] = 5.0  # the caller's array is not the classifier's
+    d = binary.to_dict()
+    d["labels"][0], d["neurons"][0], d["meta"]["x"] = "renamed", 2, 1
+    assert binary.predict_labels(x) == ["1"] and binary.neurons == [1] and binary.meta == {}
+    assert binary.coef[1] == -2.0
+
+
+def test_a_checkpoints_own_classifier_stays_here_when_saved_there_again(tmp_path):
+    from sentdisc.classifier import HERE
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    head = Classifier(coef=[1.0, -1.0], intercept=0.0, neurons=[0], signs=[1], checkpoint=HERE)
+    head.save(ckpt / "classifier.json")
+    loaded = Classifier.load(ckpt)
+    assert loaded.checkpoint == str(ckpt)  # what scoring and serving featurize with
+    loaded.save(ckpt / "classifier.json")
+    assert json.loads((ckpt / "classifier.json").read_text())["checkpoint"] == HERE
+    Classifier.load(ckpt).save(tmp_path / "elsewhere.json")  # elsewhere "." would mean tmp_path
+    assert json.loads((tmp_path / "elsewhere.json").read_text())["checkpoint"] == str(ckpt)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"feature_kind": "cells"}, "field 'feature_kind' must be one of cell, hidden, mean, max"),
+    ({"checkpoint": None}, "field 'checkpoint' must be a string"),
+    ({"signs": [2]}, r"field 'signs' must hold \+1 or -1"),
+    ({"signs": [0]}, r"field 'signs' must hold \+1 or -1"),
+    ({"layer": 1.5}, "field 'layer' must be an integer"),
+    ({"layer": "-1"}, "field 'layer' must be an integer"),
+    ({"feature_scale": [1.0]}, "field 'feature_scale' must hold 2 positive numbers"),
+    ({"feature_scale": [1.0, -1.0]}, "field 'feature_scale' must hold 2 positive numbers"),
+])
+def test_classifier_fields_out_of_their_domain_name_the_file_and_field(tmp_path, change,
+                                                                       message):
+    good = {"format": "sentdisc-classifier", "version": 2, "label_kind": "binary",
+            "labels": ["negative", "positive"], "coef": [0.1, 0.2], "intercept": 0.0,
+            "C": 1.0, "neurons": [1], "signs": [1], "top": None, "feature_kind": "mean",
+            "layer": -1, "rnn_size": 2, "checkpoint": "", "meta": {}}
+    assert Classifier.from_dict(good).predict_labels([[0.0, 1.0]]) == ["positive"]
+    (tmp_path / "c.json").write_text(json.dumps({**good, **change}))
+    with pytest.raises(ClassifierError, match=rf"c\.json: {message}"):
+        Classifier.load(tmp_path / "c.json")
