@@ -14,7 +14,10 @@ read in process.
 
 Bad labels stop the run before any featurization, in one line naming the file, the row (1-based,
 header excluded) and the column: a missing column, a value outside the label set, a multi-label
-cell that is not 0/1, a class absent from train, fewer than two classes.
+cell that is not 0/1, a list or object cell (JSON, Parquet), a CSV row with more fields than
+the header (an unquoted comma), a class absent from train (or from what ``--max_train`` and
+``--val_fraction`` leave of it: the message names them), fewer than two classes. In a CSV label
+column pandas' missing-value strings ("NA", "NaN", "null", "") are missing labels, not a class.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ from sentdisc.text import is_blank
 
 LABEL_KINDS = ("auto", "binary", "multiclass", "multilabel")
 SENTIMENT = ("negative", "positive")  # what 0/1 and binarized ratings are called
+# what pandas reads as missing by default: a CSV label cell holding one of these has no label
+NA_STRINGS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                        "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                        "nan", "null"})
 
 
 def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None = None,
@@ -42,9 +49,11 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
 
     CSV/TSV/JSON/loose JSON/Parquet, compressed as corpora may be, a leading UTF-8 BOM
     ignored. A row whose text is null or empty after preprocessing (blank, or only HTML
-    entities of whitespace such as ``&nbsp;``) is an error naming the row; a missing column
-    lists the columns found. Missing labels are passed on (null / "") for the caller to drop or
-    reject.
+    entities of whitespace such as ``&nbsp;``) is an error naming the row; so are a CSV row with
+    more fields than the header (an unquoted comma in a text) and a text or label cell that is
+    a list or an object (JSON, Parquet); a missing column lists the columns found. Missing
+    labels are passed on (null / "", and in a CSV label column pandas' missing-value strings
+    such as "NA" or "NaN") for the caller to drop or reject; a text "NA" stays a text.
     """
     import pandas as pd
 
@@ -62,20 +71,33 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
             raw = raw.removeprefix(codecs.BOM_UTF8)
         if fmt in ("csv", "tsv"):
             sep = delim or ("\t" if fmt == "tsv" else ",")
-            df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype={text_key: str},
-                             keep_default_na=False, encoding="utf-8")
+            # a text is read as written ("NA" is a text); a label cell pandas reads as missing
+            # by default ("", "NA", "NaN", "null", ...) is missing, not a class
+            try:
+                df = pd.read_csv(io.BytesIO(raw), sep=sep, dtype={text_key: str},
+                                 keep_default_na=False, encoding="utf-8",
+                                 na_values={k: sorted(NA_STRINGS) for k in _keys(label_key)})
+            except pd.errors.ParserError:
+                _check_fields(raw, sep, path)
+                raise
+            if not isinstance(df.index, pd.RangeIndex):  # a row longer than the header
+                _check_fields(raw, sep, path)
         elif fmt == "parquet":
             df = pd.read_parquet(io.BytesIO(raw))
         else:
             df = pd.read_json(io.BytesIO(raw), lines=not raw[:4096].lstrip().startswith(b"["),
                               dtype=False)
+    except DataError:
+        raise
     except (ValueError, UnicodeDecodeError, OSError, EOFError, pd.errors.ParserError) as e:
         raise DataError(f"{path}: cannot read as {fmt}: {e}") from None
-    keys = [label_key] if isinstance(label_key, str) else list(label_key or [])
+    keys = _keys(label_key)
     for key in (text_key, *keys):
         if key not in df.columns:
             cols = ", ".join(str(c) for c in df.columns)
             raise DataError(f"{path}: no column {key!r} (columns: {cols})")
+    for key, what in ((text_key, "text"), *((k, "a label") for k in keys)):
+        _check_scalars(df[key], path, key, what)
     out = pd.DataFrame({"text": df[text_key]})
     if isinstance(label_key, str):
         out["label"] = df[label_key].values
@@ -93,6 +115,43 @@ def read_table(path: str, text_key: str, label_key: str | Sequence[str] | None =
         raise DataError(f"{path}: row {i + 1}: empty {text_key!r}{why}")
     out["text"] = out["text"].astype(str)
     return out.reset_index(drop=True)
+
+
+def _keys(label_key: str | Sequence[str] | None) -> list[str]:
+    return [label_key] if isinstance(label_key, str) else list(label_key or [])
+
+
+def _check_fields(raw: bytes, sep: str, path: str) -> None:
+    """A DataError naming the first row with more fields than the header (an unquoted
+    delimiter in a text), which pandas would otherwise read as an index column or refuse with
+    a tokenizer's message."""
+    import csv
+
+    rows = csv.reader(io.StringIO(raw.decode("utf-8", errors="replace"), newline=""),
+                      delimiter=sep)
+    header = next(rows, [])
+    n = 0
+    for fields in rows:
+        if not fields:  # a blank line, which pandas skips too
+            continue
+        n += 1
+        if len(fields) > len(header):
+            what = "commas" if sep == "," else "tabs" if sep == "\t" else repr(sep)
+            raise DataError(f"{path}: row {n} has {len(fields)} fields, the header "
+                            f"{len(header)}: quote texts that contain {what}")
+
+
+def _check_scalars(column, path: str, key: str, what: str) -> None:
+    """A DataError naming the first cell that is a list or an object (JSON, Parquet), which
+    would otherwise be read as its string ("['x']")."""
+    for i, v in enumerate(column.to_numpy()):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            kind = "a list"
+        elif isinstance(v, dict):
+            kind = "an object"
+        else:
+            continue
+        raise DataError(f"{path}: row {i + 1}: column {key!r} holds {kind}, not {what}")
 
 
 # --- options -------------------------------------------------------------------------------------
@@ -116,13 +175,13 @@ class LabeledDataConfig:
     text_key: str = field(default="sentence", metadata={"help": "column/field holding the text"})
     label_key: str = field(default="label", metadata={
         "help": "column holding the label; several, comma-separated, for multi-label "
-                "(books,dvd,positive: each 0/1)"})
+                "(books,dvd,positive: each 0/1)", "comma": True})
     label_kind: str = field(default="auto", metadata={
         "help": "auto (from the data: several columns multilabel, two values binary, more "
                 "multiclass) | binary | multiclass | multilabel"})
     labels: str = field(default="", metadata={
         "help": "the classes, comma-separated, in the order the classifier lists them; a "
-                "value outside them is an error (default: the values train holds)"})
+                "value outside them is an error (default: the values train holds)", "comma": True})
     data_format: str = field(default="auto", metadata={"help": "auto|csv|tsv|json|loose_json|parquet"})
     delim: str = field(default="", metadata={"help": "field delimiter; empty: from the format"})
     drop_unlabeled: bool = field(default=False, metadata={
@@ -153,6 +212,19 @@ class LabeledDataConfig:
                                                                           "multilabel")):
             raise ValueError("binarize_sent makes one rating column binary: it goes with one "
                              "label_key and label_kind auto or binary")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        _no_repeats("label_key", keys)
+        declared = self.declared_labels
+        if declared:
+            _no_repeats("labels", declared, [v.strip() for v in self.labels.split(",")
+                                             if v.strip()])
+            if self.binarize_sent:
+                raise ValueError("labels and binarize_sent exclude each other: binarize_sent "
+                                 "names the classes negative, positive")
+            if len(keys) > 1 or self.label_kind == "multilabel":
+                raise ValueError("labels declares the classes of one label column; a "
+                                 "multi-label run's labels are its label_key columns")
 
     @property
     def label_keys(self) -> list[str]:
@@ -160,7 +232,21 @@ class LabeledDataConfig:
 
     @property
     def declared_labels(self) -> list[str]:
-        return [v.strip() for v in self.labels.split(",") if v.strip()]
+        """--labels as the names cells are matched by (``cell_name``: 1.0 and 1 are "1")."""
+        return [cell_name(v) for v in self.labels.split(",") if v.strip()]
+
+
+def _no_repeats(flag: str, names: list[str], written: list[str] | None = None) -> None:
+    """A ValueError naming a name ``--flag`` lists twice (as written, when ``names`` are
+    normalized)."""
+    seen: dict = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            first, again = (written[seen[name]], written[i]) if written else (name, name)
+            twice = f"{first!r} twice" if first == again else \
+                f"{first!r} and {again!r}, the same {'class' if flag == 'labels' else 'name'}"
+            raise ValueError(f"{flag} lists {twice}: each must be listed once")
+        seen[name] = i
 
 
 # --- what the labels are -------------------------------------------------------------------------
@@ -382,27 +468,33 @@ def load_labeled(path: str, cfg: LabeledDataConfig, role: str, labeled: bool = T
     return LabeledSet(texts, labels, path, dropped, rows), spec
 
 
-def check_train_classes(train: LabeledSet, spec: LabelSpec, path: str) -> None:
+def check_train_classes(train: LabeledSet, spec: LabelSpec, path: str,
+                        cut: dict | None = None) -> None:
     """Every class (multi-label: both values of every label) present in train: a classifier
-    cannot learn one it never sees."""
+    cannot learn one it never sees. ``cut`` ({flag: advice}) names the flags that cut train
+    down after the whole file passed this check, so the message blames them, not the file."""
     y = train.labels
+    rows = f"the {len(y)} training rows left by {' and '.join(cut)}" if cut else "train"
+    fix = f" (the whole file holds every class: {' or '.join(cut.values())})" if cut else ""
     if spec.kind == "multilabel":
         for k, key in enumerate(spec.keys):
             pos = int(y[:, k].sum())
             if pos == 0 or pos == len(y):
                 which = "no positive (1)" if pos == 0 else "no negative (0)"
-                raise TransferError(f"{path}: column {key!r} has {which} row in train: a "
-                                    f"label needs both values to be learned")
+                raise TransferError(f"{path}: column {key!r} has {which} row in {rows}: a "
+                                    f"label needs both values to be learned{fix}")
         return
     counts = np.bincount(y, minlength=len(spec.labels))
     if np.count_nonzero(counts) < 2:
         only = spec.labels[int(np.argmax(counts))]
-        raise TransferError(f"{path}: training labels of {spec.keys[0]!r} hold one class only "
-                            f"({only}); a classifier needs at least 2")
+        whose = f"the labels of {spec.keys[0]!r} in {rows}" if cut else \
+            f"training labels of {spec.keys[0]!r}"
+        raise TransferError(f"{path}: {whose} hold one class only ({only}); a classifier needs "
+                            f"at least 2{fix}")
     absent = [spec.labels[i] for i in np.flatnonzero(counts == 0)]
     if absent:
         raise TransferError(f"{path}: column {spec.keys[0]!r}: class(es) {absent} of the label "
-                            f"set [{', '.join(spec.labels)}] absent from train")
+                            f"set [{', '.join(spec.labels)}] absent from {rows}{fix}")
 
 
 def _subset(s: LabeledSet, n: int, seed: int) -> LabeledSet:
@@ -442,6 +534,9 @@ def prepare_data(cfg: LabeledDataConfig) -> dict:
     if cfg.test:
         test, _ = load_labeled(cfg.test, cfg, "test", labeled=not cfg.no_test_eval, spec=spec)
         test = _subset(test, cfg.max_eval, cfg.seed + 2)
-    check_train_classes(train, spec, cfg.train)
+    cut = {f"--max_train {cfg.max_train}": "raise --max_train"} if cfg.max_train else {}
+    if val_source == "split":
+        cut[f"--val_fraction {cfg.val_fraction:g}"] = "lower --val_fraction"
+    check_train_classes(train, spec, cfg.train, cut)
     return {"train": train, "val": val, "test": test, "spec": spec, "val_source": val_source,
             "rating_midpoint": spec.midpoint}

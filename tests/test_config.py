@@ -101,3 +101,123 @@ def test_data_flags_that_cannot_work_fail_with_the_flags(flags, said, capsys):
         pretrain.main(["--train", "corpus", *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and said in err, err
+
+
+def _yaml_error(tmp_path, capsys, text, classes=None, argv=()):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse(classes or [ModelConfig, Run], ["--config", str(cfg), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    return line
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  # rnn_size: 128\nlr: 0.01\n")
+    model, run = parse([ModelConfig, Run], ["--config", str(cfg)])
+    assert model.rnn_size == ModelConfig().rnn_size and run.lr == 0.01
+
+
+@pytest.mark.parametrize("text, said", [
+    ("model: 3\n", "c.yaml: section 'model' must be a mapping of option: value, got int 3"),
+    ("model:\n  - rnn_size\n", "c.yaml: section 'model' must be a mapping of option: value, got "
+                               "list"),
+    ("epochs: true\n", "config FILE: epochs must be int, got the boolean True"),
+    ("lr: false\n", "config FILE: lr must be float, got the boolean False"),
+    ("name: [a, b]\n", "config FILE: name must be str, got a list ['a', 'b']"),
+    ("run:\n  name: {a: 1}\n", "config FILE: name must be str, got a mapping {'a': 1}"),
+    ("lr: 0.1\nepochs: 2\nlr: 0.2\n", "c.yaml: line 3: key 'lr' appears twice in one mapping"),
+    ("model:\n  rnn_size: 8\n  rnn_size: 16\n", "c.yaml: line 3: key 'rnn_size' appears twice"),
+])
+def test_yaml_values_of_the_wrong_shape_name_file_and_key(tmp_path, capsys, text, said):
+    line = _yaml_error(tmp_path, capsys, text)
+    assert said.replace("FILE", str(tmp_path / "c.yaml")) in line, line
+
+
+def test_an_unset_variable_names_the_file_and_key(tmp_path, capsys, monkeypatch):
+    from sentdisc.config import OutputConfig
+
+    monkeypatch.delenv("NO_SUCH_ROOT", raising=False)
+    line = _yaml_error(tmp_path, capsys, "output:\n  experiment_dir: ${NO_SUCH_ROOT}/x\n",
+                       [OutputConfig])
+    assert f"config {tmp_path / 'c.yaml'}: experiment_dir: " in line
+    assert "environment variable NO_SUCH_ROOT is not set" in line
+
+
+def test_comma_list_fields_take_a_yaml_list(tmp_path):
+    from sentdisc.labeled import LabeledDataConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("labeleddata:\n  label_key: [books, dvd, positive]\n  labels: []\n"
+                   "text_key: [a, b]\n")
+    with pytest.raises(SystemExit):  # text_key is no list
+        parse([LabeledDataConfig], ["--config", str(cfg)])
+    cfg.write_text("labeleddata:\n  label_key: [books, dvd, positive]\n")
+    (data,) = parse([LabeledDataConfig], ["--config", str(cfg)])
+    assert data.label_key == "books,dvd,positive" and data.label_keys == ["books", "dvd",
+                                                                          "positive"]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--persist_state", "2"], "--persist_state must be -1, 0 or 1, got 2"),
+    (["--weight_decay", "-0.1"], "TrainConfig.weight_decay must be a finite number >= 0"),
+    (["--lr", "inf"], "TrainConfig.lr must be a finite number > 0, got inf"),
+    (["--lr", "nan"], "TrainConfig.lr must be a finite number > 0, got nan"),
+    (["--clip", "-1"], "TrainConfig.clip must be a finite number >= 0 (0 = off), got -1"),
+])
+def test_training_flags_that_cannot_work_fail_with_the_flags(flags, said, capsys):
+    from sentdisc.recipes import pretrain
+
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--train", "corpus", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+
+
+def test_clip_zero_still_means_off():
+    from sentdisc.train import TrainConfig
+
+    assert TrainConfig(clip=0.0).clip == 0.0
+
+
+@pytest.mark.parametrize("flag", ["--seq_length", "--save_iters", "--eval_iters"])
+def test_finetune_refuses_pretraining_flags_it_does_not_use(flag, capsys, tmp_path):
+    from sentdisc.recipes import finetune
+
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--train", "t.csv", flag, "5"])
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert e.value.code == 2 and line.startswith(f"sentdisc finetune: error: {flag}: "
+                                                 "sentdisc finetune does not use it: "), line
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"train:\n  {flag[2:]}: 5\n")
+    with pytest.raises(SystemExit):
+        finetune.main(["--train", "t.csv", "--config", str(cfg)])
+    assert f"{flag[2:]}: sentdisc finetune does not use it" in capsys.readouterr().err
+
+
+def test_finetune_help_speaks_of_texts_and_hides_what_it_refuses(capsys):
+    from sentdisc.recipes import finetune
+
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: sentdisc finetune ")
+    assert "--batch_size INT texts per batch" in out and "parallel byte streams" not in out
+    for flag in ("--seq_length", "--save_iters", "--eval_iters"):
+        assert flag + " " not in out.replace("--save_iters)", ""), flag
+
+
+@pytest.mark.parametrize("command", ["pretrain", "transfer", "finetune", "score"])
+def test_usage_and_errors_name_the_command(command, capsys):
+    from sentdisc.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--no_such_flag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: sentdisc {command} [-h]" in err
+    assert f"sentdisc {command}: error: unrecognized arguments: --no_such_flag" in err

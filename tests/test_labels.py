@@ -4,11 +4,13 @@ import bz2
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from sentdisc.data.config import DataError
 from sentdisc.labeled import LabeledDataConfig, TransferError, prepare_data, read_table
 
 
@@ -192,3 +194,88 @@ def test_a_utf8_bom_is_ignored_as_the_corpus_readers_ignore_it(tmp_path):
     for name in ("lines.jsonl", "array.json", "lines.json.gz", "t.csv"):
         df = read_table(str(tmp_path / name), "text", "label")
         assert df["text"].tolist() == ["good", "bad"] and df["label"].tolist() == [1, 0], name
+
+
+@pytest.mark.parametrize("body, row", [
+    (b"text,label\nGreat, loved it,1\nbad,0\n", 1),   # pandas made "Great" the index
+    (b"text,label\nbad,0\n\nGreat, loved it,1\n", 2),  # pandas' tokenizer error; blank skipped
+])
+def test_an_unquoted_comma_in_a_text_names_the_row(tmp_path, row, body):
+    (tmp_path / "t.csv").write_bytes(body)
+    with pytest.raises(DataError, match=rf"t.csv: row {row} has 3 fields, the header 2: quote "
+                                        r"texts that contain commas$"):
+        read_table(str(tmp_path / "t.csv"), "text", "label")
+    (tmp_path / "t.csv").write_bytes(b'text,label\n"Great, loved it",1\nbad,0\n')
+    assert read_table(str(tmp_path / "t.csv"), "text", "label")["text"][0] == "Great, loved it"
+
+
+@pytest.mark.parametrize("missing", ["NA", "NaN", "nan", "", "null"])
+def test_na_strings_in_a_label_column_are_missing_labels_not_a_class(tmp_path, missing):
+    rows = [[i % 2, f"review {i}"] for i in range(10)]
+    rows[4][0] = missing
+    rows[6][1] = "NA"  # a text "NA" stays a text
+    path = write_csv(tmp_path / "t" / "train.csv", ("label", "text"), rows)
+    with pytest.raises(TransferError, match=r"train.csv: 1 of 10 rows have no 'label' \(first "
+                                            r"at row 5\)"):
+        prepare_data(LabeledDataConfig(train=path, text_key="text"))
+    data = prepare_data(LabeledDataConfig(train=path, text_key="text", drop_unlabeled=True))
+    assert data["spec"].labels == ("negative", "positive") and data["train"].dropped == \
+        {"unlabeled": 1}
+    assert "NA" in data["train"].texts + data["val"].texts
+
+
+@pytest.mark.parametrize("name, record, column, kind, what", [
+    ("t.jsonl", {"text": ["x"], "label": 1}, "text", "a list", "text"),
+    ("t.jsonl", {"text": "x", "label": {"a": 1}}, "label", "an object", "a label"),
+    ("t.parquet", {"text": "x", "label": [1, 0]}, "label", "a list", "a label"),
+])
+def test_a_list_or_object_cell_names_file_row_and_column(tmp_path, name, record, column, kind,
+                                                         what):
+    records = [{"text": "fine", "label": 0}, record]
+    if name.endswith(".parquet"):
+        import pandas as pd
+
+        pd.DataFrame({"text": ["fine", "x"], "label": [[0], [1, 0]]}).to_parquet(tmp_path / name)
+    else:
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in records))
+    with pytest.raises(DataError, match=rf"{name}: row [12]: column '{column}' holds {kind}, "
+                                        rf"not {what}$"):
+        read_table(str(tmp_path / name), "text", "label")
+
+
+@pytest.mark.parametrize("kw, said", [
+    ({"label_key": "label,label"}, "label_key lists 'label' twice"),
+    ({"label_key": "label", "labels": "0,1,0"}, "labels lists '0' twice"),
+    ({"label_key": "label", "labels": "1,1.0"}, "labels lists '1' and '1.0', the same class"),
+    ({"label_key": "label", "labels": "0,1", "binarize_sent": True},
+     "labels and binarize_sent exclude each other"),
+    ({"label_key": "a,b", "labels": "0,1"}, "labels declares the classes of one label column"),
+    ({"label_key": "a", "label_kind": "multilabel", "labels": "0,1"},
+     "labels declares the classes of one label column"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+])
+def test_label_flags_that_cannot_work_fail_at_once(kw, said):
+    with pytest.raises(ValueError, match=re.escape(said)):
+        LabeledDataConfig(train="t.csv", **kw)
+
+
+def test_declared_labels_match_cells_as_cells_are_normalized(blitzer):
+    data = prepare_data(config(blitzer, label_key="label", labels="1.0,0.0"))
+    spec = data["spec"]
+    assert spec.labels == ("1", "0") and spec.declared
+    assert {0, 1} == set(data["train"].labels.tolist())
+
+
+@pytest.mark.parametrize("kw, blamed", [
+    ({"max_train": 3, "valid": True}, r"the 3 training rows left by --max_train 3 \(the whole "
+                                      r"file holds every class: raise --max_train\)"),
+    ({"val_fraction": 0.9}, r"the 4 training rows left by --val_fraction 0.9 \(the whole file "
+                            r"holds every class: lower --val_fraction\)"),
+])
+def test_a_class_lost_to_a_subset_blames_the_flag_not_the_file(blitzer, kw, blamed):
+    cfg = LabeledDataConfig(train=blitzer["train"], text_key="text", label_key="category",
+                            valid=blitzer["val"] if kw.pop("valid", False) else "", **kw)
+    with pytest.raises(TransferError, match=r"train.csv: column 'category': class\(es\) .* "
+                                            r"absent from " + blamed) as e:
+        prepare_data(cfg)
+    assert "\n" not in str(e.value)

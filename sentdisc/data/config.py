@@ -44,12 +44,13 @@ class DataError(InputError):
 class DataConfig:
     train: str = field(default="", metadata={
         "help": "training corpus: files, folders, globs, comma list; local or a URI (s3://, gs://)",
-        "path": True})
+        "path": True, "comma": True})
     valid: str = field(default="", metadata={
-        "help": "explicit validation corpus (else taken from --split)", "path": True})
+        "help": "explicit validation corpus (else taken from --split)", "path": True, "comma": True})
     test: str = field(default="", metadata={
-        "help": "explicit test corpus (else taken from --split)", "path": True})
-    split: str = field(default="1000,1,1", metadata={"help": "train,val,test proportions of --train"})
+        "help": "explicit test corpus (else taken from --split)", "path": True, "comma": True})
+    split: str = field(default="1000,1,1", metadata={
+        "help": "train,val,test proportions of --train", "comma": True})
     text_key: str = field(default="reviewText", metadata={"help": "field/column holding the text"})
     label_key: Optional[str] = field(default=None, metadata={"help": "field/column holding a label"})
     loose_json: bool = field(default=True, metadata={"help": ".json files hold one object per line"})
@@ -79,6 +80,8 @@ class DataConfig:
             raise InputError(f"--max_record_bytes must be at least 64, got {self.max_record_bytes}")
         if self.read_task_bytes < 1:
             raise InputError(f"--read_task_bytes must be at least 1, got {self.read_task_bytes}")
+        if self.persist_state not in (-1, 0, 1):
+            raise InputError(f"--persist_state must be -1, 0 or 1, got {self.persist_state}")
 
 
 def compression_of(path: str) -> Optional[str]:

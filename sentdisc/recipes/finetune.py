@@ -8,7 +8,9 @@ The data flags are transfer's (binary, multi-class and multi-label labels, read 
 the training flags are pretraining's (``--batch_size``, ``--lr``, ``--epochs``, ``--max_iters``,
 ``--num_workers N`` or ``MIN-MAX``, ``--precision``, ``--resume``, ...) with fine-tuning's
 defaults (``sentdisc.finetune.DEFAULTS``); and ``--head_lr``, ``--lm_weight``,
-``--feature_kind cell|mean``, ``--eval_every``, ``--patience``. The best validation's weights
+``--feature_kind cell|mean``, ``--eval_every``, ``--patience``; ``--batch_size`` counts texts.
+Pretraining's ``--seq_length``, ``--save_iters`` and ``--eval_iters`` are refused (``REFUSED``
+says what fine-tuning does instead) rather than ignored. The best validation's weights
 and their classifier.json go to <experiment_dir>/<experiment_name>/finetune/<dataset>/
 checkpoint_final, with results.json (the test set's accuracy, macro-F1, per-label numbers),
 history.csv, loss.png and the plots; the run is tracked in MLflow (``finetune-<dataset>``).
@@ -22,6 +24,16 @@ import sys
 from sentdisc.config import OutputConfig, parse
 from sentdisc.recipes import run
 
+# pretraining's TrainConfig flags that mean something else here, or nothing
+HELPS = {"batch_size": "texts per batch in total, split evenly over the workers (texts of "
+                       "similar lengths batched together, each read whole)"}
+REFUSED = {
+    "seq_length": "each text is read whole, not in --seq_length windows",
+    "save_iters": "each validation is a checkpoint (--eval_every N iterations, else each "
+                  "epoch's end)",
+    "eval_iters": "validation and test are scored whole (--max_eval caps their texts)",
+}
+
 
 def main(argv=None) -> int:
     from sentdisc.finetune import DEFAULTS, FinetuneConfig, finetune
@@ -30,7 +42,8 @@ def main(argv=None) -> int:
 
     cfg, tc, out, tracking = parse(
         [FinetuneConfig, TrainConfig, OutputConfig, TrackingConfig], argv,
-        "Fine-tune a pretrained byte LM with a classifier head on Ray Train", defaults=DEFAULTS)
+        "Fine-tune a pretrained byte LM with a classifier head on Ray Train", defaults=DEFAULTS,
+        helps=HELPS, refused=REFUSED, prog="sentdisc finetune")
     return run("finetune", lambda: report(finetune(cfg, tc, out, tracking)))
 
 

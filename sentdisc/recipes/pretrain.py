@@ -27,7 +27,8 @@ from sentdisc.train import TrainConfig, pretrain
 
 def main(argv=None) -> int:
     *configs, tracking = parse([ModelConfig, DataConfig, TrainConfig, OutputConfig,
-                                TrackingConfig], argv, "Pretrain a byte-level mLSTM on Ray Train")
+                                TrackingConfig], argv, "Pretrain a byte-level mLSTM on Ray Train",
+                                prog="sentdisc pretrain")
     return run("pretrain", lambda: report(pretrain(*configs, tracking=tracking)))
 
 

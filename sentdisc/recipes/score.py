@@ -88,7 +88,8 @@ def score(cfg: ScoreConfig) -> dict:
 
 def main(argv=None) -> int:
     (cfg,) = parse([ScoreConfig], argv, "Batch scoring: a corpus -> Parquet of sentiment per "
-                   "record (label, probabilities, the sentiment neuron's value)")
+                   "record (label, probabilities, the sentiment neuron's value)",
+                   prog="sentdisc score")
     # Ray starts on first use (after the inputs are checked): under `ray job submit` it joins
     # the cluster named by RAY_ADDRESS, otherwise it starts a local one.
     return run("score", lambda: score(cfg))

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     cfg, out, tracking = parse([TransferConfig, OutputConfig, TrackingConfig], argv,
                                "Sentiment transfer: featurize, L1 logistic regression swept by "
-                               "Ray Tune, the sentiment neuron")
+                               "Ray Tune, the sentiment neuron", prog="sentdisc transfer")
     # Ray starts on first use (after the inputs are checked): under `ray job submit` it joins
     # the cluster named by RAY_ADDRESS, otherwise it starts a local one.
     return run("transfer", lambda: run_transfer(cfg, out, tracking=tracking))

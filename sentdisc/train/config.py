@@ -2,6 +2,7 @@
 the learning-rate schedule."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +27,7 @@ class TrainConfig:
         "help": "exponential schedule: lr multiplied by this every iteration"})
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup iterations"})
     optimizer_type: str = field(default="Adam", metadata={"help": "any torch.optim class name"})
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"help": "the optimizer's weight decay"})
     clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0 = off)"})
     epochs: int = field(default=1, metadata={"help": "passes over the training data"})
     max_iters: int = field(default=0, metadata={
@@ -49,7 +50,7 @@ class TrainConfig:
         "help": "Ray CPUs reserved per worker (fractions allowed: 0.5 packs two per CPU)"})
     worker_resources: str = field(default="", metadata={
         "help": "more Ray resources per worker, e.g. 'trainer=1' to place workers only on "
-                "nodes started with --resources '{\"trainer\": N}'"})
+                "nodes started with --resources '{\"trainer\": N}'", "comma": True})
     resize_interval_s: float = field(default=60.0, metadata={
         "help": "elastic runs: how often a healthy run checks whether more workers now fit "
                 "(it then restarts from its latest checkpoint on more)"})
@@ -85,8 +86,14 @@ class TrainConfig:
                      "threads_per_worker", "fail_at_iter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got "
+                             f"{self.weight_decay}")
+        if not (self.clip >= 0 and math.isfinite(self.clip)):  # 0 turns clipping off
+            raise ValueError(f"TrainConfig.clip must be a finite number >= 0 (0 = off), got "
+                             f"{self.clip}")
         if self.lr_scheduler.lower() not in SCHEDULES:
             raise ValueError(f"TrainConfig.lr_scheduler must be linear, exponential or none, "
                              f"got {self.lr_scheduler!r}")
