@@ -20,6 +20,7 @@ takes a checkpoint takes the name.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,34 +52,113 @@ class CheckpointError(InputError):
     """A checkpoint that is missing, truncated or does not match its config."""
 
 
+RESERVED_KEYS = ("format", "version", "model")  # config.json keys that meta may not set
+
+
 def save(model: ByteLM, directory: str | os.PathLike, optimizer_state: Optional[dict] = None,
          train_state: Optional[dict] = None, meta: Optional[dict] = None) -> Path | str:
     """Write ``model`` (and optionally an optimizer/scheduler state tree and train state) to a
-    local folder, or to a URI (written locally, then uploaded)."""
+    local folder, or to a URI (written locally, then uploaded).
+
+    ``meta``: more config.json keys (numpy scalars and arrays are written as numbers and
+    lists); the reserved ``format``, ``version`` and ``model`` are refused. Every JSON file is
+    serialized before anything is written, and each file is written beside its name and
+    renamed into place: a bad meta value changes nothing, and a failed write leaves each file
+    whole (the old one or the new)."""
+    clash = sorted(set(meta or {}) & set(RESERVED_KEYS))
+    if clash:
+        raise InputError(f"checkpoint meta may not set the reserved config.json key(s) {clash}")
+    config = {"format": FORMAT, "version": VERSION, "model": model_config(model).to_dict(),
+              **(meta or {})}
+    texts = {CONFIG_FILE: _json_text(config, "meta")}
+    flat: dict[str, torch.Tensor] = {}
+    if optimizer_state is not None:
+        texts[OPTIM_META] = _json_text(_flatten_tensors(optimizer_state, "", flat),
+                                       "optimizer_state")
+    if train_state is not None:
+        texts[TRAIN_STATE] = _json_text(train_state, "train_state")
     if storage.is_uri(directory):
         with tempfile.TemporaryDirectory() as tmp:
             save(model, tmp, optimizer_state, train_state, meta)
             return storage.upload(tmp, str(directory))
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"cannot save a checkpoint to {d}: it is a file, not a folder")
     d.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # DDP wrapper
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(d / MODEL_FILE))
-    config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(), **(meta or {})}
-    storage.write_json(str(d / CONFIG_FILE), config)
+    _save_tensors(tensors, d / MODEL_FILE)
+    storage.write_text(str(d / CONFIG_FILE), texts[CONFIG_FILE])
     if optimizer_state is not None:
-        flat: dict[str, torch.Tensor] = {}
-        tree = _flatten_tensors(optimizer_state, "", flat)
-        save_file(flat, str(d / OPTIM_TENSORS))
-        storage.write_json(str(d / OPTIM_META), tree)
+        _save_tensors(flat, d / OPTIM_TENSORS)
+        storage.write_text(str(d / OPTIM_META), texts[OPTIM_META])
     if train_state is not None:
-        storage.write_json(str(d / TRAIN_STATE), train_state)
+        storage.write_text(str(d / TRAIN_STATE), texts[TRAIN_STATE])
     return d
+
+
+def model_config(model) -> ModelConfig:
+    return getattr(model, "module", model).config
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):  # np.float32(2.7) -> 2.7, np.bool_ -> bool
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} {str(value)[:80]!r} is not JSON-serializable")
+
+
+def _json_text(obj: Any, what: str) -> str:
+    """``obj`` as the JSON text ``storage.write_json`` writes, or a TypeError naming ``what``
+    (before any file is touched)."""
+    try:
+        return json.dumps(obj, indent=2, default=_json_default)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {what} cannot be written as JSON: {e}") from None
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors written beside ``path`` and renamed onto it (as ``storage.write_bytes``):
+    a failure leaves the old file whole and no temporary behind."""
+    tmp = storage.temp_beside(path)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def check_device(device, what: str = "map_location") -> torch.device:
+    """``device`` as a torch device this machine has, or an InputError naming ``what`` (the
+    argument or flag it came from) and saying why."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{what} {device!r} is not a torch device "
+                         "(e.g. 'cpu', 'cuda', 'cuda:0')") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{what} {device!r}: CUDA is not available on this machine "
+                             "(use 'cpu')")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"{what} {device!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":  # mps, xpu, ...: whether this machine has one
+        try:
+            torch.empty(0, device=parsed)
+        except (RuntimeError, AssertionError) as e:
+            raise InputError(f"{what} {device!r} is not available on this machine "
+                             f"({str(e).splitlines()[0][:120]})") from None
+    return parsed
 
 
 def load(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> ByteLM:
     """Checkpoint directory or URI (ours or OpenAI's 15 .npy files), or ``openai`` -> ByteLM
-    in eval mode."""
+    in eval mode. ``map_location``: a torch device this machine has (checked first)."""
+    check_device(map_location, "map_location")
     directory = resolve(directory)
     if storage.is_uri(directory):
         if not storage.is_dir(str(directory)):
@@ -127,8 +207,9 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
                               f"got {str(raw)[:200]}")
     try:
         return ModelConfig.from_dict(raw["model"], source=str(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError) as e:  # from_dict's messages start with the path already
+        raise CheckpointError(str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}") \
+            from None
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

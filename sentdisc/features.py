@@ -49,6 +49,8 @@ def featurize(model, texts: Sequence[str], batch_size: int = 128, layer: int = -
     the device multiplies bf16 natively, float32 elsewhere: ``feature_precision``) | ``fp32``
     | ``bf16``. cuda_graph: ``auto`` (replay a captured step
     on CUDA when it can) | ``on`` (fail when it cannot) | ``off``; see ``feature_plan``.
+    Every text must be a str UTF-8 can encode: a None, a number (a pandas NaN) or an unpaired
+    surrogate is an error naming its index (``sentdisc.text.check_texts``), never a feature.
     """
     kinds = [kind] if isinstance(kind, str) else list(kind)
     for k in kinds:

@@ -22,6 +22,7 @@ import codecs
 import html
 import io
 import math
+import numbers
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import torch
 
 from sentdisc.errors import InputError
 from sentdisc.model import check_layer
-from sentdisc.text import END_PAD, FRONT_PAD, preprocess
+from sentdisc.text import END_PAD, FRONT_PAD, encode_utf8, preprocess
 
 MAX_OVERWRITE = 100.0   # |cell| a generation may hold the neuron at
 MAX_SEED = 2**32 - 1    # seeds a JSON client can send exactly (and torch.Generator takes)
@@ -50,6 +51,7 @@ CELL_W, CELL_H = 12, 20
 MARGIN, TITLE_H, LEGEND_H = 10, 26, 56
 FONT_PT = 10.5
 DEFAULT_WIDTH = 64  # characters per line
+MIN_PNG_WIDTH = 3  # narrower leaves the colour bar under the grid no room (a negative width)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,12 +64,8 @@ def _check_neuron(model, neuron: int, layer: int) -> int:
     return check_layer(layer, len(model.layers))
 
 
-def _encode_checked(s: str) -> bytes:
-    try:
-        return s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("text holds characters that are not valid Unicode "
-                         "(unpaired surrogates); it cannot be encoded as UTF-8") from None
+def _encode_checked(s: str, what: str = "text") -> bytes:
+    return encode_utf8(s, what)  # the one check, shared with featurize's (sentdisc.text)
 
 
 def bytes_to_chars(data: bytes, values: Sequence[float]) -> tuple[list[str], np.ndarray]:
@@ -122,6 +120,11 @@ def neuron_values(model, text: str, neuron: int, layer: int = -1, kind: str = "c
     return chars, (-values if negate else values)
 
 
+def _is_real(x) -> bool:
+    """A plain number: int, float, a numpy scalar (numbers.Real), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def _prompt_string(prompt: str, transliterate: bool = False) -> str:
     """The prompt as the model reads it: ``preprocess`` (same cleaning and front pad as
     featurize), without the end pad unless the prompt itself ended in whitespace, so that
@@ -152,10 +155,9 @@ def generate_text(model, prompt: str, seq_length: int, temperature: float,
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)) or seq_length < 0:
         raise InputError(f"seq_length must be an integer >= 0, got {seq_length!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if overwrite is not None and (not isinstance(overwrite, (int, float))
-                                  or not math.isfinite(overwrite)):
+    if overwrite is not None and (not _is_real(overwrite) or not math.isfinite(overwrite)):
         raise InputError(f"overwrite must be a finite number, got {overwrite!r}")
     if overwrite is not None and abs(overwrite) > MAX_OVERWRITE:
         raise InputError(f"overwrite must be within +-{MAX_OVERWRITE:g} (a cell held beyond "
@@ -200,12 +202,12 @@ def generate_text(model, prompt: str, seq_length: int, temperature: float,
 _SHOWN = {"\n": "\u21b5", "\r": "\u21b5", "\t": "\u2192"}
 
 
-def _display_codepoint(ch: str) -> str:
+def _display_codepoint(ch: str, alone: bool = True) -> str:
     if ch in _SHOWN:
         return _SHOWN[ch]
     if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
         return "\u00b7"
-    if unicodedata.combining(ch):
+    if alone and unicodedata.combining(ch):
         return "\u25cc" + ch  # a combining mark drawn on a dotted circle, as fonts expect
     return ch
 
@@ -215,6 +217,13 @@ def display_char(ch: str) -> str:
     (they would otherwise vanish, break the grid, or be invalid in XML). A cell normally
     holds one character; a longer string is mapped code point by code point."""
     return "".join(_display_codepoint(c) for c in str(ch))
+
+
+def display_text(s: str) -> str:
+    """A title or label as drawn: the characters ``display_char`` replaces are replaced the
+    same way (a control character is not even valid in XML), combining marks stay on the
+    character before them."""
+    return "".join(_display_codepoint(c, alone=False) for c in str(s))
 
 
 def _limits(values: np.ndarray, vmax: Optional[float]) -> float:
@@ -227,7 +236,7 @@ def _limits(values: np.ndarray, vmax: Optional[float]) -> float:
     return m if m > 0 else 1.0
 
 
-def _check_inputs(chars, values, prompt_end, width):
+def _check_inputs(chars, values, prompt_end, width, min_width=1):
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     if len(chars) != len(values):
         raise InputError(f"{len(chars)} characters but {len(values)} values")
@@ -235,8 +244,9 @@ def _check_inputs(chars, values, prompt_end, width):
         raise InputError(f"{len(chars)} characters is too many to draw (at most {MAX_CHARS})")
     if prompt_end is not None and not 0 <= prompt_end <= len(chars):
         raise InputError(f"prompt_end {prompt_end} outside 0..{len(chars)}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise InputError(f"width must be a positive integer, got {width!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < min_width:
+        raise InputError(f"width must be an integer >= {min_width} (characters per line), "
+                         f"got {width!r}")
     return values
 
 
@@ -287,7 +297,8 @@ def render_png(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    values = _check_inputs(chars, values, prompt_end, width)
+    values = _check_inputs(chars, values, prompt_end, width, MIN_PNG_WIDTH)
+    width, title, label = int(width), title and display_text(title), label and display_text(label)
     n = len(chars)
     lim = _limits(values, vmax)
     lines = max(1, math.ceil(n / width))
@@ -353,6 +364,7 @@ def render_svg(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     """The same heatmap as a self-contained SVG string (one <rect> + <text> per character,
     a <title> tooltip with the value, a gradient colour bar). Every character is escaped."""
     values = _check_inputs(chars, values, prompt_end, width)
+    width, title, label = int(width), title and display_text(title), label and display_text(label)
     n = len(chars)
     lim = _limits(values, vmax)
     lines = max(1, math.ceil(n / width))
@@ -404,6 +416,7 @@ def render_html(chars: Sequence[str], values, prompt_end: Optional[int] = None,
     """The heatmap as HTML: one coloured <span> per character (value as tooltip), wrapping
     with the page. ``full_page=False`` returns just the <div> to embed in another page."""
     values = _check_inputs(chars, values, prompt_end, DEFAULT_WIDTH)
+    title, label = title and display_text(title), label and display_text(label)
     lim = _limits(values, vmax)
     rgba, text_colours = _colours(values, lim)
     spans = []

@@ -229,3 +229,81 @@ def test_heatmap_of_openai_defaults_to_its_sentiment_neuron():
     assert resolve(VisualizeConfig(load_model="openai")).neuron == 2388
     assert resolve(VisualizeConfig(load_model="openai", neuron=5)).neuron == 5
     assert resolve(VisualizeConfig(load_model="some/ckpt")).neuron == 0
+
+
+@pytest.mark.parametrize("key", ["model", "format", "version"])
+def test_save_refuses_meta_that_would_replace_a_reserved_key(tmp_path, key):
+    # {format, version, model, **meta} let meta win: a checkpoint that could not load
+    from sentdisc.errors import InputError
+
+    with pytest.raises(InputError, match=f"reserved config.json key.*{key}"):
+        save(tiny(), tmp_path / "ck", meta={key: "x"})
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_numpy_meta_as_numbers(tmp_path):
+    d = save(tiny(), tmp_path / "ck", meta={"bpb": np.float32(2.5), "n": np.int64(3),
+                                            "v": np.arange(2)},
+             train_state={"iteration": np.int64(7)})
+    meta = read_meta(d)
+    assert meta["bpb"] == 2.5 and meta["n"] == 3 and meta["v"] == [0, 1]
+    assert load_train_state(d) == {"iteration": 7}
+
+
+def test_unwritable_meta_leaves_the_old_checkpoint_whole(tmp_path):
+    old = tiny()
+    d = save(old, tmp_path / "ck", meta={"note": "old"})
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+    torch.manual_seed(1)
+    new = ByteLM(ModelConfig(embed_size=8, rnn_size=32))
+    with pytest.raises(TypeError, match="meta cannot be written as JSON: object"):
+        save(new, d, meta={"note": object()})
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before  # no temp file either
+    assert load(d).config == old.config
+
+
+def test_a_failed_weights_write_leaves_the_old_file(tmp_path, monkeypatch):
+    import sentdisc.checkpoint as ck
+
+    d = save(tiny(), tmp_path / "ck")
+    before = (d / "model.safetensors").read_bytes()
+
+    def fail(tensors, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save(tiny(), d)
+    assert (d / "model.safetensors").read_bytes() == before
+    assert sorted(f.name for f in d.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_onto_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot save a checkpoint to .*f: it is a file"):
+        save(tiny(), tmp_path / "f")
+
+
+def test_load_checks_map_location_first(tmp_path):
+    from sentdisc.errors import InputError
+
+    d = save(tiny(), tmp_path / "ck")
+    with pytest.raises(InputError, match="map_location 'gpu' is not a torch device") as err:
+        load(d, map_location="gpu")
+    assert "unreadable" not in str(err.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            load(d, map_location="cuda")
+    assert load(d, map_location=torch.device("cpu")).config == tiny().config
+
+
+def test_unknown_config_field_names_the_path_once(tmp_path):
+    d = save(tiny(), tmp_path / "ck")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model"]["hidden"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown ModelConfig field") as err:
+        load(d)
+    assert str(err.value).count("config.json") == 1, str(err.value)

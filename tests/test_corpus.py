@@ -294,3 +294,29 @@ def test_preprocess_s3_to_s3_from_gzip(ray_local, dump, s3_bucket):
         DataConfig(train=root, split="4,1,1", seed=5, max_record_bytes=CAP))["val"].take_all()}
         for root in (src, dst)]
     assert val[0] == val[1]
+
+
+def test_preprocess_of_an_empty_file_names_the_input(tmp_path, capsys):
+    from sentdisc.data.preprocess import main
+
+    (tmp_path / "empty.json").write_text("")
+    assert main([str(tmp_path / "empty.json"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sentdisc data preprocess: error: {tmp_path / 'empty.json'}: no "
+                          "records to encode (every input file is empty") and "out" not in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_preprocess_with_no_good_record_is_a_data_error(ray_local, tmp_path, capsys):
+    # it wrote an empty shard, printed "0 records ... skipped {...}" and exited 0
+    from sentdisc.data.preprocess import main
+
+    src = tmp_path / "tiny.json"
+    src.write_text("".join(json.dumps({"text": f"review {i}"}) + "\n" for i in range(200)))
+    assert main([str(src), str(tmp_path / "out"), "--text_key", "nosuch"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"sentdisc data preprocess: error: {src}: no good record to encode in 200 "
+                   "lines (skipped: 200 missing_key): every record lacks 'nosuch' (--text_key); "
+                   "nothing written")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".parquet"]
+    assert main([str(src), str(tmp_path / "out"), "--text_key", "text"]) == 0  # still usable

@@ -106,3 +106,57 @@ def test_a_pool_shrunk_while_it_runs_keeps_its_rows_and_admits_none_until_under(
     assert all(b <= max(a, 2) for a, b in zip(after, after[1:])), after
     assert after.count(2) > 5, after  # and once under it, texts joined again
     np.testing.assert_allclose(got, featurize(model, texts, precision="fp32"), atol=1e-5)
+
+
+@pytest.mark.parametrize("texts, message", [
+    (["a", None], r"texts\[1\] is None, not str"),
+    (["a", 5], r"texts\[1\] is int, not str"),
+    (["a", float("nan")], r"texts\[1\] is NaN"),
+    (["a", b"bytes"], r"texts\[1\] is bytes, not str"),
+    (np.array(["a", "b", None], dtype=object), r"texts\[2\] is None"),
+])
+def test_texts_that_are_not_str_are_refused_by_index(model, texts, message):
+    # A None used to become an empty text with made-up features (cell zeros, mean NaN, max
+    # -inf) that a classifier then labelled; a number failed deep inside Arrow.
+    from sentdisc.errors import InputError
+
+    with pytest.raises(TypeError, match=message) as err:
+        featurize(model, texts)
+    assert isinstance(err.value, InputError)  # one line, exit 2 from a command
+
+
+def test_pandas_series_with_a_missing_value_is_refused(model):
+    pd = pytest.importorskip("pandas")
+    with pytest.raises(TypeError, match=r"texts\[1\] is NaN"):
+        featurize(model, pd.Series(["good", float("nan"), "bad"]))
+
+
+def test_unpaired_surrogate_names_the_text(model):
+    from sentdisc.errors import InputError
+    from sentdisc.text import encode, encode_batch
+
+    with pytest.raises(InputError, match=r"texts\[1\] holds characters that are not valid Unicode"):
+        featurize(model, ["fine", "a\ud800"])
+    with pytest.raises(InputError, match=r"texts\[0\]"):
+        encode_batch(["\udfff"])
+    with pytest.raises(InputError, match="not valid Unicode"):
+        encode("a\ud800")
+
+
+def test_arrow_nulls_are_refused():
+    import pyarrow as pa
+
+    from sentdisc.text import encode_batch
+
+    with pytest.raises(TypeError, match=r"texts\[1\] is None"):
+        encode_batch(pa.array(["a", None], pa.large_string()))
+
+
+def test_decode_takes_bytes_as_generate_returns_them():
+    from sentdisc import decode
+
+    assert decode(b"abc") == "abc"
+    assert decode(bytearray(b"\xc3\xa9")) == "é"
+    assert decode(memoryview(b"a\xffb")) == "a\ufffdb"
+    assert decode(np.array([104, 105], np.uint8)) == "hi"
+    assert decode([104, 105]) == "hi"

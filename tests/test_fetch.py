@@ -357,3 +357,39 @@ def test_sst2_pins_hold_for_the_shared_copies(shared_data, serve, tmp_path):
     with pytest.raises(F.FetchError, match="val.csv .*expected sha256 f34c4987"):
         F.fetch("sst2", tmp_path / "data", base_url=server.url, log=lambda s: None)
     assert hashlib.sha256(Path(paths[0]).read_bytes()).hexdigest().startswith("6003623b")
+
+
+@pytest.mark.parametrize("base_url", ["notaurl", "ftp://host/x", "http://", "/just/a/path"])
+def test_a_base_url_that_is_not_a_url_is_one_line(base_url, tmp_path, capsys):
+    # "notaurl" was a traceback: ValueError unknown url type
+    assert F.main(["sst2", "--dest", str(tmp_path), "--base_url", base_url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --base_url {base_url!r} is not a URL: it must start with http://, "
+                   "https:// or file://")
+    assert not (tmp_path / "sst2").exists()
+
+
+def test_a_base_url_from_the_environment_is_checked_as_such(tmp_path, monkeypatch):
+    monkeypatch.setenv(F.BASE_URL_ENV, "mirror.example")
+    with pytest.raises(F.FetchError, match=r"\$SENTDISC_FETCH_BASE_URL 'mirror.example' is not"):
+        F.fetch("sst2", tmp_path, log=lambda s: None)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_timeout_must_be_positive(timeout, tmp_path, capsys):
+    assert F.main(["sst2", "--dest", str(tmp_path), "--base_url", closed_port_url(),
+                   "--timeout", timeout]) == 2
+    assert "--timeout must be a number of seconds > 0" in capsys.readouterr().err
+
+
+def test_a_refused_or_missing_mirror_is_not_called_offline(tmp_path, serve, capsys):
+    url = closed_port_url()
+    assert F.main(["sst2", "--dest", str(tmp_path), "--base_url", url, "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {url}/sst2/train.csv" in err and f"the mirror {url}" in err
+    assert "offline" not in err
+    server = serve(tmp_path / "empty-mirror")  # answers, but holds nothing: 404
+    assert F.main(["sst2", "--dest", str(tmp_path / "d"), "--base_url", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 404" in err and f"the mirror {server.url} lacks it" in err
+    assert "offline" not in err

@@ -194,3 +194,29 @@ def test_invalid_config_values():
         ModelConfig(dropout=1.5)
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         ModelConfig.from_dict({"rnn_size": 8, "hidden": 3})
+
+
+@pytest.mark.parametrize("prompt, said", [
+    ("hello", "prompt must be bytes, not str"),
+    ([104, 300], r"prompt\[1\] is 300: a prompt holds byte values 0..255"),
+    ([-1], r"prompt\[0\] is -1"),
+    (5, "prompt must be bytes or a sequence of byte values 0..255, got int"),
+])
+def test_generate_refuses_prompts_that_are_not_bytes(prompt, said):
+    # a str used to fail in torch ("too many dimensions 'str'"), 300 in an IndexError
+    model = make(layers=1)
+    with pytest.raises(InputError, match=said):
+        model.generate(prompt, 5)
+
+
+def test_generate_takes_numpy_numbers_and_byte_sequences():
+    model = make(layers=1)
+    g = torch.Generator().manual_seed(0)
+    a, _ = model.generate(b"\n hi", np.int64(4), temperature=np.float32(0.5), generator=g)
+    g = torch.Generator().manual_seed(0)
+    b, _ = model.generate(np.frombuffer(b"\n hi", np.uint8), 4, temperature=0.5, generator=g)
+    g = torch.Generator().manual_seed(0)
+    c, _ = model.generate(bytearray(b"\n hi"), 4, temperature=0.5, generator=g)
+    assert a == b == c and len(a) == 8
+    with pytest.raises(InputError, match="temperature"):
+        model.generate(b"x", 2, temperature=True)

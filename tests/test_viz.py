@@ -371,9 +371,12 @@ def test_cli_bad_label_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, args
     (["--formats", "png,exe"], "--formats"),
     (["--generate", "--overwrite", "1", "--neuron", "-3"], "neuron must be"),
     # refused before the model runs (its trace would hold every byte's states)
-    (["--text", "&amp;" * 20_001, "--formats", "json"], "20004 characters is too many to draw"),
+    # counted as drawn: the cleaned text, not the pads the user did not write
+    (["--text", "&amp;" * 20_001, "--formats", "json"], "20001 characters is too many to draw"),
     (["--generate", "--text", "ab", "--seq_length", "19999"],
-     "20004 characters with --seq_length is too many"),
+     "20001 characters with --seq_length is too many"),
+    (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+    (["--width", "2"], "width must be an integer >= 3"),
 ])
 def test_cli_bad_input_is_one_clear_line(tiny_checkpoint, tmp_path, capsys, args, message):
     (tmp_path / "bad.json").write_text(json.dumps({"neurons": "seven", "signs": []}))
@@ -408,3 +411,98 @@ def test_labels_with_dollar_signs_draw_as_written(tmp_path):
     png = viz.render_png(list("cost $$ here"), np.zeros(12), title="label $$")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "w.png").stat().st_size > 0
+
+
+def test_generation_takes_numpy_numbers(model):
+    # np.float32 was refused as "temperature must be a finite number"
+    a = viz.generate_text(model, "hi", 5, np.float32(0.5), neuron=2, overwrite=np.float32(1.0),
+                          seed=3)
+    b = viz.generate_text(model, "hi", 5, 0.5, neuron=2, overwrite=1.0, seed=3)
+    assert a["text"] == b["text"] and a["forced"] == 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        viz.generate_text(model, "hi", 5, True)
+    with pytest.raises(ValueError, match="overwrite"):
+        viz.generate_text(model, "hi", 5, 1.0, neuron=2, overwrite=np.bool_(True))
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_png_too_narrow_for_its_colour_bar_is_a_clear_error(width):
+    with pytest.raises(ValueError, match=f"width must be an integer >= 3 .*got {width}"):
+        viz.render_png(["a", "b"], [0.0, 1.0], width=width)
+    img = _png(viz.render_png(["a", "b"], [0.0, 1.0], width=3))
+    assert img.shape[:2] == viz.png_size(2, 3)[::-1]
+    ET.fromstring(viz.render_svg(["a", "b"], [0.0, 1.0], width=width))  # no bar to fit
+
+
+def test_svg_title_and_label_with_control_characters_are_well_formed():
+    title, label = "t\x00i\x07tle\x1b\nend", "lab\x01el\u0301"
+    svg = viz.render_svg(["a"], [0.5], title=title, label=label)
+    root = ET.fromstring(svg)  # raised "not well-formed (invalid token)"
+    texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert viz.display_text(title) in texts and viz.display_text(label) in texts
+    assert viz.display_text(title) == "t\u00b7i\u00b7tle\u00b7\u21b5end"
+    assert viz.display_text(label).endswith("el\u0301")  # a combining mark stays on its letter
+    page = viz.render_html(["a"], [0.5], title=title, label=label)
+    assert "\x00" not in page and "\x07" not in page
+    assert _png(viz.render_png(["a"], [0.5], title=title, label=label)).shape[2] == 3
+
+
+def test_cli_heatmap_refuses_a_device_this_machine_lacks(tiny_checkpoint, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for prog in (visualize.heatmap_main, visualize.generate_main):
+        assert prog(["--load_model", str(tiny_checkpoint), "--device", "cuda",
+                     "--experiment_dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "--device 'cuda': CUDA is not available" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_heatmap_uses_the_checkpoints_own_classifier(tiny_checkpoint, tmp_path, capsys):
+    # score and serve use a fine-tuned checkpoint's classifier.json; heatmap drew neuron 0
+    import shutil
+
+    from sentdisc.classifier import Classifier
+
+    ckpt = tmp_path / "finetuned"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    coef = np.zeros(32)
+    coef[11] = -3.0
+    Classifier(coef=coef, intercept=0.0, neurons=[11], signs=[-1], feature_kind="hidden",
+               layer=-1).save(ckpt / "classifier.json")
+    text = "good movie"
+    args = ["--load_model", str(ckpt), "--text", text, "--experiment_dir", str(tmp_path),
+            "--formats", "json"]
+    assert visualize.heatmap_main(args) == 0
+    record = json.load(open(capsys.readouterr().out.split()[-1], encoding="utf-8"))
+    assert (record["neuron"], record["negate"], record["kind"]) == (11, True, "hidden")
+    chars, values = viz.neuron_values(load(ckpt), text, 11, kind="hidden", negate=True)
+    assert record["chars"] == chars and np.allclose(record["values"], values)
+    # told otherwise, as with --classifier
+    assert visualize.heatmap_main(args + ["--neuron", "4", "--no-negate", "--kind", "cell"]) == 0
+    record = json.load(open(capsys.readouterr().out.split()[-1], encoding="utf-8"))
+    assert (record["neuron"], record["negate"], record["kind"]) == (4, False, "cell")
+    # a checkpoint without one: neuron 0 as before
+    assert visualize.heatmap_main(["--load_model", str(tiny_checkpoint), *args[2:]]) == 0
+    assert json.load(open(capsys.readouterr().out.split()[-1], encoding="utf-8"))["neuron"] == 0
+
+
+def test_cli_text_file_drops_a_byte_order_mark(tiny_checkpoint, tmp_path, capsys):
+    f = tmp_path / "review.txt"
+    f.write_bytes("\ufeffGreat film".encode("utf-8"))
+    assert visualize.heatmap_main(["--load_model", str(tiny_checkpoint), "--text_file", str(f),
+                                   "--experiment_dir", str(tmp_path), "--formats", "json"]) == 0
+    record = json.load(open(capsys.readouterr().out.split()[-1], encoding="utf-8"))
+    assert record["text"] == "Great film"
+
+
+def test_cli_text_file_cap_counts_the_users_characters(tiny_checkpoint, tmp_path, capsys):
+    f = tmp_path / "long.txt"
+    f.write_text("x" * viz.MAX_CHARS)  # exactly the cap: drawn
+    base = ["--load_model", str(tiny_checkpoint), "--experiment_dir", str(tmp_path),
+            "--formats", "json"]
+    assert visualize.heatmap_main(base + ["--text_file", str(f)]) == 0
+    capsys.readouterr()
+    f.write_text("x" * (viz.MAX_CHARS + 1))
+    assert visualize.heatmap_main(base + ["--text_file", str(f)]) == 2
+    assert f"{viz.MAX_CHARS + 1} characters is too many" in capsys.readouterr().err

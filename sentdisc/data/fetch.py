@@ -17,16 +17,20 @@ weights), each written to the folder ``../shared/data`` has it in: ``DIR/sst2/``
 OpenAI's 15 files are then converted into ``DIR/openai_checkpoint`` (a sentdisc checkpoint;
 ``--no_convert`` skips it). An unreachable host fails within ``--timeout`` seconds naming the
 URL. ``--base_url URL`` (or ``$SENTDISC_FETCH_BASE_URL``) fetches every file from
-``URL/NAME/FILE`` instead: a mirror, or a test's local server.
+``URL/NAME/FILE`` instead: a mirror, or a test's local server; it must be an ``http://``,
+``https://`` or ``file://`` URL, and a mirror that refuses or lacks a file is named as the
+mirror (not as this machine being offline).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.client import HTTPException
 from pathlib import Path
@@ -59,15 +63,39 @@ def part_path(final: str | os.PathLike) -> str:
 
 
 def url_of(ds: Dataset, remote: RemoteFile, base_url: Optional[str] = None) -> str:
-    base = base_url or os.environ.get(BASE_URL_ENV)
+    base = mirror_of(base_url)
     return f"{base.rstrip('/')}/{ds.name}/{remote.name}" if base else remote.url
+
+
+def mirror_of(base_url: Optional[str] = None) -> Optional[str]:
+    """The mirror every file comes from (``base_url``, else $SENTDISC_FETCH_BASE_URL), checked
+    to be an http(s):// or file:// URL; None for the registry's own URLs."""
+    base = base_url or os.environ.get(BASE_URL_ENV)
+    if not base:
+        return None
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https", "file") or \
+            (parts.scheme != "file" and not parts.netloc):
+        given = "--base_url" if base_url else f"${BASE_URL_ENV}"
+        raise FetchError(f"{given} {base!r} is not a URL: it must start with http://, https:// "
+                         "or file://")
+    return base
+
+
+def check_timeout(timeout) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not math.isfinite(timeout) or timeout <= 0:
+        raise FetchError(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+    return float(timeout)
 
 
 # --- one file ------------------------------------------------------------------------------------
 
 def download(remote: RemoteFile, folder: str, url: str, timeout: float = TIMEOUT,
-             allow_unpinned: bool = False, log=print) -> tuple[str, bool]:
-    """Fetch one file into ``folder`` and verify it: (its path, whether it was downloaded)."""
+             allow_unpinned: bool = False, log=print, mirror: Optional[str] = None
+             ) -> tuple[str, bool]:
+    """Fetch one file into ``folder`` and verify it: (its path, whether it was downloaded).
+    ``mirror``: the --base_url ``url`` is under, named when it fails."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -81,7 +109,7 @@ def download(remote: RemoteFile, folder: str, url: str, timeout: float = TIMEOUT
             log(f"  {final} is not the pinned file ({e}): downloading it again")
             os.remove(final)
     part = part_path(final)
-    _transfer(url, part, remote.name, timeout, log)
+    _transfer(url, part, remote.name, timeout, log, mirror)
     try:
         checked = verify(remote, part, allow_unpinned)
     except VerifyError as e:
@@ -92,7 +120,8 @@ def download(remote: RemoteFile, folder: str, url: str, timeout: float = TIMEOUT
     return final, True
 
 
-def _transfer(url: str, part: str, name: str, timeout: float, log) -> None:
+def _transfer(url: str, part: str, name: str, timeout: float, log,
+              mirror: Optional[str] = None) -> None:
     """Download ``url`` into ``part``, resuming from what ``part`` already holds."""
     have = os.path.getsize(part) if os.path.exists(part) else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
@@ -102,10 +131,13 @@ def _transfer(url: str, part: str, name: str, timeout: float, log) -> None:
         if e.code == 416 and have:  # the part is past the end (the remote changed): start over
             log(f"  {name}: the partial download does not fit the remote file: restarting")
             _remove(part)
-            return _transfer(url, part, name, timeout, log)
-        raise FetchError(f"{url}: HTTP {e.code} {e.reason}") from None
+            return _transfer(url, part, name, timeout, log, mirror)
+        where = f" (the mirror {mirror} lacks it?)" if mirror and e.code == 404 else ""
+        raise FetchError(f"{url}: HTTP {e.code} {e.reason}{where}") from None
+    except ValueError as e:  # urllib: "unknown url type" and the like
+        raise FetchError(f"{url}: not a URL this command can fetch ({e})") from None
     except (urllib.error.URLError, OSError, HTTPException) as e:
-        raise FetchError(_unreachable(url, e, timeout)) from None
+        raise FetchError(_unreachable(url, e, timeout, mirror)) from None
     with resp:
         start, total = _resume_point(resp, have)
         if have and not start:
@@ -186,10 +218,14 @@ class Progress:
                  f"{self.rate(done):.1f} MB/s{resumed}")
 
 
-def _unreachable(url: str, err: BaseException, timeout: float) -> str:
+def _unreachable(url: str, err: BaseException, timeout: float,
+                 mirror: Optional[str] = None) -> str:
     reason = getattr(err, "reason", err)
     if isinstance(reason, (socket.timeout, TimeoutError)):
         reason = f"no answer in {timeout:g} s"
+    if mirror:  # the user named the host: it, not the internet, is what failed
+        return (f"cannot reach {url} ({reason}): check the mirror {mirror} (--base_url / "
+                f"${BASE_URL_ENV}) is up and serves NAME/FILE")
     return (f"cannot reach {url} ({reason}): this machine looks offline (fetch where there is "
             f"internet and copy the folder here, or name a mirror with --base_url / "
             f"${BASE_URL_ENV})")
@@ -208,12 +244,13 @@ def fetch_dataset(ds: Dataset, dest: str | os.PathLike, base_url: Optional[str] 
                   timeout: float = TIMEOUT, allow_unpinned: bool = False, convert: bool = True,
                   log=print) -> list[str]:
     """Every file of ``ds`` into ``dest/<its folder>``, then OpenAI's conversion; the paths."""
+    timeout, mirror = check_timeout(timeout), mirror_of(base_url)
     folder = os.path.join(str(dest), ds.where)
     paths, fresh = [], False
     for remote in ds.files:
         url = url_of(ds, remote, base_url)
         log(f"{ds.name}: {url}")
-        path, downloaded = download(remote, folder, url, timeout, allow_unpinned, log)
+        path, downloaded = download(remote, folder, url, timeout, allow_unpinned, log, mirror)
         paths.append(path)
         fresh = fresh or downloaded
     if ds.checkpoint_folder and convert:

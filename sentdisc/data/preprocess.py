@@ -8,6 +8,8 @@ storages (``s3://in`` -> ``s3://out`` included) and SRC may be compressed (the d
 ``.json.gz``). Bad records are written too, with their ``error``, so the counts still reach
 the training metrics; ``file`` holds the source name relative to SRC's root, which the split
 key also uses (compression suffix dropped), so a split of DST equals the same split of SRC.
+An input with no good record at all (every record lacks --text_key, say, or every file is
+empty) is a DataError naming SRC and the counts by reason, and leaves no shards in DST.
 """
 from __future__ import annotations
 
@@ -20,7 +22,13 @@ import time
 from sentdisc import storage
 from sentdisc.data.config import FORMATS, DataConfig, DataError
 from sentdisc.data.paths import corpus_root, list_corpus
-from sentdisc.data.readers import as_data_error, read_dataset, read_files, survey
+from sentdisc.data.readers import (
+    as_data_error,
+    read_dataset,
+    read_files,
+    skipped_by_reason,
+    survey,
+)
 from sentdisc.errors import InputError
 from sentdisc.runtime import ensure_ray
 
@@ -45,11 +53,38 @@ def _prepare_dst(dst: str, overwrite: bool) -> None:
     shards = [uri for uri, _ in storage.list_files(dst)] if storage.is_dir(dst) else []
     if shards and not overwrite:
         raise DataError(f"{dst}: folder is not empty (pass --overwrite to replace its shards)")
+    _delete_shards(dst, shards)
+    storage.makedirs(dst)
+
+
+def _shards(dst: str) -> list[str]:
+    return [uri for uri, _ in storage.list_files(dst) if uri.endswith(".parquet")]
+
+
+def _delete_shards(dst: str, shards: list[str]) -> None:
     fs, _ = storage.filesystem(dst)
     for uri in shards:
         if uri.endswith(".parquet"):
             fs.delete_file(storage.filesystem(uri)[1])
-    storage.makedirs(dst)
+
+
+def _source_name(src) -> str:
+    return src if isinstance(src, str) else ",".join(map(str, src))
+
+
+def _no_records(src, cfg: DataConfig, counts: dict) -> DataError:
+    """The error for an input without one good record: SRC, the lines, the counts by reason,
+    and the key when every record lacks it."""
+    bad = skipped_by_reason(counts)
+    by_reason = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.items(),
+                                                                  key=lambda kv: -kv[1]))
+    lacking = ""
+    if bad.get("missing_key") == counts["lines"]:
+        keys = f"{cfg.text_key!r} (--text_key)" + (
+            f" or {cfg.label_key!r} (--label_key)" if cfg.label_key else "")
+        lacking = f": every record lacks {keys}"
+    return DataError(f"{_source_name(src)}: no good record to encode in {counts['lines']} "
+                     f"lines (skipped: {by_reason or 'none'}){lacking}; nothing written")
 
 
 def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -> dict:
@@ -63,6 +98,10 @@ def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -
     if inside:  # --overwrite would delete them before they are read
         raise DataError(f"{dst}: the output folder holds input files ({inside[0]}, ...): "
                         "write the shards outside the corpus")
+    if all(size == 0 for _, size in files):
+        raise DataError(f"{_source_name(src)}: no records to encode (every input file is "
+                        f"empty: {', '.join(uri for uri, _ in files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''})")
     _prepare_dst(dst, overwrite)
     ensure_ray(include_dashboard=False, log_to_driver=False)
     cfg = dataclasses.replace(cfg, shuffle=False)
@@ -73,8 +112,15 @@ def preprocess_corpus(src, dst: str, cfg: DataConfig, overwrite: bool = False) -
     fs, path = storage.filesystem(dst)
     try:
         ds.write_parquet(path, filesystem=fs)
+        shards = _shards(dst)
+        if not shards:  # compressed files that hold nothing: Ray wrote no shard
+            raise DataError(f"{_source_name(src)}: no records to encode (the input files "
+                            "hold no lines)")
         # The counts, read back from what was written: the error, bytes and capped columns.
         counts = survey(read_dataset(dst, DataConfig(data_format="encoded")))
+        if not counts["records"]:
+            _delete_shards(dst, shards)
+            raise _no_records(src, cfg, counts)
     except Exception as e:  # strict mode: one clear line instead of Ray's traceback
         err = as_data_error(e)
         if err is None:
@@ -113,7 +159,7 @@ def main(argv=None) -> int:
                          transliterate=args.transliterate, max_record_bytes=args.max_record_bytes)
         manifest = preprocess_corpus(args.src, args.dst, cfg, overwrite=args.overwrite)
     except InputError as e:  # a DataError, or a StorageError naming the URI
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 2
     c = manifest["counts"]
     skipped = {k: v for k, v in c.items() if k.startswith("skipped_") and v}

@@ -9,8 +9,11 @@ seq_length, temperature, overwrite, negate, load_model). With ``--classifier`` (
 step's classifier.json) the neuron, layer, state and sign come from its ``Probe``: the neuron
 defaults to its top neuron (``--label L``: the one that stands for label L of a multi-class
 or multi-label classifier), and a top neuron with a negative weight is negated (green =
-positive sentiment, or label L) unless ``--no-negate`` says otherwise. Files go to
-<experiment_dir>/<experiment_name>/heatmaps/, named by ``safe_filename``.
+positive sentiment, or label L) unless ``--no-negate`` says otherwise. Without
+``--classifier``, a fine-tuned checkpoint's own classifier.json is used (as ``sentdisc score``
+and ``sentdisc serve`` do). ``--text_file`` is read as UTF-8 (a leading byte-order mark
+dropped). Files go to <experiment_dir>/<experiment_name>/heatmaps/, named by
+``safe_filename``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from sentdisc.config import OutputConfig, build_parser, parse
 from sentdisc.errors import InputError
 from sentdisc.probe import TRACE_KINDS, Probe
 from sentdisc.recipes import run as run_recipe
-from sentdisc.text import preprocess
+from sentdisc.text import END_PAD, FRONT_PAD, preprocess
 
 FORMATS = ("png", "svg", "html", "json")
 
@@ -72,9 +75,15 @@ class VisualizeConfig:
 
 def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
     """Fill neuron / layer / kind / negate / load_model from the classifier's probe where not
-    given, and read --text_file."""
-    from sentdisc.checkpoint import OPENAI, OPENAI_SENTIMENT_NEURON
+    given (the checkpoint's own classifier.json when --classifier is not given), read
+    --text_file, and check --device."""
+    from sentdisc.checkpoint import OPENAI, OPENAI_SENTIMENT_NEURON, check_device
 
+    check_device(cfg.device, "--device")
+    if not cfg.classifier and cfg.load_model and cfg.load_model != OPENAI:
+        from sentdisc.serving.args import own_classifier  # as score and serve find it
+
+        cfg = replace(cfg, classifier=own_classifier(cfg.load_model) or "")
     probe = Probe.load(cfg.classifier) if cfg.classifier else Probe()
     if cfg.label:
         if not cfg.classifier:
@@ -97,6 +106,7 @@ def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
             text = storage.read_text(cfg.text_file)
         except (InputError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read --text_file {cfg.text_file}: {e}") from None
+        text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     bad = sorted(set(cfg.formats) - set(FORMATS))
     if bad or not cfg.formats:
         raise InputError(f"--formats must be a comma list of {','.join(FORMATS)}, "
@@ -106,8 +116,10 @@ def resolve(cfg: VisualizeConfig) -> VisualizeConfig:
     if cfg.overwrite is not None and not math.isfinite(cfg.overwrite):
         raise InputError(f"--overwrite must be a finite number, got {cfg.overwrite}")
     # checked before the model runs: a trace keeps every byte's states (32 KB a byte at the
-    # OpenAI model's size), so a 1 MB text would fill the memory before the renderer refused it
-    chars = len(preprocess(text or "")) + (cfg.seq_length if cfg.generate else 0)
+    # OpenAI model's size), so a 1 MB text would fill the memory before the renderer refused it.
+    # Counted as drawn: the cleaned text, without the pads the user did not write.
+    chars = len(preprocess(text or "")) - len(FRONT_PAD) - len(END_PAD) \
+        + (cfg.seq_length if cfg.generate else 0)
     if chars > viz.MAX_CHARS:
         raise InputError(f"{chars} characters{' with --seq_length' if cfg.generate else ''} is "
                          f"too many to draw (at most {viz.MAX_CHARS})")
