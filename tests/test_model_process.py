@@ -257,3 +257,90 @@ def test_a_killed_server_leaves_no_model_process(plain_server):
     proc.kill()
     proc.wait(30)
     _wait(lambda: not _alive(model_pid), 10, f"model process {model_pid} exits with its parent")
+
+
+def test_a_png_heatmap_drawing_holds_up_no_other_request(plain_server):
+    """The PNG is drawn in the server's process off its event loop, not in the model's: a
+    featurize request sent while a long text's PNG draws is answered long before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, _ = plain_server
+    text = "a fine day, not good at all. " * 280  # ~8 KB: seconds of drawing
+
+    def timed(path, body):
+        start = time.perf_counter()
+        r = requests.post(url + path, json=body, timeout=120)
+        return r, time.perf_counter() - start
+
+    with ThreadPoolExecutor(2) as pool:
+        png = pool.submit(timed, "/heatmap", {"text": text, "neuron": 0})
+        time.sleep(0.5)  # the values are computed (fast) and the drawing under way
+        small, small_s = timed("/featurize", {"texts": ["hi"]})
+        (r, png_s) = png.result()
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG", r.text[:300]
+    assert small.status_code == 200, small.text
+    assert png_s > 2 and small_s < png_s / 5, (small_s, png_s)
+
+
+def test_without_a_classifier_the_503_is_not_retryable_and_the_schema_says_neuron_is_needed(
+        plain_server):
+    url, _ = plain_server
+    r = requests.post(url + "/sentiment", json={"texts": ["fine"]}, timeout=30)
+    assert r.status_code == 503 and "no classifier loaded" in r.json()["detail"][0]["msg"]
+    assert "retry-after" not in r.headers  # it never clears without a redeploy
+    r = requests.post(url + "/heatmap", json={"text": "fine", "format": "json"}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "neuron"], r.text
+    schemas = requests.get(url + "/openapi.json", timeout=30).json()["components"]["schemas"]
+    heat = schemas["HeatmapRequest"]
+    assert "neuron" in heat["required"] and heat["properties"]["neuron"]["type"] == "integer"
+    assert "sentiment neuron" not in heat["properties"]["neuron"].get("default", "")
+    assert "no classifier is loaded" in heat["properties"]["neuron"]["description"]
+    assert "no classifier is loaded" in heat["properties"]["label"]["description"]
+    assert "this classifier" not in heat["properties"]["label"]["description"]
+    gen = schemas["GenerateRequest"]["properties"]["neuron"]
+    assert gen["description"].startswith("default: 0"), gen
+
+
+def test_device_cuda_without_a_gpu_is_named_before_loading(tiny_checkpoint):
+    import torch
+
+    from sentdisc.serving.model_process import ModelProcess
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device={device} but no CUDA device is visible"):
+            ModelProcess(str(tiny_checkpoint), device, 1)
+
+
+def test_a_classifier_fitted_on_another_checkpoint_is_served_with_one_warning(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    from sentdisc.classifier import fit_result_to_classifier
+    from sentdisc.serving import server as server_module
+    from sentdisc.serving.args import AppArgs, check_args, checkpoint_mismatch
+    from sentdisc.serving.server import ModelServer
+
+    def clf(fitted_on, name):
+        return fit_result_to_classifier(np.ones(32), 0.0, 1.0, [0], [1.0], 0.0, 1.0,
+                                        checkpoint=fitted_on).save(tmp_path / name)
+
+    other = tmp_path / "other-ckpt"
+    other.mkdir()
+    (tmp_path / "link").symlink_to(tiny_checkpoint)
+    # the same folder however spelled, or a classifier that does not say: no warning
+    for fitted_on in (str(tiny_checkpoint), str(tmp_path / "link") + "/", "", "runs/ckpt"):
+        from sentdisc.classifier import Classifier
+
+        loaded = Classifier.load(clf(fitted_on, "same.json"))
+        assert checkpoint_mismatch(loaded, str(tiny_checkpoint)) is None, fitted_on
+    warned = []
+    monkeypatch.setattr(server_module.logger, "warning", warned.append)
+    server = ModelServer(check_args(AppArgs(checkpoint=str(tiny_checkpoint),
+                                            classifier=str(clf(str(other), "other.json")))))
+    try:
+        assert not server.failure, server.failure
+        assert len(warned) == 1 and str(other) in warned[0] and str(tiny_checkpoint) in \
+            warned[0], warned
+        assert server.info()["classifier_checkpoint"] == str(other)
+    finally:
+        server.close()

@@ -629,6 +629,45 @@ def test_chunked_body_over_cap_is_413_before_it_is_read_whole(app, request):
     assert ok.status_code == 200, ok.text[:500]
 
 
+def test_plain_errors_have_one_shape_and_say_what_failed(plain_url):
+    """Routing and body parsing raise Starlette's HTTPException: their errors have the
+    documented shape too, and a body that does not parse says why."""
+    def shape(r, status):
+        assert r.status_code == status, (r.status_code, r.text[:500])
+        detail = r.json()["detail"]
+        assert detail and all({"loc", "msg", "type"} <= set(d) for d in detail), detail
+        return detail[0]
+
+    shape(requests.get(plain_url + "/featurize", timeout=30), 405)
+    shape(requests.get(plain_url + "/etc/passwd", timeout=30), 404)
+    json_type = {"Content-Type": "application/json"}
+    for body, says in [(b'{"texts": ["\xff"]}', "not UTF-8"),
+                       (b'{"texts": [' + b"1" * 5000 + b"]}", "4300 digits"),
+                       (b"[" * 50_000 + b"]" * 50_000, "nested too deeply")]:
+        err = shape(requests.post(plain_url + "/sentiment", data=body, headers=json_type,
+                                  timeout=30), 400)
+        assert says in err["msg"] and err["loc"] == ["body"], err
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        err = shape(requests.post(plain_url + "/sentiment", data=b'{"texts": ["fine"]}',
+                                  headers=headers, timeout=30), 415)
+        assert "send Content-Type: application/json" in err["msg"], err
+    spec = requests.get(plain_url + "/openapi.json", timeout=30).json()
+    assert "415" in spec["paths"]["/sentiment"]["post"]["responses"]
+
+
+def test_plain_single_text_locs_have_no_index_and_nulls_are_not_given(plain_url):
+    for path, body, loc in [("/heatmap", {"text": BIG, "format": "json"}, ["body", "text"]),
+                            ("/generate", {"prompt": BIG, "length": 5}, ["body", "prompt"])]:
+        r = post(plain_url, path, body)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc, r.text[:500]
+    # explicit nulls are not naming a neuron or a label
+    r = post(plain_url, "/heatmap", {"text": "x", "neuron": None, "label": None,
+                                     "format": "json"})
+    assert r.status_code == 200, r.text[:500]
+    r = post(plain_url, "/generate", {"length": 3, "neuron": None, "label": None})
+    assert r.status_code == 200, r.text[:500]
+
+
 def test_wrong_method_and_unknown_path(url):
     assert requests.get(url + "/featurize", timeout=30).status_code == 405
     assert requests.get(url + "/etc/passwd", timeout=30).status_code == 404
@@ -705,6 +744,30 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
     assert "Traceback" not in text
 
 
+def test_sentdisc_serve_usage_errors_exit_2_with_one_line_and_help_lists_the_args(tmp_path):
+    from sentdisc.serving.args import AppArgs
+
+    cli = Path(sys.executable).with_name("sentdisc")
+    if not cli.exists():
+        pytest.skip("the sentdisc command is not installed next to this python")
+    run = lambda *a: subprocess.run([str(cli), "serve", *a], cwd=tmp_path, capture_output=True,
+                                    text=True, timeout=120, check=False)
+    out = run("--help")
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in AppArgs.model_fields:
+        assert f"  {name}=" in out.stdout, (name, out.stdout)
+    assert "serve run --help" in out.stdout
+    out = run("nonexist.yaml")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip() == "sentdisc serve: no such config file: nonexist.yaml (KEY=VALUE " \
+                                 "arguments, or a config file: sentdisc serve --help)"
+    # a bad argument is a usage error (2, as click's own), caught before Ray starts
+    missing = tmp_path / "no-such-checkpoint"
+    out = run(f"checkpoint={missing}")
+    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+    assert f"checkpoint {missing} does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args,says", [
     (["{ckpt}", "port=8000"], "'{ckpt}' is not key=value"),
     (["checkpoint={ckpt}", "port=abc"], "port=abc: not an integer"),
@@ -718,6 +781,7 @@ def test_serve_run_missing_checkpoint_exits_with_one_clear_line(tmp_path):
                                          "max_batch_size"),
     (["port=8001"], "checkpoint: Field required"),
     (["checkpoint={missing}"], "checkpoint {missing} does not exist"),
+    (["checkpoint={ckpt}", "device=tpu"], "device: auto, cpu, cuda or cuda:N (got 'tpu')"),
 ])
 def test_plain_bad_arguments_exit_2_with_one_line(tiny_checkpoint, tmp_path, args, says,
                                                   capsys):
@@ -729,6 +793,9 @@ def test_plain_bad_arguments_exit_2_with_one_line(tiny_checkpoint, tmp_path, arg
     assert out.out == "" and out.err.count("\n") == 1, out.err[-2000:]
     assert out.err.startswith("python -m sentdisc.serving.plain: "), out.err
     assert says.format(**fill) in out.err, out.err
+    known = out.err.strip().rsplit(". Known: ", 1)[1:]
+    for keys in known:  # each key once
+        assert len(keys.split(", ")) == len(set(keys.split(", "))), out.err
 
 
 def test_config_yaml_is_a_valid_deploy_config(tiny_checkpoint):

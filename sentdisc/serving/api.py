@@ -7,7 +7,10 @@ status an endpoint can return is in its OpenAPI entry; floats in responses are a
 """
 from __future__ import annotations
 
+import asyncio
+import email.message
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Annotated, Any
 
@@ -17,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Respons
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 import sentdisc
@@ -47,7 +51,16 @@ class ORJSONResponse(JSONResponse):
 
 
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a replica restarts in seconds
-ERRORS = errors(400, 413, 422, 500, 503)  # what every POST endpoint can answer besides 200
+ERRORS = errors(400, 413, 415, 422, 500, 503)  # what every POST endpoint can answer besides 200
+# Heatmaps are drawn here, not in the model's process (where a long text's PNG held up every
+# other request for seconds): off the event loop, a few at a time. Matplotlib's object API
+# (viz.render_png: a Figure of its own, no pyplot) is safe with one figure per thread.
+_DRAW = ThreadPoolExecutor(2, thread_name_prefix="sentdisc-draw")
+
+
+async def _drawn(fn, *args, **kwargs):
+    return await asyncio.get_running_loop().run_in_executor(
+        _DRAW, functools.partial(fn, *args, **kwargs))
 
 
 async def _server(request: Request) -> Any:
@@ -108,7 +121,7 @@ async def featurize(req: FeaturizeRequest, server: Server) -> ORJSONResponse:
 
 
 @router.post("/sentiment", response_model=SentimentResponse, responses=errors(
-                400, 409, 413, 422, 500, 503),
+                400, 409, 413, 415, 422, 500, 503),
              summary="binary classifiers: per text its label, P(positive) and the sentiment "
                      "neuron's value (/classify answers every kind)")
 async def sentiment(req: SentimentRequest, server: Server) -> ORJSONResponse:
@@ -154,16 +167,17 @@ async def classify(req: ClassifyRequest, server: Server) -> ORJSONResponse:
 async def heatmap(req: HeatmapRequest, server: Server):
     from sentdisc import viz
 
-    server.check_texts([req.text], "text")
+    server.check_text(req.text, "text")
     neuron, negate = server.pick_neuron(req.neuron, None, req.label)
     chars, values = await server.work(viz.neuron_values, MODEL, req.text, neuron,
                                       layer=server.probe.layer, kind=server.probe.trace_kind,
                                       negate=negate)
+    # drawn in this process (the model's is free for the next request), off the event loop
     if req.format == "png":
-        png = await server.work(viz.render_png, chars, values, title=f"neuron {neuron}")
+        png = await _drawn(viz.render_png, chars, values, title=f"neuron {neuron}")
         return Response(png, media_type="image/png")
     if req.format == "svg":
-        return Response(await server.work(viz.render_svg, chars, values),
+        return Response(await _drawn(viz.render_svg, chars, values),
                         media_type="image/svg+xml")
     return ORJSONResponse({"chars": list(chars), "values": finite(values), "neuron": neuron,
                            "negated": negate})
@@ -174,7 +188,7 @@ async def heatmap(req: HeatmapRequest, server: Server):
 async def generate(req: GenerateRequest, server: Server) -> ORJSONResponse:
     from sentdisc import viz
 
-    server.check_texts([req.prompt], "prompt")
+    server.check_text(req.prompt, "prompt")
     cap = server.args.max_generate_length
     length = req.length if "length" in req.model_fields_set else min(req.length, cap)
     if length > cap:  # the schema's maximum is this deployment's cap (apply_caps)
@@ -244,25 +258,63 @@ def _error(status: int, detail, headers: dict | None = None) -> ORJSONResponse:
     return ORJSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+def _is_json(content_type: str | None) -> bool:
+    # as FastAPI decides whether to parse a body as JSON (application/json or +json)
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json"))
+
+
+def _parse_failure(exc: BaseException) -> str:
+    """What made FastAPI's "error parsing the body" (400): the decoder's own words."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8: byte 0x{cause.object[cause.start]:02x} at " \
+               f"{cause.start} does not decode"
+    if isinstance(cause, RecursionError):
+        return "the body is not JSON this server can read: nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "the body is not JSON this server can read: an integer of over 4300 digits"
+    if cause is not None:
+        return f"the body could not be parsed as JSON: {type(cause).__name__}: " \
+               f"{str(cause)[:200]}"
+    return str(getattr(exc, "detail", "")) or "the body could not be parsed"
+
+
 def _add_error_handlers(api: FastAPI) -> None:
     @api.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
+        if isinstance(exc.body, bytes | bytearray) and exc.body and \
+                not _is_json(request.headers.get("content-type")):
+            # FastAPI left the body unparsed: "Input should be a valid dictionary" would
+            # blame its content, not its missing header
+            return _error(415, [{"loc": ["header", "content-type"], "msg": (
+                f"the body was sent as {request.headers.get('content-type') or 'no type'}: "
+                "send Content-Type: application/json"), "type": "unsupported_media_type"}])
         # FastAPI's default echoes the whole input back; a 1 MB body would come back too.
         return _error(422, [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""),
                              "type": e.get("type", "")} for e in exc.errors()[:20]])
 
-    @api.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    # Starlette's, not FastAPI's subclass: routing (404, 405) and body parsing (400) raise it
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
         detail = exc.detail
-        if isinstance(detail, str):  # one shape for every error: a list of {loc, msg, type}
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            detail = [{"loc": ["body"], "msg": _parse_failure(exc), "type": "body_unparsable"}]
+        elif isinstance(detail, str):  # one shape for every error: a list of {loc, msg, type}
             detail = [{"loc": [], "msg": detail, "type": "http_error"}]
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code == 503 else None
-        return _error(exc.status_code, detail, headers)
+        # Retry-After only where the exception says (a condition that clears)
+        return _error(exc.status_code, detail, getattr(exc, "headers", None))
 
     @api.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable):
+        # a model process that died is replaced with its replica; a load failure stays
         return _error(503, [{"loc": [], "msg": str(exc), "type": "unavailable"}],
-                      {"Retry-After": str(RETRY_AFTER_S)})
+                      {"Retry-After": str(RETRY_AFTER_S)} if exc.retry else None)
 
     @api.exception_handler(ModelError)
     async def model_error(request: Request, exc: ModelError):
@@ -291,8 +343,9 @@ def make_api(server) -> FastAPI:
             rnn = None if server.failure else server.config.rnn_size
             labels = None if server.failure else [
                 label for label, _, _ in server.probe.label_neurons]
+            clf = None if server.failure else server.classifier is not None
             api.openapi_schema = apply_caps(plain_openapi(), a.max_texts, a.max_text_bytes,
-                                            a.max_generate_length, rnn, labels)
+                                            a.max_generate_length, rnn, labels, clf)
         return api.openapi_schema
 
     api.openapi = openapi

@@ -10,10 +10,12 @@ Two kinds of settings, because Serve applies them differently:
 """
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 import click
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from sentdisc import storage
 from sentdisc.errors import InputError
@@ -23,7 +25,8 @@ from sentdisc.probe import Probe
 class AppArgsError(click.ClickException, InputError):
     """Bad application arguments or settings. ``serve run`` prints just the message (no
     traceback, no crash loop of replicas that can never start); Python callers get an
-    InputError, a ValueError."""
+    InputError, a ValueError. Exit status 2, a usage error's (click's own default is 1)."""
+    exit_code = 2
 
 
 class _Settings(BaseModel):
@@ -65,7 +68,8 @@ class AppArgs(_Settings):
         None, description="features served by /featurize; default: the classifier's, else cell")
     layer: int | None = Field(None, description="layer to featurize; default: the classifier's, "
                                                 "else -1")
-    device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | cuda")
+    device: str = Field("auto", description="auto (cuda when the replica has a GPU) | cpu | "
+                                            "cuda | cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="featurize's products: auto (bf16 where the replica's hardware "
                             "multiplies it natively: a GPU, a CPU with AVX-512 BF16 or AMX; "
@@ -73,6 +77,16 @@ class AppArgs(_Settings):
     max_texts: int = Field(64, ge=1, description="texts per request (more -> 422; in the schema)")
     max_text_bytes: int = Field(16384, ge=1, description="UTF-8 bytes per text (more -> 422; in the schema)")
     max_generate_length: int = Field(1000, ge=1, description="bytes per /generate (more -> 422)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        # whether a GPU is there is the replica's to say (serving.model_process); the name is
+        # checked here, before anything deploys
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise PydanticCustomError("device", "auto, cpu, cuda or cuda:N (got {got})",
+                                      {"got": repr(device)})
+        return device
 
 
 def _describe(err: dict) -> str:
@@ -155,6 +169,40 @@ def _checked_classifier(path: str, args: AppArgs, ckpt: str, model_config):
         raise AppArgsError(f"sentdisc serve: layer={args.layer} but the classifier was fitted "
                            f"on layer {probe.layer}")
     return clf
+
+
+def _where(checkpoint: str) -> set[str]:
+    """The places a checkpoint argument can mean, resolved (symlinks too) without reading or
+    converting anything; empty when unknown (a relative path that is not a folder here)."""
+    import os
+
+    from sentdisc.checkpoint import OPENAI, OPENAI_CHECKPOINT_DIR, OPENAI_WEIGHTS_DIR
+
+    if not checkpoint:
+        return set()
+    if storage.is_uri(checkpoint):
+        return {checkpoint.rstrip("/")}
+    if checkpoint == OPENAI:
+        from sentdisc.config import default_data_dir
+
+        root = default_data_dir()
+        return {os.path.realpath(root / d) for d in (OPENAI_CHECKPOINT_DIR, OPENAI_WEIGHTS_DIR)}
+    path = os.path.expanduser(checkpoint)
+    if not os.path.isabs(path) and not os.path.isdir(path):
+        return set()  # relative to wherever it was fitted
+    return {os.path.realpath(path)}
+
+
+def checkpoint_mismatch(classifier, checkpoint: str) -> str | None:
+    """A warning when ``classifier`` records having been fitted on another checkpoint than the
+    served ``checkpoint`` (its features may mean nothing to it); None when they agree or the
+    classifier does not say (an older file, a relative path from elsewhere)."""
+    recorded = str(getattr(classifier, "checkpoint", "") or "")
+    fitted, served = _where(recorded), _where(str(checkpoint))
+    if not fitted or not served or fitted & served:
+        return None
+    return (f"sentdisc serve: the classifier was fitted on checkpoint {recorded}, but "
+            f"{checkpoint} is served: its features may not be the ones it was fitted on")
 
 
 def own_classifier(checkpoint: str) -> str | None:

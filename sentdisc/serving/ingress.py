@@ -61,8 +61,15 @@ def main(argv=None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        print(main.__doc__)
+        print(_help())
         return 0
+    # A first argument that is neither KEY=VALUE nor an option names a config file: serve run
+    # would take a missing one for an import path (a ModuleNotFoundError traceback).
+    config = args[0] if args and "=" not in args[0] and not args[0].startswith("-") else None
+    if config is not None and not os.path.isfile(config):
+        print(f"sentdisc serve: no such config file: {config} (KEY=VALUE arguments, or a "
+              "config file: sentdisc serve --help)", file=sys.stderr)
+        return 2
     chosen = apply_serve_env()
     if chosen:
         print("sentdisc serve: " + " ".join(f"{k}={v!r}" for k, v in chosen.items()),
@@ -70,9 +77,28 @@ def main(argv=None) -> int:
     _say_what_ctrl_c_waits_for()
     from ray.serve.scripts import cli
 
-    target = [] if args and args[0].endswith((".yaml", ".yml")) else ["sentdisc.serving:build_app"]
+    target = [] if config is not None else ["sentdisc.serving:build_app"]
     return cli.main(args=["run", *target, *args], prog_name="sentdisc serve",
                     standalone_mode=True) or 0
+
+
+def _help() -> str:
+    """The usage, the application's KEY=VALUE arguments (AppArgs) with their help, and where
+    serve run's own options are."""
+    import textwrap
+
+    from sentdisc.serving.args import AppArgs, BatchConfig
+
+    lines = [" ".join(main.__doc__.split()), "", "KEY=VALUE arguments (the application's):"]
+    for name, field in AppArgs.model_fields.items():
+        default = "required" if field.is_required() else f"default {field.default}"
+        lines.append(f"  {name}=  ({default}) " + " ".join((field.description or "").split()))
+    lines = [textwrap.fill(line, 100, subsequent_indent="      ") if line.startswith("  ")
+             else line for line in lines]
+    lines += ["", "Batch settings (" + ", ".join(BatchConfig.model_fields) + ") are the "
+              "deployment's user_config: set them in a config file (serve/config.yaml).",
+              "serve run's own options (--address, --blocking, ...): serve run --help"]
+    return "\n".join(lines)
 
 
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"

@@ -238,6 +238,13 @@ class _Child:
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device.startswith("cuda"):  # said before loading: else a pin_memory error
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={device} but no CUDA device is visible")
+            index, count = torch.device(device).index or 0, torch.cuda.device_count()
+            if index >= count:
+                raise ValueError(f"device={device} but {count} CUDA device"
+                                 f"{'s are' if count > 1 else ' is'} visible (cuda:0..)")
         self.model = load(checkpoint, map_location=device).eval()
         self.precision, why = choose(precision, Hardware.detect(device))
         return self.model.config, device, os.getpid(), self.precision, why

@@ -59,7 +59,9 @@ def main(argv=None) -> int:
     except InputError as e:  # AppArgsError too: raised outside click, it would be a traceback
         msg = getattr(e, "message", str(e)).removeprefix("sentdisc serve: ")
         if ". Known: " in msg:  # the app's keys; this server takes its own too
-            msg += ", port, host, threads, " + ", ".join(BatchConfig.model_fields)
+            known = msg.rsplit(". Known: ", 1)[1].split(", ")
+            msg += "".join(f", {k}" for k in ("port", "host", "threads",
+                                               *BatchConfig.model_fields) if k not in known)
         print(f"{PROG}: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

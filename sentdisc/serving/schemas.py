@@ -104,12 +104,15 @@ class ClassifyResponse(BaseModel):
 
 
 class _PicksNeuron(_Request):
-    """A request that names a neuron, or a label whose neuron it means: one or the other."""
-    model_config = ConfigDict(json_schema_extra={"not": {"required": ["neuron", "label"]}})
+    """A request that names a neuron, or a label whose neuron it means: one or the other (an
+    explicit null is not naming one)."""
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["neuron", "label"],
+        "properties": {"neuron": {"type": "integer"}, "label": {"type": "string"}}}})
 
     @model_validator(mode="after")
     def _neuron_or_label(self):
-        if {"neuron", "label"} <= self.model_fields_set:
+        if self.neuron is not None and self.label is not None:
             raise ValueError("give neuron or label, not both")
         return self
 
@@ -172,14 +175,18 @@ class Error(BaseModel):
 
 def errors(*codes: int) -> dict:
     """The documented error responses of an endpoint (FastAPI ``responses=``)."""
-    about = {400: "the body is not JSON (bytes that do not decode)",
+    about = {400: "the body is not JSON (bytes that do not decode, an integer of over 4300 "
+                  "digits, nesting too deep): the message says what failed",
              413: "the body is larger than any valid request can be",
+             415: "the body is not sent as JSON: send Content-Type: application/json",
              422: "a field breaks its schema (caps included) or a rule the schema states",
              500: "a fault in the server (the log has it; the message never does)",
              409: "the classifier is not binary: /sentiment answers binary classifiers, "
                   "/classify every kind",
-             503: "the model is not loaded (its reason), no classifier, or the queue is full "
-                  "(Retry-After says when to try again)"}
+             503: "the model is not loaded (its reason), no classifier is loaded, or the "
+                  "queue is full; Retry-After only where it may clear (a full queue, a model "
+                  "process being replaced), not for a deployment that lacks the model or a "
+                  "classifier"}
     return {c: {"model": Error, "description": about[c]} for c in codes}
 
 
@@ -193,11 +200,14 @@ def _cap_ints(prop: dict, maximum: int) -> None:
 
 
 def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_length: int,
-               rnn_size: int | None, labels: list[str] | None = None) -> dict:
+               rnn_size: int | None, labels: list[str] | None = None,
+               classifier: bool | None = None) -> dict:
     """Write one deployment's caps into its OpenAPI document (``spec``, changed in place):
     texts per request, bytes per text, generate length, the neurons its model has, and the
     labels that have a neuron (``labels``: a multi-class or multi-label classifier's; [] for
-    none, so ``label`` can only be null).
+    none, so ``label`` can only be null). ``classifier=False`` (none loaded): no sentiment
+    neuron to default to, so a heatmap's ``neuron`` is required and a generation's defaults
+    to 0; None: unknown (the model did not load), left as documented.
 
     JSON Schema counts characters, the cap counts UTF-8 bytes: maxLength is the byte cap (a text
     longer than that in characters is over it in bytes too), and the description says bytes.
@@ -237,6 +247,24 @@ def apply_caps(spec: dict, max_texts: int, max_text_bytes: int, max_generate_len
                     prop["anyOf"] = [{"type": "string", "enum": list(labels)}, {"type": "null"}]
                 else:
                     prop["type"] = "null"
-                    about += " (none here: this classifier's neurons are not per label)"
+                    about += (" (none here: no classifier is loaded)" if classifier is False
+                              else " (none here: this classifier's neurons are not per label)")
                 prop.update(default=None, description=about)
+    if classifier is False:
+        heat = schemas.get("HeatmapRequest", {})
+        neuron = heat.get("properties", {}).get("neuron")
+        if neuron:
+            integer = next((s for s in neuron.get("anyOf", []) if s.get("type") == "integer"),
+                           None)
+            if integer is not None:
+                neuron.clear()
+                neuron.update(integer)
+            neuron.pop("default", None)
+            neuron["description"] = "required here: no classifier is loaded to name the " \
+                                    "sentiment neuron"
+            heat["required"] = sorted({*heat.get("required", []), "neuron"})
+        neuron = gen.get("neuron") if gen else None
+        if neuron:
+            neuron["description"] = "default: 0 (no classifier is loaded to name the " \
+                                    "sentiment neuron)"
     return spec

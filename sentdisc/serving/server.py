@@ -19,7 +19,13 @@ from fastapi import HTTPException
 
 from sentdisc import storage
 from sentdisc.errors import InputError
-from sentdisc.serving.args import AppArgs, BatchConfig, load_classifier, probe_of
+from sentdisc.serving.args import (
+    AppArgs,
+    BatchConfig,
+    checkpoint_mismatch,
+    load_classifier,
+    probe_of,
+)
 from sentdisc.serving.model_process import ModelProcess, ModelProcessDied
 
 logger = logging.getLogger("ray.serve")
@@ -30,7 +36,13 @@ class ModelError(Exception):
 
 
 class Unavailable(Exception):
-    """The model could not be loaded: every model endpoint answers 503 with this reason."""
+    """The model could not be loaded: every model endpoint answers 503 with this reason.
+    ``retry``: whether it may clear (a model process that died is replaced with its replica:
+    Retry-After) or not (a load failure stays: no Retry-After)."""
+
+    def __init__(self, reason: str, retry: bool = True):
+        super().__init__(reason)
+        self.retry = retry
 
 
 def last_line(e: BaseException) -> str:
@@ -71,6 +83,9 @@ class ModelServer:
         if args.classifier:
             self.classifier = load_classifier(args.classifier)
             self.classifier.predict_proba(np.zeros((1, self.config.rnn_size), np.float32))
+            mismatch = checkpoint_mismatch(self.classifier, args.checkpoint)
+            if mismatch:
+                logger.warning(mismatch)
         self.probe = probe_of(args, self.classifier)
         check_layer(self.probe.layer, self.config.layers)  # OpenAI's weights: first read here
         self.model.configure(self.probe.layer, self.probe.feature_kind,
@@ -89,7 +104,8 @@ class ModelServer:
                                  batch.max_batch_size)
 
     def the_classifier(self):
-        """The loaded classifier, or a 503 saying how to deploy one."""
+        """The loaded classifier, or a 503 saying how to deploy one (no Retry-After: it does
+        not clear without a redeploy)."""
         self.ready()
         if self.classifier is None:
             raise HTTPException(503, detail="no classifier loaded: deploy with classifier=FILE "
@@ -98,7 +114,7 @@ class ModelServer:
 
     def ready(self) -> None:
         if self.failure:
-            raise Unavailable(self.failure)
+            raise Unavailable(self.failure, retry=False)
         if self.model.died:
             raise Unavailable(self.model.died)
 
@@ -136,17 +152,22 @@ class ModelServer:
     # The caps are in the schema (api.make_api), so breaking one is a 422 like any schema rule.
 
     def check_texts(self, texts: list[str], field: str = "texts") -> None:
-        cap, cap_bytes = self.args.max_texts, self.args.max_text_bytes
+        cap = self.args.max_texts
         if len(texts) > cap:
             raise invalid(field, f"{len(texts)} texts exceed the limit of {cap} per request")
         for i, t in enumerate(texts):
-            try:
-                n = len(t.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise invalid(f"{field}.{i}", "not valid Unicode (unpaired surrogate)") from None
-            if n > cap_bytes:
-                raise invalid(f"{field}.{i}", f"{n} bytes exceed the limit of {cap_bytes} "
-                                              "UTF-8 bytes per text")
+            self.check_text(t, f"{field}.{i}")
+
+    def check_text(self, text: str, field: str) -> None:
+        """One text's bytes against the cap; ``field`` is its loc (``texts.3``, ``prompt``)."""
+        cap_bytes = self.args.max_text_bytes
+        try:
+            n = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise invalid(field, "not valid Unicode (unpaired surrogate)") from None
+        if n > cap_bytes:
+            raise invalid(field, f"{n} bytes exceed the limit of {cap_bytes} UTF-8 bytes per "
+                                 "text")
 
     def check_neuron(self, neuron: int, field: str = "neuron") -> int:
         self.ready()
@@ -189,6 +210,8 @@ class ModelServer:
                 "layer": self.probe.layer, "device": self.device,
                 "precision": self.model.precision,
                 "classifier": self.classifier is not None, "neuron": self.probe.neuron,
+                # the checkpoint the classifier records it was fitted on ("" when it does not)
+                "classifier_checkpoint": getattr(self.classifier, "checkpoint", None),
                 "label_kind": getattr(self.classifier, "label_kind", None),
                 "labels": getattr(self.classifier, "labels", None),
                 "neuron_sign": -1 if self.probe.negate(self.probe.neuron) else 1, **common}
