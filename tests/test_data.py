@@ -238,3 +238,17 @@ def test_read_table_shared_sst2(shared_data):
     df = read_table(str(shared_data / "sst2" / "test.csv"), "sentence", "label")
     assert len(df) == 1821 and set(df["label"]) == {0, 1}
 
+
+
+def test_an_empty_id_is_a_missing_id_in_every_format():
+    """A CSV's empty id cell is counted as a JSON null id is (missing_key), not scored with
+    an id of ''."""
+    from sentdisc.data.records import json_record
+
+    for raw in (b'{"t": "good", "id": ""}', b'{"t": "good", "id": "  "}',
+                b'{"t": "good", "id": null}'):
+        text, label, error, _ = json_record(raw, "t", "id")
+        assert (text, label, error) == (None, None, "missing_key"), raw
+    assert json_record(b'{"t": "good", "id": "000123"}', "t", "id")[:3] == \
+        ("good", "000123", "")
+    assert json_record(b'{"t": "good", "id": 0}', "t", "id")[:3] == ("good", "0", "")

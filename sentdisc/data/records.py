@@ -115,6 +115,8 @@ def json_record(raw: bytes, text_key: str, label_key: str | None):
     label = obj.get(label_key) if label_key else None
     if label_key and label is None:
         return None, None, "missing_key", f"no field {label_key!r}"
+    if label_key and isinstance(label, str) and not label.strip():  # an empty CSV cell is no id
+        return None, None, "missing_key", f"{label_key!r} is empty"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800"
